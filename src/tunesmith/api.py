@@ -1,0 +1,165 @@
+"""The Python API: what the CLI (and anything else) calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig, dump_config, load_config
+from .errors import ConfigError
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    artifact_dir: Path | None
+    metrics: dict = field(default_factory=dict)
+    steps: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    stopped_early: bool = False
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.output.dir.format(name=cfg.run_name))
+
+
+def _resume_point(run_dir: Path, resume: str | bool) -> Path:
+    from .engine.checkpoint import list_checkpoints
+
+    if isinstance(resume, str) and resume:
+        path = Path(resume)
+        if (path / "state.json").is_file():
+            return path
+        found = list_checkpoints(path / "checkpoints")
+        if not found:
+            raise ConfigError(f"--resume {path}: neither a checkpoint nor a run folder with checkpoints")
+        return found[-1]
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (set training.save_every)")
+    return found[-1]
+
+
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
+    if resuming:
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise ConfigError(
+                f"output.dir: {run_dir} already holds a run; pass --resume to continue it or "
+                f"--set output.overwrite=true to replace it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(
+    config: str | Path | dict | RunConfig,
+    overrides: list[str] | None = None,
+    *,
+    resume: str | bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Fine-tune as the config says; returns where everything went and the final metrics."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .card import render_card
+    from .data.collate import Collator
+    from .data.pipeline import build_data
+    from .engine import fit
+    from .hardware import TORCH_DTYPES, device_type, resolve_precision
+    from .methods import METHODS, trainable_summary
+    from .models import load_causal_lm, load_tokenizer, materialize
+    from .objectives import OBJECTIVES
+
+    cfg = load_config(config, overrides)
+    run_dir = run_dir_of(cfg)
+    resume_from = _resume_point(run_dir, resume) if resume else None
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent
+    precision = resolve_precision(cfg.training.precision)
+    if precision == "fp16" and device_type() != "cuda":
+        raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
+    method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
+
+    # Everything that can fail on bad input runs before the model is loaded.
+    source = materialize(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled)
+    st = data.stats
+    echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
+         f"{st.train_examples} train / {st.val_examples} validation examples, {st.truncated} truncated, "
+         f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
+    _prepare_run_dir(run_dir, cfg, resuming=resume_from is not None)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    set_seed(cfg.training.seed)
+    if cfg.model.dtype != "auto":
+        dtype = TORCH_DTYPES[cfg.model.dtype]
+    else:
+        # Frozen base weights can live in the compute dtype; weights that learn stay fp32.
+        dtype = TORCH_DTYPES[precision] if method.frozen_base else torch.float32
+    model = load_causal_lm(cfg.model, dtype, source)
+    model = method.apply(model, cfg.method)
+    trainable, total = trainable_summary(model)
+    echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
+         f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}")
+
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    collate = Collator(tokenizer.pad_token_id)
+    fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
+                 resume_from=resume_from, echo=echo)
+
+    result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early)
+    if accelerator.is_main_process:
+        if cfg.output.save_model:
+            out = run_dir / method.artifact
+            unwrapped = accelerator.unwrap_model(model)
+            method.save(unwrapped, out)
+            tokenizer.save_pretrained(out)
+            result.artifact_dir = out
+        if cfg.output.model_card:
+            card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,
+                               total=total, data_stats=dataclasses.asdict(st), steps=fitted.step)
+            (run_dir / "README.md").write_text(card)
+            if result.artifact_dir is not None:
+                (result.artifact_dir / "README.md").write_text(card)
+    echo(f"done: {fitted.step} steps; run folder {run_dir}")
+    return result
+
+
+def env_info() -> dict:
+    """Versions, device and dtype support: what `tunesmith env` prints."""
+    import platform
+
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+    from .hardware import bf16_is_fast, device_type, resolve_precision
+
+    info = {
+        "tunesmith": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "device": device_type(),
+        "cpu threads": torch.get_num_threads(),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16 fast here": bf16_is_fast(),
+        "precision 'auto' means": resolve_precision("auto"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["fp16"] = True
+    return info

@@ -1,0 +1,116 @@
+"""The command line: parse arguments, call the API, print. No logic of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import TunesmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune language models from one YAML file.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at datasets before training on them.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from the latest checkpoint ('latest') or a checkpoint/run folder."
+    ),
+) -> None:
+    """Fine-tune a model as CONFIG says."""
+    from . import api
+
+    try:
+        result = api.train(config, set_, resume=True if resume == "latest" else resume,
+                           echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+    _print_metrics(result.metrics)
+
+
+@app.command("config")
+def show_config(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+) -> None:
+    """Print the fully resolved, validated config."""
+    from .config import dump_config, load_config
+
+    try:
+        console.print(dump_config(load_config(config, set_)), highlight=False, markup=False)
+    except TunesmithError as exc:
+        _fail(exc)
+
+
+@app.command()
+def quickstart(
+    output: Path = typer.Option(Path("runs/quickstart"), help="Run folder."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch)."),
+) -> None:
+    """LoRA-tune SmolLM2-135M-Instruct on the built-in task and show base vs tuned."""
+    from .quickstart import run_quickstart
+
+    try:
+        run_quickstart(output, steps=steps, console=console)
+    except TunesmithError as exc:
+        _fail(exc)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: str = typer.Argument(..., help="Data file or hub dataset id."),
+    format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer source for token-length stats."),
+    max_length: int = typer.Option(1024, help="Length used for the 'would be truncated' share."),
+) -> None:
+    """Format, size, field stats, token lengths, duplicates and empty fields of a dataset."""
+    from .data.inspect import inspect_data, render_report
+
+    try:
+        report = inspect_data(file, format=format, model=model, max_length=max_length)
+    except TunesmithError as exc:
+        _fail(exc)
+    render_report(report, console)
+
+
+@app.command()
+def env() -> None:
+    """Versions, device and dtype support."""
+    from rich.table import Table
+
+    from .api import env_info
+
+    table = Table(title="tunesmith environment", show_header=False)
+    for k, v in env_info().items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _print_metrics(metrics: dict) -> None:
+    from rich.table import Table
+
+    if not metrics:
+        return
+    table = Table(title="final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,282 @@
+"""The run configuration: a pydantic schema, YAML loading and dotted overrides.
+
+Every key of a run lives here so that a bad config fails before any model or data is
+loaded, with the key path in the message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Hub id, local folder, or a .gguf file.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path.")
+    tokenizer: str | None = Field(None, description="Tokenizer source when it differs from the model.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+
+
+class SplitConfig(Section):
+    validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_file: str | None = None
+
+
+class DataConfig(Section):
+    train: str | list[str] = Field(description="File path(s) or a hub dataset id.")
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map canonical field -> column in your data."
+    )
+    hub_split: str = "train"
+    hub_config: str | None = None
+    max_length: int = Field(1024, gt=8)
+    truncation: Literal["right", "left", "drop"] = "right"
+    packing: bool | None = None  # None: on for objectives that benefit (sft, causal_lm)
+    train_on_prompt: bool = False
+    system_prompt: str | None = None
+    skip_invalid: bool = False
+    shuffle: bool = True
+    max_samples: int | None = Field(None, gt=0)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class MethodConfig(Section):
+    type: str = "lora"
+    # lora
+    r: int = Field(16, gt=0)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    # freeze
+    train_last_n_layers: int | None = Field(None, ge=0)
+    trainable_modules: list[str] = Field(default_factory=list)
+
+
+class ObjectiveConfig(Section):
+    type: str = "sft"
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = Field(10, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, ge=1)
+    progress: bool = True
+
+
+class EvalConfig(Section):
+    every: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps.")
+    at_end: bool = True
+    batch_size: int | None = Field(None, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    metric: str = "eval_loss"
+    greater_is_better: bool = False
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = False
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{name}"
+    name: str | None = None
+    overwrite: bool = False
+    save_model: bool = True
+    model_card: bool = True
+    card_base_model: str | None = Field(
+        None, description="Hub id written as base_model in the card (default: model.name_or_path)."
+    )
+    license: str = Field("other", description="License written into the model card.")
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "RunConfig":
+        from .methods import METHODS
+        from .objectives import OBJECTIVES
+
+        if self.method.type not in METHODS:
+            raise ValueError(_unknown("method.type", self.method.type, METHODS))
+        if self.objective.type not in OBJECTIVES:
+            raise ValueError(_unknown("objective.type", self.objective.type, OBJECTIVES))
+        if self.method.type == "freeze" and (
+            self.method.train_last_n_layers is None and not self.method.trainable_modules
+        ):
+            raise ValueError(
+                "method: 'freeze' needs method.train_last_n_layers and/or method.trainable_modules"
+            )
+        if self.eval.early_stopping_patience and not (self.eval.every and self.has_validation):
+            raise ValueError(
+                "eval.early_stopping_patience needs eval.every and a validation split "
+                "(data.split.validation_ratio or data.split.validation_file)"
+            )
+        if self.training.precision == "fp16" and self.method.type == "full":
+            raise ValueError(
+                "training.precision: fp16 with full fine-tuning needs fp32 master weights; "
+                "use bf16 or fp32"
+            )
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.data.split.validation_ratio > 0 or self.data.split.validation_file is not None
+
+    @property
+    def run_name(self) -> str:
+        if self.output.name:
+            return self.output.name
+        base = Path(self.model.gguf_file or self.model.name_or_path).stem.split("/")[-1]
+        return f"{base}-{self.method.type}-{self.objective.type}"
+
+    @property
+    def packing_enabled(self) -> bool:
+        if self.data.packing is not None:
+            return self.data.packing
+        return self.objective.type in {"sft", "causal_lm"}
+
+
+def _unknown(path: str, value: str, known: Any) -> str:
+    names = sorted(known)
+    hint = difflib.get_close_matches(value, names, n=1)
+    suggestion = f" — did you mean '{hint[0]}'?" if hint else ""
+    return f"{path}: unknown value '{value}'{suggestion} (known: {', '.join(names)})"
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Names allowed at a location, to suggest the right key for a typo."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_of(RunConfig, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"{path}: unknown key" + (f" — did you mean '{hint[0]}'?" if hint else "")
+            if allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+        elif e["type"] == "value_error" and not e["loc"]:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+        else:
+            msg = f"{path}: {e['msg']}"
+            if "input" in e and e["type"] != "missing":
+                msg += f" (got {e['input']!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(
+    source: str | Path | dict | RunConfig, overrides: list[str] | None = None
+) -> RunConfig:
+    """Load and validate a run config from a YAML path, a dict or a RunConfig."""
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        source = source.model_dump(mode="json")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        base_dir = path.parent
+    else:
+        data, base_dir = dict(source), None
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    if base_dir is not None:
+        _resolve_relative_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
+    """Data files named relative to the YAML resolve against the YAML's folder when they exist there."""
+
+    def fix(p: str) -> str:
+        candidate = base_dir / p
+        return str(candidate) if not Path(p).exists() and candidate.exists() else p
+
+    if isinstance(cfg.data.train, list):
+        cfg.data.train = [fix(p) for p in cfg.data.train]
+    else:
+        cfg.data.train = fix(cfg.data.train)
+    if cfg.data.split.validation_file:
+        cfg.data.split.validation_file = fix(cfg.data.split.validation_file)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: sources → formats → templates/tokenize → packing → batches."""

@@ -1,0 +1,217 @@
+"""The data-format registry: detect a format from columns and normalize rows.
+
+Every format maps a raw row to one canonical record:
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (conversations)
+  {"text": str}                                                            (plain text)
+A format is one small class and one registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import DataError
+from .sources import Row
+
+
+class RowError(ValueError):
+    """A row does not fit the format; carries the field at fault."""
+
+    def __init__(self, field: str, expected: str, got: Any = None):
+        self.field, self.expected, self.got = field, expected, got
+        super().__init__(f"field '{field}': expected {expected}")
+
+
+def _text(row: dict, field: str, *, required: bool = True) -> str:
+    value = row.get(field)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        if required:
+            raise RowError(field, "a non-empty string", value)
+        return ""
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise RowError(field, "a string", value)
+    if required and not value.strip():
+        raise RowError(field, "a non-empty string", value)
+    return value
+
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+}
+
+
+def _check_conversation(messages: list[dict], field: str) -> list[dict]:
+    if not messages:
+        raise RowError(field, "a non-empty list of messages", messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(field, "at least one assistant message to learn from", None)
+    return messages
+
+
+class Format:
+    name: str
+    fields: tuple[str, ...]  # canonical field names this format reads
+
+    def detect(self, columns: set[str]) -> bool:
+        return set(self.required) <= columns
+
+    required: tuple[str, ...] = ()
+
+    def normalize(self, row: dict, col: Callable[[str], str]) -> dict:
+        raise NotImplementedError
+
+
+class Alpaca(Format):
+    name = "alpaca"
+    fields = ("instruction", "input", "output", "system")
+    required = ("instruction", "output")
+
+    def normalize(self, row, col):
+        instruction = _text(row, col("instruction"))
+        extra = _text(row, col("input"), required=False)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": _text(row, col("output"))}]
+        system = _text(row, col("system"), required=False)
+        if system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return {"messages": messages}
+
+
+class Chat(Format):
+    name = "chat"
+    fields = ("messages",)
+    required = ("messages",)
+
+    def detect(self, columns):
+        return "messages" in columns or "conversation" in columns
+
+    def normalize(self, row, col):
+        field = col("messages")
+        if field not in row and "conversation" in row:
+            field = "conversation"
+        raw = row.get(field)
+        if not isinstance(raw, list):
+            raise RowError(field, "a list of {role, content} messages", raw)
+        out = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise RowError(f"{field}[{i}]", "an object with 'role' and 'content'", m)
+            role = ROLE_ALIASES.get(str(m["role"]).lower())
+            if role is None:
+                raise RowError(f"{field}[{i}].role", "one of system/user/assistant", m["role"])
+            if not isinstance(m["content"], str):
+                raise RowError(f"{field}[{i}].content", "a string", m["content"])
+            out.append({"role": role, "content": m["content"]})
+        return {"messages": _check_conversation(out, field)}
+
+
+class ShareGPT(Format):
+    name = "sharegpt"
+    fields = ("conversations", "system")
+    required = ("conversations",)
+
+    def normalize(self, row, col):
+        field = col("conversations")
+        raw = row.get(field)
+        if not isinstance(raw, list):
+            raise RowError(field, "a list of {from, value} turns", raw)
+        out = []
+        system = _text(row, col("system"), required=False)
+        if system.strip():
+            out.append({"role": "system", "content": system})
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise RowError(f"{field}[{i}]", "an object with 'from' and 'value'", m)
+            role = ROLE_ALIASES.get(str(m["from"]).lower())
+            if role is None:
+                raise RowError(f"{field}[{i}].from", "one of system/human/gpt (or user/assistant)", m["from"])
+            if not isinstance(m["value"], str):
+                raise RowError(f"{field}[{i}].value", "a string", m["value"])
+            out.append({"role": role, "content": m["value"]})
+        return {"messages": _check_conversation(out, field)}
+
+
+class PromptCompletion(Format):
+    name = "prompt_completion"
+    fields = ("prompt", "completion", "system")
+    required = ("prompt", "completion")
+
+    def normalize(self, row, col):
+        messages = [{"role": "user", "content": _text(row, col("prompt"))},
+                    {"role": "assistant", "content": _text(row, col("completion"))}]
+        system = _text(row, col("system"), required=False)
+        if system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return {"messages": messages}
+
+
+class Text(Format):
+    name = "text"
+    fields = ("text",)
+    required = ("text",)
+
+    def normalize(self, row, col):
+        return {"text": _text(row, col("text"))}
+
+
+# Detection order matters: the most specific shapes first.
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (Chat(), ShareGPT(), Alpaca(), PromptCompletion(), Text())
+}
+
+
+def detect_format(columns: set[str], mapping: dict[str, str] | None = None) -> str:
+    """Name the format whose required columns are present (after column remapping)."""
+    mapping = mapping or {}
+    reverse = {v: k for k, v in mapping.items()}
+    canonical = {reverse.get(c, c) for c in columns}
+    for name, fmt in FORMATS.items():
+        if fmt.detect(canonical):
+            return name
+    expected = "; ".join(f"{n}: {', '.join(f.required)}" for n, f in FORMATS.items())
+    raise DataError(
+        f"cannot detect the data format from columns {sorted(columns)}. Expected one of — {expected}. "
+        "Set data.format, or map your columns with data.columns (e.g. {text: body})."
+    )
+
+
+def normalize_rows(
+    rows: list[Row], fmt_name: str, mapping: dict[str, str], *, skip_invalid: bool
+) -> tuple[list[dict], int]:
+    """Normalize rows to canonical records; returns (records, number of rows skipped)."""
+    if fmt_name not in FORMATS:
+        raise DataError(f"unknown data format '{fmt_name}' (known: {', '.join(FORMATS)})")
+    fmt = FORMATS[fmt_name]
+
+    def col(name: str) -> str:
+        return mapping.get(name, name)
+
+    records, skipped = [], 0
+    for row in rows:
+        try:
+            records.append(fmt.normalize(row.data, col))
+        except RowError as err:
+            if skip_invalid:
+                skipped += 1
+                continue
+            got = "" if err.got is None else f", got {_short(err.got)}"
+            raise DataError(
+                f"{row.where}: field '{err.field}': expected {err.expected}{got} (format '{fmt_name}'). "
+                "Fix the row, or set data.skip_invalid: true to skip such rows."
+            ) from None
+    return records, skipped
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,126 @@
+"""Read rows from local files (JSON, JSONL, CSV, TSV, Parquet) or a hub dataset id.
+
+Each row keeps where it came from (file and 1-based row/line number) so a later
+validation error can point at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+LOCAL_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet"}
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    source: str
+    index: int  # 1-based row (line for JSONL/CSV data rows)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} row {self.index}"
+
+
+def read_rows(
+    source: str, *, hub_split: str = "train", hub_config: str | None = None, skip_invalid: bool = False
+) -> tuple[list[Row], int]:
+    """Return (rows, number of unreadable rows skipped)."""
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        return _read_local(path, skip_invalid)
+    if "/" in source and not source.startswith((".", "/")):
+        return _read_hub(source, hub_split, hub_config), 0
+    raise DataError(
+        f"data source '{source}' is neither an existing file ({', '.join(sorted(LOCAL_SUFFIXES))}) "
+        "nor a hub dataset id (owner/name)"
+    )
+
+
+def _read_local(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, skip_invalid)
+    if suffix == ".json":
+        return _read_json(path, skip_invalid)
+    if suffix in {".csv", ".tsv"}:
+        return _read_csv(path, "\t" if suffix == ".tsv" else ","), 0
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return [Row(r, str(path), i + 1) for i, r in enumerate(table.to_pylist())], 0
+    raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})")
+
+
+def _read_jsonl(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+    rows, skipped = [], 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as exc:
+                if skip_invalid:
+                    skipped += 1
+                    continue
+                raise DataError(f"{path} line {lineno}: not a valid JSON object: {exc}") from None
+            rows.append(Row(obj, str(path), lineno))
+    return rows, skipped
+
+
+def _read_json(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        # Many "JSON" files are really JSON Lines.
+        try:
+            return _read_jsonl(path, skip_invalid)
+        except DataError:
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of objects (or one object holding one array)")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(obj).__name__}")
+    rows, skipped = [], 0
+    for i, item in enumerate(obj, 1):
+        if not isinstance(item, dict):
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise DataError(f"{path} row {i}: expected a JSON object, got {type(item).__name__}")
+        rows.append(Row(item, str(path), i))
+    return rows, skipped
+
+
+def _read_csv(path: Path, delimiter: str) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty file or no header row")
+        # Data rows are numbered from 1; the header is not a row.
+        return [Row(dict(r), str(path), i) for i, r in enumerate(reader, 1)]
+
+
+def _read_hub(dataset_id: str, split: str, config: str | None) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as exc:  # the hub raises many kinds; the message is what matters
+        raise DataError(f"could not load hub dataset '{dataset_id}' (split {split}): {exc}") from exc
+    return [Row(dict(r), f"{dataset_id}[{split}]", i + 1) for i, r in enumerate(ds)]

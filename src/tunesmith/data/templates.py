@@ -1,0 +1,100 @@
+"""Render canonical records to token ids with loss labels.
+
+Conversations use the tokenizer's chat template (or a ChatML fallback when it has none).
+Which tokens carry loss is found from character spans of the rendered text: the span of
+each assistant turn is the difference between the conversation rendered up to that turn
+and the same prefix rendered with the generation prompt. The end-of-turn marker is part
+of the span, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100
+
+# ChatML, for tokenizers that ship no template of their own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give the tokenizer a template when it has none; returns True when the fallback was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return True
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant turn."""
+    full = _render(tokenizer, messages)
+    spans = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        if full.startswith(upto) and upto.startswith(prefix):
+            start, end = len(prefix), len(upto)
+        else:
+            # Templates that rewrite earlier turns (e.g. strip reasoning): locate the content.
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                continue
+            end = start + len(message["content"])
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def encode_record(tokenizer, record: dict, *, train_on_prompt: bool = False) -> Encoded:
+    if "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        return Encoded(ids, list(ids))
+    full, spans = assistant_spans(tokenizer, record["messages"])
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on_prompt:
+        return Encoded(ids, list(ids))
+    labels = [IGNORE] * len(ids)
+    for t, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and any(a <= s < b for a, b in spans):
+            labels[t] = ids[t]
+    return Encoded(ids, labels)
+
+
+def truncate(enc: Encoded, max_length: int, policy: str) -> Encoded | None:
+    """Apply the truncation policy; None means drop the example."""
+    if len(enc.input_ids) <= max_length:
+        return enc
+    if policy == "drop":
+        return None
+    if policy == "left":
+        return Encoded(enc.input_ids[-max_length:], enc.labels[-max_length:])
+    return Encoded(enc.input_ids[:max_length], enc.labels[:max_length])

@@ -1,0 +1,5 @@
+"""The training engine: one loop, checkpoints, tracking."""
+
+from .loop import FitResult, evaluate_loss, fit
+
+__all__ = ["FitResult", "evaluate_loss", "fit"]

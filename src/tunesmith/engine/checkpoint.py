@@ -1,0 +1,105 @@
+"""Checkpoints that survive crashes: written to a temp folder, then renamed into place.
+
+A checkpoint holds only what learns (trainable parameters), plus optimizer, scheduler,
+RNG states and the loop position, which is everything needed to continue bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import TrainingError
+
+PREFIX = "step-"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+    target = folder / f"{PREFIX}{step:07d}"
+    tmp = folder / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    if not (path / "state.json").is_file():
+        raise TrainingError(f"{path} is not a tunesmith checkpoint (no state.json)")
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise TrainingError(
+            f"checkpoint {path} does not match this run's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unknown[:3]}); was the method or model changed?"
+        )
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def restore_weights(path: Path, model: nn.Module) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in load_file(path / "trainable.safetensors").items():
+            params[n].copy_(w)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def prune(folder: Path, keep_last: int, keep_step: int | None) -> None:
+    """Keep the newest `keep_last` checkpoints plus the best one."""
+    ckpts = list_checkpoints(folder)
+    for old in ckpts[:-keep_last]:
+        if keep_step is None or step_of(old) != keep_step:
+            shutil.rmtree(old, ignore_errors=True)

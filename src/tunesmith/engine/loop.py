@@ -1,0 +1,269 @@
+"""The one training loop. Every method and objective runs through `fit`."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import TrainingError
+from ..objectives import Objective
+from . import checkpoint as ckpt
+from .optim import build_optimizer, build_scheduler
+from .tracking import MetricsLog
+
+
+@dataclass
+class FitResult:
+    step: int
+    metrics: dict = field(default_factory=dict)
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Row indices of every micro-batch of one epoch; the same for a given (seed, epoch)."""
+    if shuffle:
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n_rows))
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def count_loss_tokens(rows: list[dict]) -> int:
+    # labels[0] of a row is never predicted (nothing precedes it), so it is not counted.
+    return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+
+
+@torch.no_grad()
+def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator) -> dict:
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for idx in range(0, len(rows), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(rows[idx : idx + batch_size]).items()}
+        with accelerator.autocast():
+            out = objective.loss(model, batch)
+        total += float(out.loss_sum)
+        tokens += out.n_tokens
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def _better(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+def fit(
+    cfg: RunConfig,
+    model: nn.Module,
+    objective: Objective,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    collate: Callable,
+    run_dir: Path,
+    accelerator,
+    *,
+    resume_from: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> FitResult:
+    t = cfg.training
+    ev = cfg.eval
+    micro_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    if t.gradient_checkpointing:
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        target.config.use_cache = False
+    model.train()
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    ckpt_dir = run_dir / "checkpoints"
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None)
+    state = {"step": 0, "epoch": 0, "micro": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
+             "tokens_seen": 0}
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        log.truncate_after(state["step"])
+        echo(f"resumed from {resume_from} at step {state['step']}")
+
+    eval_bs = ev.batch_size or t.batch_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def checkpoint() -> Path:
+        path = ckpt.save_checkpoint(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer,
+                                    scheduler, state)
+        ckpt.prune(ckpt_dir, t.keep_last, state["best_step"])
+        return path
+
+    def last_good() -> str:
+        found = ckpt.list_checkpoints(ckpt_dir)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
+
+    progress = _progress(t.progress and accelerator.is_main_process, total_steps, state["step"])
+    window_loss, window_tokens, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
+    result = FitResult(step=state["step"])
+    try:
+        while state["step"] < total_steps:
+            batches = epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle)
+            # Each process takes every world-th micro-batch (data parallelism without a sampler).
+            batches = batches[rank::world] if world > 1 else batches
+            while state["micro"] < len(batches) and state["step"] < total_steps:
+                window = batches[state["micro"] : state["micro"] + t.grad_accum]
+                rows = [[train_rows[i] for i in b] for b in window]
+                n_loss = max(sum(count_loss_tokens(r) for r in rows), 1)
+                step_loss = 0.0
+                for k, micro_rows in enumerate(rows):
+                    batch = {key: v.to(accelerator.device) for key, v in collate(micro_rows).items()}
+                    sync = nullcontext() if k == len(rows) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        out = objective.loss(model, batch)
+                        loss = out.loss_sum / n_loss
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"loss became {float(loss)} at step {state['step'] + 1} (epoch {state['epoch']}, "
+                            f"micro-batch {state['micro'] + k}); training stopped and {last_good()}. "
+                            f"Try a lower training.learning_rate, training.max_grad_norm, or fp32/bf16 precision."
+                        )
+                    accelerator.backward(loss)
+                    step_loss += float(loss.detach())
+                    window_tokens += sum(len(r["input_ids"]) for r in micro_rows)
+                grad_norm = None
+                if t.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
+                    if not math.isfinite(grad_norm):
+                        raise TrainingError(
+                            f"gradient norm became {grad_norm} at step {state['step'] + 1}; training stopped "
+                            f"and {last_good()}. Try a lower training.learning_rate."
+                        )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["micro"] += len(window)
+                state["tokens_seen"] += n_loss
+                window_loss += step_loss
+                window_steps += 1
+                step = state["step"]
+
+                if step % t.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "epoch": round(state["epoch"] + state["micro"] / len(batches), 4),
+                        "loss": window_loss / window_steps,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                    }
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    if accelerator.is_main_process:
+                        log.log(record)
+                    progress.update(record, total_steps)
+                    result.metrics.update({k: record[k] for k in ("loss", "lr")})
+                    window_loss, window_tokens, window_steps = 0.0, 0, 0
+                    window_start = time.perf_counter()
+                else:
+                    progress.advance(step, total_steps)
+
+                if state["micro"] >= len(batches):
+                    state["epoch"] += 1
+                    state["micro"] = 0
+
+                stop = False
+                saved_now = False
+                if ev.every and val_rows and step % ev.every == 0 and step != total_steps:
+                    metrics = evaluate_loss(model, objective, val_rows, collate, eval_bs, accelerator)
+                    metrics["step"] = step
+                    if accelerator.is_main_process:
+                        log.log(metrics)
+                    progress.note(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
+                    result.metrics.update({k: v for k, v in metrics.items() if k != "step"})
+                    value = metrics.get(ev.metric)
+                    if value is None:
+                        raise TrainingError(f"eval.metric '{ev.metric}' is not among {sorted(metrics)}")
+                    if _better(value, state["best_metric"], ev.greater_is_better):
+                        state["best_metric"], state["best_step"], state["bad_evals"] = value, step, 0
+                        if ev.early_stopping_patience and accelerator.is_main_process:
+                            checkpoint()  # early stopping restores the best weights from here
+                            saved_now = True
+                    else:
+                        state["bad_evals"] += 1
+                        if ev.early_stopping_patience and state["bad_evals"] >= ev.early_stopping_patience:
+                            echo(f"early stopping at step {step}: {ev.metric} did not improve for "
+                                 f"{state['bad_evals']} evaluations (best {state['best_metric']:.4f} "
+                                 f"at step {state['best_step']})")
+                            stop = result.stopped_early = True
+                if t.save_every and step % t.save_every == 0 and not saved_now and accelerator.is_main_process:
+                    checkpoint()
+                if stop:
+                    break
+            if result.stopped_early:
+                break
+    finally:
+        progress.close()
+        log.close()
+
+    result.step = state["step"]
+    result.best_metric, result.best_step = state["best_metric"], state["best_step"]
+    unwrapped = accelerator.unwrap_model(model)
+    if result.stopped_early and result.best_step is not None:
+        best = ckpt_dir / f"{ckpt.PREFIX}{result.best_step:07d}"
+        if best.is_dir():
+            ckpt.restore_weights(best, unwrapped)
+            echo(f"restored the best weights (step {result.best_step})")
+    if ev.at_end and val_rows:
+        metrics = evaluate_loss(model, objective, val_rows, collate, eval_bs, accelerator)
+        metrics["step"] = result.step
+        if accelerator.is_main_process:
+            MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})
+        result.metrics.update({k: v for k, v in metrics.items() if k != "step"})
+    return result
+
+
+class _progress:
+    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, record: dict, total: int) -> None:
+        if self.bar is not None:
+            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+            self.bar.update(self.task, completed=record["step"], info=info)
+
+    def advance(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.log(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

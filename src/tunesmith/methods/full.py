@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import MethodConfig
+from .base import Method
+
+
+class Full(Method):
+    """Every weight learns."""
+
+    name = "full"
+    frozen_base = False
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

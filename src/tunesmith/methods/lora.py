@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..config import MethodConfig
+from .base import Method
+
+
+class Lora(Method):
+    """Low-rank adapters on the chosen linear layers, through peft."""
+
+    name = "lora"
+    artifact = "adapter"
+
+    def peft_config(self, cfg: MethodConfig):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+        from peft import get_peft_model
+
+        # peft keeps adapter weights in fp32 even on a bf16 base (autocast_adapter_dtype).
+        return get_peft_model(model, self.peft_config(cfg))
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        model.save_pretrained(out)  # adapter weights + adapter_config.json only

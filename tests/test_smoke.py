@@ -1,0 +1,5 @@
+import tunesmith
+
+
+def test_version():
+    assert tunesmith.__version__
