@@ -73,7 +73,16 @@ def materialize(cfg: ModelConfig) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # The loaded model still carries the GGUF "quantizer" (its weights are already plain
+    # tensors), which makes save_pretrained refuse; write config and weights directly.
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)

@@ -1,0 +1,1 @@
+"""Evaluation: generation and task metrics."""
