@@ -225,9 +225,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
-            if not isinstance(node.get(k, {}), dict):
+            if node.get(k) is None:
+                node[k] = {}  # absent, or a YAML section left empty
+            if not isinstance(node[k], dict):
                 raise ConfigError(f"override '{item}': '{k}' is not a section")
-            node = node.setdefault(k, {})
+            node = node[k]
         node[keys[-1]] = value
     return data
 
@@ -250,6 +252,8 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        # A section whose keys are all commented out reads as null: it means "defaults".
+        data = {k: v for k, v in data.items() if v is not None}
         base_dir = path.parent
     else:
         data, base_dir = dict(source), None

@@ -130,14 +130,18 @@ class ShareGPT(Format):
         if system.strip():
             out.append({"role": "system", "content": system})
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise RowError(f"{field}[{i}]", "an object with 'from' and 'value'", m)
-            role = ROLE_ALIASES.get(str(m["from"]).lower())
+            # Many datasets named "conversations" hold OpenAI-style {role, content} turns.
+            openai = isinstance(m, dict) and "from" not in m and "role" in m
+            who, what = ("role", "content") if openai else ("from", "value")
+            if not isinstance(m, dict) or who not in m or what not in m:
+                expected = "an object with 'from' and 'value' (or 'role' and 'content')"
+                raise RowError(f"{field}[{i}]", expected, m)
+            role = ROLE_ALIASES.get(str(m[who]).lower())
             if role is None:
-                raise RowError(f"{field}[{i}].from", "one of system/human/gpt (or user/assistant)", m["from"])
-            if not isinstance(m["value"], str):
-                raise RowError(f"{field}[{i}].value", "a string", m["value"])
-            out.append({"role": role, "content": m["value"]})
+                raise RowError(f"{field}[{i}].{who}", "one of system/human/gpt (or user/assistant)", m[who])
+            if not isinstance(m[what], str):
+                raise RowError(f"{field}[{i}].{what}", "a string", m[what])
+            out.append({"role": role, "content": m[what]})
         return {"messages": _check_conversation(out, field)}
 
 
@@ -186,9 +190,13 @@ def detect_format(columns: set[str], mapping: dict[str, str] | None = None) -> s
 
 
 def normalize_rows(
-    rows: list[Row], fmt_name: str, mapping: dict[str, str], *, skip_invalid: bool
+    rows: list[Row], fmt_name: str, mapping: dict[str, str], *, skip_invalid: bool,
+    errors: list[str] | None = None,
 ) -> tuple[list[dict], int]:
-    """Normalize rows to canonical records; returns (records, number of rows skipped)."""
+    """Normalize rows to canonical records; returns (records, number of rows skipped).
+
+    With skip_invalid, the message of every skipped row is appended to `errors` when given.
+    """
     if fmt_name not in FORMATS:
         raise DataError(f"unknown data format '{fmt_name}' (known: {', '.join(FORMATS)})")
     fmt = FORMATS[fmt_name]
@@ -201,13 +209,15 @@ def normalize_rows(
         try:
             records.append(fmt.normalize(row.data, col))
         except RowError as err:
+            got = "" if err.got is None else f", got {_short(err.got)}"
+            message = f"{row.where}: field '{err.field}': expected {err.expected}{got} (format '{fmt_name}')"
             if skip_invalid:
                 skipped += 1
+                if errors is not None:
+                    errors.append(message)
                 continue
-            got = "" if err.got is None else f", got {_short(err.got)}"
             raise DataError(
-                f"{row.where}: field '{err.field}': expected {err.expected}{got} (format '{fmt_name}'). "
-                "Fix the row, or set data.skip_invalid: true to skip such rows."
+                f"{message}. Fix the row, or set data.skip_invalid: true to skip such rows."
             ) from None
     return records, skipped
 

@@ -9,7 +9,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .formats import detect_format, normalize_rows
 from .packing import pack, unpacked_rows
-from .sources import Row, read_rows
+from .sources import Row, columns_of, read_rows
 from .templates import Encoded, encode_record, ensure_chat_template, truncate
 
 
@@ -47,10 +47,11 @@ def load_records(cfg: DataConfig, sources: str | list[str] | None = None) -> tup
         rows += got
         skipped += bad
     if not rows:
-        raise DataError(f"no rows found in {', '.join(sources)}")
+        unreadable = f" ({skipped} unreadable rows skipped)" if skipped else ""
+        raise DataError(f"no rows found in {', '.join(sources)}{unreadable}")
     fmt = cfg.format
     if fmt == "auto":
-        fmt = detect_format(set(rows[0].data), cfg.columns)
+        fmt = detect_format(columns_of(rows), cfg.columns)
     records, bad = normalize_rows(rows, fmt, cfg.columns, skip_invalid=cfg.skip_invalid)
     skipped += bad
     if cfg.system_prompt:

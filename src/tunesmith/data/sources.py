@@ -28,15 +28,24 @@ class Row:
         return f"{self.source} row {self.index}"
 
 
+def columns_of(rows: list[Row]) -> set[str]:
+    """Every column any row has: a first row that lacks a field must not hide the format."""
+    return set().union(*(r.data for r in rows))
+
+
 def read_rows(
-    source: str, *, hub_split: str = "train", hub_config: str | None = None, skip_invalid: bool = False
+    source: str, *, hub_split: str = "train", hub_config: str | None = None, skip_invalid: bool = False,
+    errors: list[str] | None = None,
 ) -> tuple[list[Row], int]:
-    """Return (rows, number of unreadable rows skipped)."""
+    """Return (rows, number of unreadable rows skipped).
+
+    With skip_invalid, the message of every skipped row is appended to `errors` when given.
+    """
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        return _read_local(path, skip_invalid)
+        return _read_local(path, skip_invalid, errors)
     if "/" in source and not source.startswith((".", "/")):
         return _read_hub(source, hub_split, hub_config), 0
     raise DataError(
@@ -45,12 +54,12 @@ def read_rows(
     )
 
 
-def _read_local(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+def _read_local(path: Path, skip_invalid: bool, errors: list[str] | None) -> tuple[list[Row], int]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, skip_invalid)
+        return _read_jsonl(path, skip_invalid, errors)
     if suffix == ".json":
-        return _read_json(path, skip_invalid)
+        return _read_json(path, skip_invalid, errors)
     if suffix in {".csv", ".tsv"}:
         return _read_csv(path, "\t" if suffix == ".tsv" else ","), 0
     if suffix == ".parquet":
@@ -61,7 +70,7 @@ def _read_local(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
     raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})")
 
 
-def _read_jsonl(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+def _read_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
     rows, skipped = [], 0
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -72,21 +81,24 @@ def _read_jsonl(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             except ValueError as exc:
-                if skip_invalid:
-                    skipped += 1
-                    continue
-                raise DataError(f"{path} line {lineno}: not a valid JSON object: {exc}") from None
+                message = f"{path} line {lineno}: not a valid JSON object: {exc}"
+                if not skip_invalid:
+                    raise DataError(message) from None
+                skipped += 1
+                if errors is not None:
+                    errors.append(message)
+                continue
             rows.append(Row(obj, str(path), lineno))
     return rows, skipped
 
 
-def _read_json(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
+def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         # Many "JSON" files are really JSON Lines.
         try:
-            return _read_jsonl(path, skip_invalid)
+            return _read_jsonl(path, skip_invalid, errors)
         except DataError:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
     if isinstance(obj, dict):
@@ -99,10 +111,13 @@ def _read_json(path: Path, skip_invalid: bool) -> tuple[list[Row], int]:
     rows, skipped = [], 0
     for i, item in enumerate(obj, 1):
         if not isinstance(item, dict):
-            if skip_invalid:
-                skipped += 1
-                continue
-            raise DataError(f"{path} row {i}: expected a JSON object, got {type(item).__name__}")
+            message = f"{path} row {i}: expected a JSON object, got {type(item).__name__}"
+            if not skip_invalid:
+                raise DataError(message)
+            skipped += 1
+            if errors is not None:
+                errors.append(message)
+            continue
         rows.append(Row(item, str(path), i))
     return rows, skipped
 

@@ -48,6 +48,14 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) ->
     )
 
 
+def _generation_prompt(tokenizer) -> str:
+    """The text the template adds to open an assistant turn (ChatML: '<|im_start|>assistant\\n')."""
+    probe = [{"role": "user", "content": "x"}]
+    plain = _render(tokenizer, probe)
+    opened = _render(tokenizer, probe, generation_prompt=True)
+    return opened[len(plain):] if opened.startswith(plain) else ""
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of every assistant turn."""
     full = _render(tokenizer, messages)
@@ -56,8 +64,15 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1])
+        if i:
+            prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+        else:
+            # Nothing precedes a leading assistant turn, so there is no prefix to render with
+            # the generation prompt; cut after the assistant header instead of learning it.
+            header = _generation_prompt(tokenizer)
+            at = upto.find(header) if header else -1
+            prefix = upto[: at + len(header)] if at >= 0 else ""
         if full.startswith(upto) and upto.startswith(prefix):
             start, end = len(prefix), len(upto)
         else:
