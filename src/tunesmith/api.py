@@ -44,16 +44,25 @@ def _resume_point(run_dir: Path, resume: str | bool) -> Path:
     return found[-1]
 
 
+def _holds_a_run(run_dir: Path) -> bool:
+    return run_dir.exists() and any(run_dir.iterdir())
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
+    """Refuse to train into another run's folder; only looks, so it can run early."""
+    if not resuming and _holds_a_run(run_dir) and not cfg.output.overwrite:
+        raise ConfigError(
+            f"output.dir: {run_dir} already holds a run; pass --resume to continue it or "
+            f"--set output.overwrite=true to replace it"
+        )
+
+
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
+    _check_run_dir(run_dir, cfg, resuming)
     if resuming:
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise ConfigError(
-                f"output.dir: {run_dir} already holds a run; pass --resume to continue it or "
-                f"--set output.overwrite=true to replace it"
-            )
-        shutil.rmtree(run_dir)
+    if _holds_a_run(run_dir):
+        shutil.rmtree(run_dir)  # output.overwrite
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -67,6 +76,7 @@ def train(
     """Fine-tune as the config says; returns where everything went and the final metrics."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from .card import render_card
@@ -87,6 +97,8 @@ def train(
     if precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
     method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
+    resuming = resume_from is not None
+    _check_run_dir(run_dir, cfg, resuming)
 
     # Everything that can fail on bad input runs before the model is loaded.
     source = materialize(cfg.model)
@@ -96,8 +108,6 @@ def train(
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
          f"{st.train_examples} train / {st.val_examples} validation examples, {st.truncated} truncated, "
          f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
-    _prepare_run_dir(run_dir, cfg, resuming=resume_from is not None)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     set_seed(cfg.training.seed)
     if cfg.model.dtype != "auto":
@@ -110,7 +120,18 @@ def train(
     trainable, total = trainable_summary(model)
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}")
+    # The run folder is created (or replaced, with output.overwrite) only now that the method
+    # applied: a config the method rejects (a module pattern that matches nothing, say) must
+    # not leave a folder behind that the corrected run then refuses as "already holds a run",
+    # nor wipe the previous run.
+    _prepare_run_dir(run_dir, cfg, resuming)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
 
+    # accelerate keeps its settings (mixed precision among them) in a process-wide singleton
+    # and refuses a second Accelerator with other settings; a Python caller may well run
+    # several trainings in one process (sweeps, notebooks). Forget the previous run's
+    # settings, as transformers' Trainer does; the distributed PartialState stays as is.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
     collate = Collator(tokenizer.pad_token_id)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,

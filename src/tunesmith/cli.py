@@ -50,7 +50,8 @@ def show_config(
     from .config import dump_config, load_config
 
     try:
-        console.print(dump_config(load_config(config, set_)), highlight=False, markup=False)
+        # Plain echo: rich would wrap long lines and break the YAML when redirected to a file.
+        typer.echo(dump_config(load_config(config, set_)), nl=False)
     except TunesmithError as exc:
         _fail(exc)
 

@@ -93,11 +93,18 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
 
     ckpt_dir = run_dir / "checkpoints"
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None)
+    # log_loss / log_steps: the training loss summed over the steps since the last metrics
+    # record. They are part of the state so that a run resumed between two records logs the
+    # same averages as an uninterrupted one.
     state = {"step": 0, "epoch": 0, "micro": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-             "tokens_seen": 0}
+             "tokens_seen": 0, "log_loss": 0.0, "log_steps": 0}
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state |= ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+    # On resume, TensorBoard hides what the interrupted run logged after the checkpoint
+    # (purge_step), as metrics.jsonl drops it below; otherwise those steps would show twice.
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None,
+                     purge_step=state["step"] + 1 if resume_from is not None else None)
+    if resume_from is not None:
         log.truncate_after(state["step"])
         echo(f"resumed from {resume_from} at step {state['step']}")
 
@@ -115,7 +122,7 @@ def fit(
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
 
     progress = _progress(t.progress and accelerator.is_main_process, total_steps, state["step"])
-    window_loss, window_tokens, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
+    window_tokens, window_start = 0, time.perf_counter()  # throughput is wall-clock: not resumed
     result = FitResult(step=state["step"])
     try:
         while state["step"] < total_steps:
@@ -135,7 +142,7 @@ def fit(
                         loss = out.loss_sum / n_loss
                     if not torch.isfinite(loss):
                         raise TrainingError(
-                            f"loss became {float(loss)} at step {state['step'] + 1} (epoch {state['epoch']}, "
+                            f"loss became {float(loss.detach())} at step {state['step'] + 1} (epoch {state['epoch']}, "
                             f"micro-batch {state['micro'] + k}); training stopped and {last_good()}. "
                             f"Try a lower training.learning_rate, training.max_grad_norm, or fp32/bf16 precision."
                         )
@@ -156,8 +163,8 @@ def fit(
                 state["step"] += 1
                 state["micro"] += len(window)
                 state["tokens_seen"] += n_loss
-                window_loss += step_loss
-                window_steps += 1
+                state["log_loss"] += step_loss
+                state["log_steps"] += 1
                 step = state["step"]
 
                 if step % t.log_every == 0 or step == total_steps:
@@ -165,7 +172,7 @@ def fit(
                     record = {
                         "step": step,
                         "epoch": round(state["epoch"] + state["micro"] / len(batches), 4),
-                        "loss": window_loss / window_steps,
+                        "loss": state["log_loss"] / state["log_steps"],
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
                     }
@@ -175,12 +182,15 @@ def fit(
                         log.log(record)
                     progress.update(record, total_steps)
                     result.metrics.update({k: record[k] for k in ("loss", "lr")})
-                    window_loss, window_tokens, window_steps = 0.0, 0, 0
+                    state["log_loss"], state["log_steps"], window_tokens = 0.0, 0, 0
                     window_start = time.perf_counter()
                 else:
                     progress.advance(step, total_steps)
 
-                if state["micro"] >= len(batches):
+                # Roll over before any checkpoint below, so one written at the end of an epoch
+                # resumes at the start of the next.
+                epoch_done = state["micro"] >= len(batches)
+                if epoch_done:
                     state["epoch"] += 1
                     state["micro"] = 0
 
@@ -210,7 +220,10 @@ def fit(
                             stop = result.stopped_early = True
                 if t.save_every and step % t.save_every == 0 and not saved_now and accelerator.is_main_process:
                     checkpoint()
-                if stop:
+                if stop or epoch_done:
+                    # A new epoch needs its own shuffled order: leave this epoch's batch list
+                    # (resetting `micro` alone would replay it, and a resumed run, which draws
+                    # the order for its epoch afresh, would then diverge from the original).
                     break
             if result.stopped_early:
                 break

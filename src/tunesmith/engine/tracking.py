@@ -9,7 +9,7 @@ from ..errors import ConfigError
 
 
 class MetricsLog:
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, purge_step: int | None = None):
         self.path = path
         self.writer = None
         if tensorboard_dir is not None:
@@ -20,16 +20,24 @@ class MetricsLog:
                     "tracking.tensorboard: needs the tensorboard extra "
                     "(pip install 'tunesmith[tensorboard]')"
                 ) from exc
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            # purge_step: events at or after this step, left by an interrupted run, are hidden.
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records the interrupted run wrote after its checkpoint."""
+        """On resume, drop records the interrupted run wrote after its checkpoint.
+
+        The end-of-run evaluation ("final") goes too: the resumed run writes its own, and a
+        run resumed from its last checkpoint would otherwise end with two.
+        """
         if not self.path.is_file():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("step", 0) <= step and not record.get("final"):
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:

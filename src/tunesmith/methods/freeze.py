@@ -37,4 +37,11 @@ class Freeze(Method):
                 raise ConfigError(f"method.trainable_modules: no module matches '{pattern}'")
             for m in hits:
                 m.requires_grad_(True)
+        # train_last_n_layers=0 with no trainable_modules passes validation but trains
+        # nothing; say so here, before a run folder exists, rather than fail in the optimizer.
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(
+                "method: freeze leaves no parameter trainable; set method.train_last_n_layers > 0 "
+                "or method.trainable_modules"
+            )
         return model

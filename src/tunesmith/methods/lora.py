@@ -5,6 +5,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import MethodConfig
+from ..errors import ConfigError
 from .base import Method
 
 
@@ -29,7 +30,12 @@ class Lora(Method):
         from peft import get_peft_model
 
         # peft keeps adapter weights in fp32 even on a bf16 base (autocast_adapter_dtype).
-        return get_peft_model(model, self.peft_config(cfg))
+        try:
+            return get_peft_model(model, self.peft_config(cfg))
+        except ValueError as exc:
+            # Mostly target_modules matching nothing (peft's NoMatchingPeftModuleError is a
+            # ValueError): a config mistake, so report it as one instead of a traceback.
+            raise ConfigError(f"method (lora, target_modules={cfg.target_modules!r}): {exc}") from exc
 
     def save(self, model: nn.Module, out: Path) -> None:
         model.save_pretrained(out)  # adapter weights + adapter_config.json only
