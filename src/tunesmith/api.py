@@ -21,6 +21,7 @@ class RunResult:
     trainable_params: int = 0
     total_params: int = 0
     stopped_early: bool = False
+    throughput: dict = field(default_factory=dict)  # training-step time and tokens of this session
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -137,7 +138,8 @@ def train(
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo)
 
-    result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early)
+    result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
+                       fitted.throughput)
     if accelerator.is_main_process:
         if cfg.output.save_model:
             out = run_dir / method.artifact

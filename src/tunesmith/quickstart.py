@@ -28,7 +28,7 @@ def quickstart_config(output: Path, steps: int | None = None) -> dict:
         "data": {"train": data_file("train.jsonl"), "max_length": 512,
                  "split": {"validation_file": data_file("test.jsonl")}},
         "method": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05},
-        "training": {"epochs": 1, "max_steps": steps, "batch_size": 8, "grad_accum": 1,
+        "training": {"epochs": 1, "max_steps": steps, "batch_size": 1, "grad_accum": 8,
                      "learning_rate": 1e-3, "scheduler": "cosine", "warmup_ratio": 0.1, "log_every": 5},
         "eval": {"at_end": True},
         "output": {"dir": str(output), "overwrite": True, "card_base_model": SMOLLM2_HUB_ID,

@@ -8,6 +8,7 @@ A format is one small class and one registry line.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -57,17 +58,17 @@ def _check_conversation(messages: list[dict], field: str) -> list[dict]:
     return messages
 
 
-class Format:
+class Format(ABC):
     name: str
     fields: tuple[str, ...]  # canonical field names this format reads
+    required: tuple[str, ...] = ()
 
     def detect(self, columns: set[str]) -> bool:
         return set(self.required) <= columns
 
-    required: tuple[str, ...] = ()
-
+    @abstractmethod
     def normalize(self, row: dict, col: Callable[[str], str]) -> dict:
-        raise NotImplementedError
+        """One raw row as a canonical record; raises RowError naming the field at fault."""
 
 
 class Alpaca(Format):

@@ -27,6 +27,7 @@ class FitResult:
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
+    throughput: dict = field(default_factory=dict)
 
 
 def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
@@ -84,7 +85,11 @@ def fit(
 
     if t.gradient_checkpointing:
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         target.config.use_cache = False
     model.train()
     optimizer = build_optimizer(model, t)
@@ -122,7 +127,12 @@ def fit(
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
 
     progress = _progress(t.progress and accelerator.is_main_process, total_steps, state["step"])
-    window_tokens, window_start = 0, time.perf_counter()  # throughput is wall-clock: not resumed
+    # Throughput counts time in training steps only (no eval, no checkpoints) and non-padding
+    # tokens; it is measured per process session, so it is not part of the resumable state.
+    window_tokens, window_seconds = 0, 0.0
+    # Time spent in training steps only (no eval, no checkpoints) and the non-padding tokens
+    # they processed, for this process's part of the run.
+    train_seconds, train_tokens = 0.0, 0
     result = FitResult(step=state["step"])
     try:
         while state["step"] < total_steps:
@@ -131,6 +141,7 @@ def fit(
             batches = batches[rank::world] if world > 1 else batches
             while state["micro"] < len(batches) and state["step"] < total_steps:
                 window = batches[state["micro"] : state["micro"] + t.grad_accum]
+                step_start = time.perf_counter()
                 rows = [[train_rows[i] for i in b] for b in window]
                 n_loss = max(sum(count_loss_tokens(r) for r in rows), 1)
                 step_loss = 0.0
@@ -149,6 +160,7 @@ def fit(
                     accelerator.backward(loss)
                     step_loss += float(loss.detach())
                     window_tokens += sum(len(r["input_ids"]) for r in micro_rows)
+                    train_tokens += sum(len(r["input_ids"]) for r in micro_rows)
                 grad_norm = None
                 if t.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
@@ -160,6 +172,8 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                window_seconds += time.perf_counter() - step_start
+                train_seconds += time.perf_counter() - step_start
                 state["step"] += 1
                 state["micro"] += len(window)
                 state["tokens_seen"] += n_loss
@@ -168,13 +182,12 @@ def fit(
                 step = state["step"]
 
                 if step % t.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
                         "epoch": round(state["epoch"] + state["micro"] / len(batches), 4),
                         "loss": state["log_loss"] / state["log_steps"],
                         "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                        "tokens_per_s": window_tokens * world / max(window_seconds, 1e-9),
                     }
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
@@ -182,8 +195,8 @@ def fit(
                         log.log(record)
                     progress.update(record, total_steps)
                     result.metrics.update({k: record[k] for k in ("loss", "lr")})
-                    state["log_loss"], state["log_steps"], window_tokens = 0.0, 0, 0
-                    window_start = time.perf_counter()
+                    state["log_loss"], state["log_steps"] = 0.0, 0
+                    window_tokens, window_seconds = 0, 0.0
                 else:
                     progress.advance(step, total_steps)
 
@@ -232,6 +245,9 @@ def fit(
         log.close()
 
     result.step = state["step"]
+    # Kept apart from metrics: wall-clock numbers of this session, not results of the run.
+    result.throughput = {"train_runtime_s": train_seconds, "train_tokens": train_tokens * world,
+                         "train_tokens_per_s": train_tokens * world / max(train_seconds, 1e-9)}
     result.best_metric, result.best_step = state["best_metric"], state["best_step"]
     unwrapped = accelerator.unwrap_model(model)
     if result.stopped_early and result.best_step is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from torch import nn
@@ -9,15 +10,16 @@ from torch import nn
 from ..config import MethodConfig
 
 
-class Method:
+class Method(ABC):
     name: str = ""
     # True when the base weights stay frozen, so they may be loaded in a low-precision dtype.
     frozen_base: bool = True
     # What the final artifact folder holds: "adapter" (peft) or "model" (transformers).
     artifact: str = "model"
 
+    @abstractmethod
     def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
-        raise NotImplementedError
+        """Set requires_grad (or wrap the model) so that exactly the method's weights learn."""
 
     def save(self, model: nn.Module, out: Path) -> None:
         model.save_pretrained(out)

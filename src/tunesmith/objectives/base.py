@@ -6,6 +6,7 @@ weighs the same however the tokens fall into micro-batches and rows.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,11 @@ class LossOutput:
     n_tokens: int
 
 
-class Objective:
+class Objective(ABC):
     name: str = ""
     # Whether packing several examples into one row makes sense for this objective.
     packs: bool = False
 
+    @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        raise NotImplementedError
+        """The loss summed over the batch and the number of items it sums over."""
