@@ -168,7 +168,9 @@ class RunConfig(Section):
     def packing_enabled(self) -> bool:
         if self.data.packing is not None:
             return self.data.packing
-        return self.objective.type in {"sft", "causal_lm"}
+        from .objectives import OBJECTIVES
+
+        return OBJECTIVES[self.objective.type].packs
 
 
 def _unknown(path: str, value: str, known: Any) -> str:

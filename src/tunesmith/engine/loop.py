@@ -159,8 +159,9 @@ def fit(
                         )
                     accelerator.backward(loss)
                     step_loss += float(loss.detach())
-                    window_tokens += sum(len(r["input_ids"]) for r in micro_rows)
-                    train_tokens += sum(len(r["input_ids"]) for r in micro_rows)
+                    n_tokens = sum(len(r["input_ids"]) for r in micro_rows)
+                    window_tokens += n_tokens
+                    train_tokens += n_tokens
                 grad_norm = None
                 if t.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))

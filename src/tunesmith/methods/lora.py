@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from ..config import MethodConfig
@@ -13,7 +11,7 @@ class Lora(Method):
     """Low-rank adapters on the chosen linear layers, through peft."""
 
     name = "lora"
-    artifact = "adapter"
+    artifact = "adapter"  # Method.save on a peft model writes adapter weights + config only
 
     def peft_config(self, cfg: MethodConfig):
         from peft import LoraConfig
@@ -36,6 +34,3 @@ class Lora(Method):
             # Mostly target_modules matching nothing (peft's NoMatchingPeftModuleError is a
             # ValueError): a config mistake, so report it as one instead of a traceback.
             raise ConfigError(f"method (lora, target_modules={cfg.target_modules!r}): {exc}") from exc
-
-    def save(self, model: nn.Module, out: Path) -> None:
-        model.save_pretrained(out)  # adapter weights + adapter_config.json only
