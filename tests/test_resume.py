@@ -15,6 +15,7 @@ from tunesmith.engine import checkpoint as ckpt
 from tunesmith.engine.tracking import read_metrics
 from tunesmith.errors import ConfigError, TrainingError
 from tunesmith.objectives import OBJECTIVES, Objective
+from tunesmith.objectives.causal_lm import SFT
 
 
 def quiet(_msg: str) -> None:
@@ -25,7 +26,7 @@ class SimulatedCrash(Exception):
     pass
 
 
-class CrashesAt(Objective):
+class CrashesAt(SFT):
     """The sft objective, except that it dies on micro-batch `micro` of training step `step`
     (after the forward passes before it have drawn from the RNG, like a real crash).
 

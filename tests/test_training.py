@@ -15,6 +15,7 @@ import tunesmith
 from tunesmith.engine.tracking import read_metrics
 from tunesmith.errors import TrainingError
 from tunesmith.objectives import OBJECTIVES, LossOutput, Objective
+from tunesmith.objectives.causal_lm import SFT
 
 
 def losses(run_dir) -> list[tuple[int, float]]:
@@ -85,7 +86,7 @@ def test_freeze_trains_only_the_chosen_blocks(run_config, tiny_model_dir):
     assert set(ckpt) == chosen
 
 
-class RecordsBatches(Objective):
+class RecordsBatches(SFT):
     """The sft objective, noting which rows (token tuples, padding cut) each training forward saw."""
 
     name = "sft"
@@ -240,7 +241,7 @@ class _NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-class BreaksAtStep(Objective):
+class BreaksAtStep(SFT):
     """The sft objective, except that training step `step` yields a NaN loss or NaN gradient."""
 
     name = "sft"

@@ -81,12 +81,12 @@ def train(
     from accelerate.utils import set_seed
 
     from .card import render_card
-    from .data.collate import Collator
     from .data.pipeline import build_data
     from .engine import fit
     from .hardware import TORCH_DTYPES, device_type, resolve_precision
-    from .methods import METHODS, trainable_summary
-    from .models import load_causal_lm, load_tokenizer, materialize
+    from .artifacts import write_manifest
+    from .methods import METHODS, MethodContext, trainable_summary
+    from .models import load_model, load_tokenizer, materialize
     from .objectives import OBJECTIVES
 
     cfg = load_config(config, overrides)
@@ -104,7 +104,8 @@ def train(
     # Everything that can fail on bad input runs before the model is loaded.
     source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled)
+    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
+                      objective=objective, objective_cfg=cfg.objective)
     st = data.stats
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
          f"{st.train_examples} train / {st.val_examples} validation examples, {st.truncated} truncated, "
@@ -116,8 +117,11 @@ def train(
     else:
         # Frozen base weights can live in the compute dtype; weights that learn stay fp32.
         dtype = TORCH_DTYPES[precision] if method.frozen_base else torch.float32
-    model = load_causal_lm(cfg.model, dtype, source)
-    model = method.apply(model, cfg.method)
+    load_kwargs = {**objective.model_kwargs(cfg.objective, data.task, tokenizer),
+                   **method.load_kwargs(cfg.method, precision)}
+    model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
+                       **load_kwargs)
+    model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     trainable, total = trainable_summary(model)
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}")
@@ -134,9 +138,10 @@ def train(
     # settings, as transformers' Trainer does; the distributed PartialState stays as is.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
-    collate = Collator(tokenizer.pad_token_id)
+    collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
+    eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
-                 resume_from=resume_from, echo=echo)
+                 resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method)
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
                        fitted.throughput)
@@ -146,6 +151,7 @@ def train(
             unwrapped = accelerator.unwrap_model(model)
             method.save(unwrapped, out)
             tokenizer.save_pretrained(out)
+            write_manifest(out, cfg, base_source=source, labels=data.task.labels)
             result.artifact_dir = out
         if cfg.output.model_card:
             card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,

@@ -56,11 +56,38 @@ class DataConfig(Section):
 
 class MethodConfig(Section):
     type: str = "lora"
-    # lora
+    # LoRA family (lora, dora, rslora, lora_fa, qlora)
     r: int = Field(16, gt=0)
     alpha: float = 32
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear', 'attention', 'mlp', or module names."
+    )
+    layers_to_transform: list[int] | None = Field(None, description="Only these block indices get adapters.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16)."
+    )
+    # qlora
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # prompt family (prefix_tuning, prompt_tuning, p_tuning)
+    num_virtual_tokens: int = Field(20, gt=0)
+    prompt_init: Literal["random", "text"] = "random"
+    prompt_init_text: str | None = None
+    encoder_hidden_size: int | None = Field(None, gt=0, description="p_tuning prompt encoder width.")
+    prefix_projection: bool = False
+    # ia3
+    feedforward_modules: list[str] | None = None
+    # adapter (bottleneck)
+    adapter_style: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction_factor: int = Field(16, gt=0)
+    adapter_activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    # linear_probe
+    probe_head: Literal["linear", "mlp"] = "linear"
+    probe_hidden: int = Field(256, gt=0)
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     # freeze
     train_last_n_layers: int | None = Field(None, ge=0)
     trainable_modules: list[str] = Field(default_factory=list)
@@ -68,6 +95,15 @@ class MethodConfig(Section):
 
 class ObjectiveConfig(Section):
     type: str = "sft"
+    # masked_lm
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    # classification / token_classification
+    labels: list[str] | None = Field(
+        None, description="Label names in id order (default: sorted labels found in the data)."
+    )
+    class_weights: Literal["balanced"] | list[float] | None = None
+    # seq2seq
+    max_target_length: int = Field(128, gt=0)
 
 
 class TrainingConfig(Section):
@@ -91,6 +127,16 @@ class TrainingConfig(Section):
     progress: bool = True
 
 
+class ReferenceSet(Section):
+    """What the model knew before tuning, measured before and after to show forgetting."""
+
+    path: str = Field("default", description="'default' (shipped general text) or a data file.")
+    name: str | None = None
+    kind: Literal["perplexity", "task"] = "perplexity"
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match"], description="For kind 'task'.")
+    max_samples: int | None = Field(None, gt=0)
+
+
 class EvalConfig(Section):
     every: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps.")
     at_end: bool = True
@@ -98,6 +144,9 @@ class EvalConfig(Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     metric: str = "eval_loss"
     greater_is_better: bool = False
+    forgetting: bool = Field(True, description="Measure reference sets before and after training.")
+    reference: list[ReferenceSet] = Field(default_factory=lambda: [ReferenceSet()])
+    reference_every_eval: bool = False
 
 
 class TrackingConfig(Section):
@@ -135,6 +184,17 @@ class RunConfig(Section):
             raise ValueError(_unknown("method.type", self.method.type, METHODS))
         if self.objective.type not in OBJECTIVES:
             raise ValueError(_unknown("objective.type", self.objective.type, OBJECTIVES))
+        from .methods.matrix import support
+
+        why = support(self.method.type, self.objective.type)
+        if why:
+            raise ValueError(
+                f"method.type '{self.method.type}' cannot train objective.type '{self.objective.type}': {why} "
+                f"(see `tunesmith methods`)"
+            )
+        problems = METHODS[self.method.type].check(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
         if self.method.type == "freeze" and (
             self.method.train_last_n_layers is None and not self.method.trainable_modules
         ):
@@ -170,7 +230,9 @@ class RunConfig(Section):
             return self.data.packing
         from .objectives import OBJECTIVES
 
-        return OBJECTIVES[self.objective.type].packs
+        from .methods import METHODS
+
+        return OBJECTIVES[self.objective.type].packs and METHODS[self.method.type].packs
 
 
 def _unknown(path: str, value: str, known: Any) -> str:

@@ -102,16 +102,36 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None):
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, *,
+               auto_class: str = "AutoModelForCausalLM", tokenizer=None, **kwargs):
+    """The base model with the head an objective needs (`auto_class` names a transformers Auto class).
 
-    kwargs = {}
+    Extra keyword arguments (num_labels, quantization_config, ...) go to from_pretrained.
+    """
+    import transformers
+
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(
-        source or materialize(cfg),
-        dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-        **kwargs,
-    )
+    loader = getattr(transformers, auto_class)
+    try:
+        model = loader.from_pretrained(
+            source or materialize(cfg),
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            # e.g. a decoder-only model asked for a seq2seq head: a config mistake.
+            raise ConfigError(f"model.name_or_path: {cfg.name_or_path} has no {auto_class} head: "
+                              f"{str(exc).splitlines()[0]}") from None
+        raise
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        # Sequence-classification heads on decoders find each row's last token via the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None):
+    return load_model(cfg, dtype, source)

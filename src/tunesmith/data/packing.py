@@ -11,13 +11,20 @@ from __future__ import annotations
 from .templates import IGNORE, Encoded
 
 
-def pack(examples: list[Encoded], max_length: int) -> list[dict]:
+def _row(example: Encoded | dict) -> dict:
+    if isinstance(example, dict):
+        return example
+    return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+def pack(examples: list[Encoded | dict], max_length: int) -> list[dict]:
     """First-fit-decreasing bin packing into rows of at most max_length tokens."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    examples = [_row(e) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     bins: list[list[int]] = []
     space: list[int] = []
     for i in order:
-        n = len(examples[i].input_ids)
+        n = len(examples[i]["input_ids"])
         for b, free in enumerate(space):
             if n <= free:
                 bins[b].append(i)
@@ -31,12 +38,12 @@ def pack(examples: list[Encoded], max_length: int) -> list[dict]:
         ids, labels, pos = [], [], []
         for i in sorted(members):
             ex = examples[i]
-            ids += ex.input_ids
-            labels += [IGNORE] + ex.labels[1:]
-            pos += list(range(len(ex.input_ids)))
+            ids += ex["input_ids"]
+            labels += [IGNORE] + ex["labels"][1:]
+            pos += list(range(len(ex["input_ids"])))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return rows
 
 
-def unpacked_rows(examples: list[Encoded]) -> list[dict]:
-    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+def unpacked_rows(examples: list[Encoded | dict]) -> list[dict]:
+    return [_row(e) for e in examples]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 from ..config import DataConfig
@@ -10,7 +11,11 @@ from ..errors import DataError
 from .formats import detect_format, normalize_rows
 from .packing import pack, unpacked_rows
 from .sources import Row, columns_of, read_rows
-from .templates import Encoded, encode_record, ensure_chat_template, truncate
+from .templates import ensure_chat_template
+
+if TYPE_CHECKING:
+    from ..config import ObjectiveConfig
+    from ..objectives.base import Objective, TaskInfo
 
 
 @dataclass
@@ -33,6 +38,7 @@ class DataBundle:
     val: list[dict]
     stats: DataStats = field(default_factory=DataStats)
     val_records: list[dict] = field(default_factory=list)
+    task: "TaskInfo | None" = None
 
 
 def load_records(cfg: DataConfig, sources: str | list[str] | None = None) -> tuple[list[dict], str, int, int]:
@@ -83,34 +89,52 @@ def split_records(records: list[dict], cfg: DataConfig, seed: int) -> tuple[list
     return records[n_val:], records[:n_val]
 
 
-def encode_all(records: list[dict], tokenizer, cfg: DataConfig, stats: DataStats) -> list[Encoded]:
+def encode_all(records: list[dict], tokenizer, cfg: DataConfig, stats: DataStats, objective: "Objective",
+               task: "TaskInfo") -> list[dict]:
     out = []
     for rec in records:
-        enc = encode_record(tokenizer, rec, train_on_prompt=cfg.train_on_prompt)
-        cut = truncate(enc, cfg.max_length, cfg.truncation)
-        if cut is None or cut.n_loss_tokens == 0:
+        row, truncated = objective.encode(tokenizer, rec, cfg, task)
+        if row is None:
             stats.dropped += 1
             continue
-        stats.truncated += cut is not enc
-        out.append(cut)
+        stats.truncated += truncated
+        out.append(row)
     return out
 
 
-def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool) -> DataBundle:
+def check_format(fmt: str, objective: "Objective", sources) -> None:
+    """Refuse data the objective cannot learn from, before anything is tokenized."""
+    if objective.formats and fmt not in objective.formats:
+        raise DataError(
+            f"objective '{objective.name}' needs data in one of the formats {', '.join(objective.formats)}; "
+            f"{sources} reads as '{fmt}'. Set data.format, or map columns with data.columns."
+        )
+
+
+def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objective: "Objective | None" = None,
+               objective_cfg: "ObjectiveConfig | None" = None) -> DataBundle:
+    from ..config import ObjectiveConfig
+    from ..objectives import OBJECTIVES
+
+    objective = objective or OBJECTIVES["sft"]
+    objective_cfg = objective_cfg or ObjectiveConfig(type=objective.name)
     stats = DataStats()
     records, stats.format, stats.rows_read, stats.rows_skipped = load_records(cfg)
+    check_format(stats.format, objective, cfg.train)
     stats.used_fallback_template = ensure_chat_template(tokenizer)
     train_recs, val_recs = split_records(records, cfg, seed)
-    train = encode_all(train_recs, tokenizer, cfg, stats)
-    val = encode_all(val_recs, tokenizer, cfg, stats)
+    task = objective.prepare(train_recs + val_recs, objective_cfg)
+    train = encode_all(train_recs, tokenizer, cfg, stats, objective, task)
+    val = encode_all(val_recs, tokenizer, cfg, stats, objective, task)
     if not train:
         raise DataError(
             f"no training examples left: {stats.dropped} dropped (too long for data.max_length="
             f"{cfg.max_length} with truncation '{cfg.truncation}', or no tokens to learn from)"
         )
     stats.train_examples, stats.val_examples = len(train), len(val)
-    stats.train_loss_tokens = sum(e.n_loss_tokens for e in train)
+    stats.train_loss_tokens = sum(sum(1 for x in r.get("labels", []) if x != -100) if isinstance(r.get("labels"), list)
+                                  else 1 for r in train)
     train_rows = pack(train, cfg.max_length) if packing else unpacked_rows(train)
     val_rows = pack(val, cfg.max_length) if packing else unpacked_rows(val)
     stats.train_rows = len(train_rows)
-    return DataBundle(train_rows, val_rows, stats, val_records=val_recs)
+    return DataBundle(train_rows, val_rows, stats, val_records=val_recs, task=task)

@@ -39,25 +39,32 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: 
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def count_loss_tokens(rows: list[dict]) -> int:
-    # labels[0] of a row is never predicted (nothing precedes it), so it is not counted.
-    return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
-
-
 @torch.no_grad()
 def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator) -> dict:
+    """Mean loss over the rows, perplexity for token objectives, and the objective's metrics."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, items = 0.0, 0
+    predictions, references = [], []
     for idx in range(0, len(rows), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(rows[idx : idx + batch_size]).items()}
         with accelerator.autocast():
             out = objective.loss(model, batch)
         total += float(out.loss_sum)
-        tokens += out.n_tokens
+        items += out.n_tokens
+        if out.predictions is not None:
+            predictions.append(out.predictions.detach().cpu())
+            references.append(out.references.detach().cpu())
     model.train(was_training)
-    loss = total / max(tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    loss = total / max(items, 1)
+    metrics = {"eval_loss": loss}
+    if objective.reports_perplexity:
+        metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
+        metrics["eval_tokens"] = items
+    if predictions:
+        metrics.update({f"eval_{k}": v for k, v in
+                        objective.metrics(torch.cat(predictions), torch.cat(references)).items()})
+    return metrics
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:
@@ -76,7 +83,16 @@ def fit(
     *,
     resume_from: Path | None = None,
     echo: Callable[[str], None] = print,
+    eval_collate: Callable | None = None,
+    method=None,
+    extra_eval: Callable[[nn.Module], dict] | None = None,
 ) -> FitResult:
+    """Train `model` on `train_rows`.
+
+    `method` may supply its own optimizer (LoRA+, LoRA-FA); `extra_eval` adds metrics at
+    every evaluation (reference sets for forgetting).
+    """
+    eval_collate = eval_collate or collate
     t = cfg.training
     ev = cfg.eval
     micro_per_epoch = math.ceil(len(train_rows) / t.batch_size)
@@ -92,7 +108,7 @@ def fit(
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         target.config.use_cache = False
     model.train()
-    optimizer = build_optimizer(model, t)
+    optimizer = (method.build_optimizer(model, t) if method is not None else None) or build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,10 +159,12 @@ def fit(
                 window = batches[state["micro"] : state["micro"] + t.grad_accum]
                 step_start = time.perf_counter()
                 rows = [[train_rows[i] for i in b] for b in window]
-                n_loss = max(sum(count_loss_tokens(r) for r in rows), 1)
+                # Collate the whole window first: the loss is normalised by its item count.
+                batches_now = [collate(r) for r in rows]
+                n_loss = max(sum(objective.count(b) for b in batches_now), 1)
                 step_loss = 0.0
-                for k, micro_rows in enumerate(rows):
-                    batch = {key: v.to(accelerator.device) for key, v in collate(micro_rows).items()}
+                for k, (micro_rows, cpu_batch) in enumerate(zip(rows, batches_now)):
+                    batch = {key: v.to(accelerator.device) for key, v in cpu_batch.items()}
                     sync = nullcontext() if k == len(rows) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
                         out = objective.loss(model, batch)
@@ -211,7 +229,9 @@ def fit(
                 stop = False
                 saved_now = False
                 if ev.every and val_rows and step % ev.every == 0 and step != total_steps:
-                    metrics = evaluate_loss(model, objective, val_rows, collate, eval_bs, accelerator)
+                    metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator)
+                    if extra_eval is not None:
+                        metrics.update(extra_eval(accelerator.unwrap_model(model)))
                     metrics["step"] = step
                     if accelerator.is_main_process:
                         log.log(metrics)
@@ -257,7 +277,7 @@ def fit(
             ckpt.restore_weights(best, unwrapped)
             echo(f"restored the best weights (step {result.best_step})")
     if ev.at_end and val_rows:
-        metrics = evaluate_loss(model, objective, val_rows, collate, eval_bs, accelerator)
+        metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator)
         metrics["step"] = result.step
         if accelerator.is_main_process:
             MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})

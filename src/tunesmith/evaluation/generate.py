@@ -18,6 +18,24 @@ def reference(record: dict) -> str:
     return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
 
 
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def can_generate(model) -> bool:
+    """Whether `model.generate` produces text (a causal or seq2seq LM, not a classifier head)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check = getattr(inner, "can_generate", None)
+    return hasattr(model, "generate") and (check() if callable(check) else True)
+
+
+def render_prompt(tokenizer, conversation: list[dict], chat_template: bool) -> str:
+    if chat_template:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # No template (seq2seq models, base models): the turns' text, as T5-style models expect.
+    return "\n\n".join(m["content"] for m in conversation)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -29,30 +47,48 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    chat_template: bool | None = None,
 ) -> list[str]:
-    """Answers to each conversation, decoded without special tokens."""
+    """Answers to each conversation, decoded without special tokens.
+
+    chat_template None: use it for decoder-only models, plain text for encoder-decoders.
+    The train/eval mode of the model is restored afterwards.
+    """
+    seq2seq = is_encoder_decoder(model)
+    use_template = (not seq2seq) if chat_template is None else chat_template
+    if use_template:
+        from ..data.templates import ensure_chat_template
+
+        ensure_chat_template(tokenizer)
+    was_training = model.training
     model.eval()
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    # Decoder-only generation continues from the right edge, so prompts are padded on the left.
+    tokenizer.padding_side = "right" if seq2seq else "left"
     outputs: list[str] = []
+    if seed is not None and do_sample:
+        torch.manual_seed(seed)
     try:
         for i in range(0, len(conversations), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                for c in conversations[i : i + batch_size]
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
+            texts = [render_prompt(tokenizer, c, use_template) for c in conversations[i : i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True,
+                            add_special_tokens=seq2seq or not use_template)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             kwargs = {"do_sample": do_sample}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
+                if top_k is not None:
+                    kwargs["top_k"] = top_k
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
             )
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
             outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
+        model.train(was_training)
     return outputs
 
 

@@ -1,12 +1,24 @@
-"""The method registry: which weights learn. One module per method, one line here."""
+"""The method registry: which weights learn. One module per method family, one line here."""
 
 from __future__ import annotations
 
-from .base import Method, trainable_summary
+from .adapter import BottleneckAdapter
+from .base import Method, MethodContext, trainable_summary
+from .bitfit import BitFit
 from .freeze import Freeze
 from .full import Full
+from .ia3 import IA3
+from .linear_probe import LinearProbe
 from .lora import Lora
+from .prompt import PrefixTuning, PromptTuning, PTuning
+from .qlora import QLora
 
-METHODS: dict[str, Method] = {m.name: m for m in (Full(), Freeze(), Lora())}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Full(), Freeze(), LinearProbe(), Lora(), QLora(), PrefixTuning(), PromptTuning(), PTuning(), IA3(),
+        BitFit(), BottleneckAdapter(),
+    )
+}
 
-__all__ = ["METHODS", "Method", "trainable_summary"]
+__all__ = ["METHODS", "Method", "MethodContext", "trainable_summary"]

@@ -1,28 +1,66 @@
-"""What a method is: it decides which parameters learn and how the result is saved."""
+"""What a method is: it decides which parameters learn and how the result is saved and reloaded."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..config import MethodConfig
+
+if TYPE_CHECKING:
+    from ..config import RunConfig, TrainingConfig
+    from ..objectives.base import Objective
+
+
+@dataclass
+class MethodContext:
+    """What a method may need besides its own config."""
+
+    objective: "Objective"
+    tokenizer: Any = None
+    model_source: str | None = None  # where the base weights came from (folder or hub id)
 
 
 class Method(ABC):
     name: str = ""
     # True when the base weights stay frozen, so they may be loaded in a low-precision dtype.
     frozen_base: bool = True
-    # What the final artifact folder holds: "adapter" (peft) or "model" (transformers).
+    # What the final artifact folder holds: "adapter" (weights that learned + config, loaded on
+    # top of the base) or "model" (a complete transformers model).
     artifact: str = "model"
+    # objective name -> why this method cannot train it. Everything else is supported.
+    unsupported: dict[str, str] = {}
+    # Whether rows may hold several packed examples (prompt methods prepend virtual tokens
+    # to a row, which would be shared by every example packed into it).
+    packs: bool = True
 
     @abstractmethod
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         """Set requires_grad (or wrap the model) so that exactly the method's weights learn."""
+
+    def check(self, cfg: "RunConfig") -> list[str]:
+        """Config combinations this method refuses (engine features it cannot work with)."""
+        return []
+
+    def load_kwargs(self, cfg: MethodConfig, precision: str) -> dict:
+        """Extra from_pretrained arguments for the base model (quantization)."""
+        return {}
+
+    def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig") -> torch.optim.Optimizer | None:
+        """A method-specific optimizer (LoRA+, LoRA-FA); None means the engine's AdamW."""
+        return None
 
     def save(self, model: nn.Module, out: Path) -> None:
         model.save_pretrained(out)
+
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        """The trained model from its base and a saved artifact (artifact == 'adapter')."""
+        raise NotImplementedError(f"method {self.name} saves complete models; load them directly")
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
@@ -49,3 +87,13 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError("could not find the model's stack of transformer blocks")
     return best
+
+
+# Names of task heads across transformers families: they learn whenever the objective adds
+# a fresh head (classification), whatever the method.
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [(n, m) for n, m in base.named_children() if n in HEAD_NAMES]

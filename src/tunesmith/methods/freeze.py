@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import Method, decoder_layers
+from .base import Method, MethodContext, decoder_layers, head_modules
 
 
 class Freeze(Method):
@@ -15,7 +15,7 @@ class Freeze(Method):
     name = "freeze"
     frozen_base = False
 
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.train_last_n_layers:
@@ -37,6 +37,8 @@ class Freeze(Method):
                 raise ConfigError(f"method.trainable_modules: no module matches '{pattern}'")
             for m in hits:
                 m.requires_grad_(True)
+        for _, head in head_modules(model):
+            head.requires_grad_(True)  # a fresh task head always learns
         # train_last_n_layers=0 with no trainable_modules passes validation but trains
         # nothing; say so here, before a run folder exists, rather than fail in the optimizer.
         if not any(p.requires_grad for p in model.parameters()):

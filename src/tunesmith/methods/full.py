@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import MethodConfig
-from .base import Method
+from .base import Method, MethodContext
 
 
 class Full(Method):
@@ -12,7 +12,7 @@ class Full(Method):
     name = "full"
     frozen_base = False
 
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model

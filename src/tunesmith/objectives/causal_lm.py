@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.templates import IGNORE
-from .base import LossOutput, Objective
+from ..config import DataConfig, ObjectiveConfig
+from ..data.collate import Collator
+from ..data.templates import IGNORE, encode_record, truncate
+from .base import LossOutput, Objective, TaskInfo
 
 # Configs whose logits are post-processed in forward(); they take the plain forward path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -43,6 +45,23 @@ class CausalLM(Objective):
 
     name = "causal_lm"
     packs = True
+    formats = ("text", "chat", "sharegpt", "alpaca", "prompt_completion")
+    generative = True
+    reports_perplexity = True
+
+    def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
+        enc = encode_record(tokenizer, record, train_on_prompt=data.train_on_prompt)
+        cut = truncate(enc, data.max_length, data.truncation)
+        if cut is None or cut.n_loss_tokens == 0:
+            return None, False
+        return {"input_ids": cut.input_ids, "labels": cut.labels}, cut is not enc
+
+    def collator(self, tokenizer, cfg: ObjectiveConfig, task: TaskInfo, *, train: bool):
+        return Collator(tokenizer.pad_token_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        # labels[0] of a row is never predicted (nothing precedes it), so it is not counted.
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         labels = batch["labels"][:, 1:]
@@ -56,7 +75,9 @@ class CausalLM(Objective):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
             logits = head(hidden[mask])
         else:
-            logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
+            logits = model(**inputs, use_cache=False).logits
+            # Prompt tuning / p-tuning prepend virtual tokens to the logits; keep the real ones.
+            logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][mask]
         loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
         return LossOutput(loss_sum, n)
 

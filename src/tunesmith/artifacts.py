@@ -1,0 +1,137 @@
+"""Trained artifacts: what a run saves next to its weights, and loading any model back.
+
+Every artifact folder holds `tunesmith.json` (method, objective, base model, labels), so a
+trained result reloads with one call whatever the method — a peft adapter, tunesmith's own
+bottleneck adapters or probe head, or a complete transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MethodConfig, ModelConfig, ObjectiveConfig, RunConfig
+from .errors import ConfigError
+
+MANIFEST = "tunesmith.json"
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    manifest: dict = field(default_factory=dict)
+
+
+def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[str]) -> None:
+    from .methods import METHODS
+    from .objectives import OBJECTIVES
+
+    method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
+    manifest = {
+        "method": method.name,
+        "artifact": method.artifact,
+        "objective": objective.name,
+        "auto_class": objective.auto_class,
+        "generative": objective.generative,
+        "base_model": cfg.model.name_or_path,
+        "base_gguf_file": cfg.model.gguf_file,
+        "base_source": base_source,
+        "labels": labels,
+        "method_config": cfg.method.model_dump(mode="json"),
+        "objective_config": cfg.objective.model_dump(mode="json"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _artifact_in(folder: Path) -> Path | None:
+    """The artifact folder a path names: itself, or the adapter/model folder of a run folder."""
+    if (folder / MANIFEST).is_file():
+        return folder
+    for sub in ("adapter", "model"):
+        if (folder / sub / MANIFEST).is_file():
+            return folder / sub
+    return None
+
+
+def _base_config(manifest: dict) -> ModelConfig:
+    source = manifest["base_source"]
+    # The materialized source (a GGUF cache folder, say) may be gone; fall back to what the user named.
+    if not Path(source).exists() and source.startswith(("/", ".", "~")):
+        return ModelConfig(name_or_path=manifest["base_model"], gguf_file=manifest.get("base_gguf_file"))
+    return ModelConfig(name_or_path=source)
+
+
+def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None) -> Loaded:
+    """A model ready to use: a tunesmith run or artifact folder, a peft adapter folder, or any base model.
+
+    `source` may be a hub id, a local transformers folder, a `.gguf` file or `pkg://` GGUF, a
+    tunesmith run folder (its adapter/ or model/ is used) or an artifact folder; `adapter` adds
+    a peft adapter on top of a base model.
+    """
+    from .methods import METHODS, MethodContext
+    from .models import load_model, load_tokenizer, materialize
+    from .objectives import OBJECTIVES, TaskInfo
+
+    dtype = dtype or torch.float32
+    path = Path(str(source)).expanduser()
+    found = _artifact_in(path) if path.is_dir() else None
+    if found is not None:
+        manifest = json.loads((found / MANIFEST).read_text())
+        objective = OBJECTIVES[manifest["objective"]]
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(found)), str(found))
+        labels = manifest.get("labels") or []
+        kwargs = objective.model_kwargs(ObjectiveConfig(**manifest["objective_config"]), TaskInfo(labels),
+                                        tokenizer)
+        if manifest["artifact"] == "model":
+            model = load_model(ModelConfig(name_or_path=str(found)), dtype, str(found),
+                               auto_class=manifest["auto_class"], tokenizer=tokenizer, **kwargs)
+        else:
+            method = METHODS[manifest["method"]]
+            method_cfg = MethodConfig(**manifest["method_config"])
+            base_cfg = _base_config(manifest)
+            base_kwargs = {**kwargs, **method.load_kwargs(method_cfg, "fp32")}
+            base = load_model(base_cfg, dtype, materialize(base_cfg), auto_class=manifest["auto_class"],
+                              tokenizer=tokenizer, **base_kwargs)
+            model = method.load(base, found, method_cfg, MethodContext(objective, tokenizer, manifest["base_source"]))
+        model.eval()
+        if adapter is not None:
+            raise ConfigError(f"--adapter: {source} is already a trained artifact; pass its base model instead")
+        return Loaded(model, tokenizer, manifest)
+
+    if path.is_dir() and (path / "adapter_config.json").is_file() and adapter is None:
+        # A plain peft adapter folder: its config names the base model.
+        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        base = adapter_cfg.get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path}: adapter_config.json names no base model; pass it with --model and --adapter")
+        source, adapter = base, path
+
+    model_cfg = ModelConfig(name_or_path=str(source))
+    folder = materialize(model_cfg)
+    tokenizer = load_tokenizer(model_cfg, folder)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    auto_class = "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+    model = load_model(model_cfg, dtype, folder, auto_class=auto_class)
+    manifest = {"method": None, "objective": "seq2seq" if "Seq2Seq" in auto_class else "causal_lm",
+                "auto_class": auto_class, "generative": True, "base_model": str(source), "labels": []}
+    if adapter is not None:
+        from peft import PeftModel
+
+        apath = Path(str(adapter)).expanduser()
+        if not (apath / "adapter_config.json").is_file():
+            inner = _artifact_in(apath)
+            if inner is None or not (inner / "adapter_config.json").is_file():
+                raise ConfigError(f"--adapter: no peft adapter (adapter_config.json) in {apath}")
+            apath = inner
+        model = PeftModel.from_pretrained(model, str(apath))
+        manifest["method"] = "adapter"
+        manifest["adapter"] = str(apath)
+    model.eval()
+    return Loaded(model, tokenizer, manifest)
