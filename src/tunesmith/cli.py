@@ -88,6 +88,36 @@ def data_inspect(
 
 
 @app.command()
+def methods() -> None:
+    """Which method can train which objective (the tested support matrix), with reasons."""
+    from rich.table import Table
+
+    from .methods.matrix import matrix
+
+    grid = matrix()
+    objectives = list(next(iter(grid.values())))
+    table = Table(title="methods x objectives (yes = supported and tested; n = see note n)")
+    table.add_column("method", no_wrap=True)
+    for o in objectives:
+        # Objective names break at "_" so the table fits an 80-column terminal.
+        table.add_column(o.replace("_", "_\n"), justify="center")
+    notes: dict[str, int] = {}
+    for m, row in grid.items():
+        cells = []
+        for o in objectives:
+            why = row[o]
+            if why is None:
+                cells.append("[green]yes[/]")
+            else:
+                n = notes.setdefault(why, len(notes) + 1)
+                cells.append(f"[red]{n}[/]")
+        table.add_row(m, *cells)
+    console.print(table)
+    for why, n in notes.items():
+        console.print(f"{n}. {why}", highlight=False)
+
+
+@app.command()
 def env() -> None:
     """Versions, device and dtype support."""
     from rich.table import Table

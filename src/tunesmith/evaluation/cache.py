@@ -54,6 +54,15 @@ def adapter_base(folder: Path) -> str | None:
     """The base model an adapter was trained on, as its run or its peft config names it."""
     import yaml
 
+    manifest = folder / "tunesmith.json"  # written by tunesmith.artifacts next to the weights
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text())
+            if m.get("base_model"):
+                gguf = m.get("base_gguf_file")
+                return str(Path(m["base_model"]) / gguf) if gguf else m["base_model"]
+        except (json.JSONDecodeError, OSError):
+            pass
     for cfg in (folder / "config.yaml", folder.parent / "config.yaml"):
         if cfg.is_file():
             try:

@@ -7,7 +7,6 @@ the cache is not loaded at all.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -164,8 +163,7 @@ def run_compare(
                     cache.put(key, {"metrics": scores, "seconds": time.perf_counter() - t0})
                     ref.update(scores)
                 result.evaluated += 1
-            del loaded
-            gc.collect()
+            del loaded  # free this model's memory before the next one loads
         else:
             echo(f"{label}: all results from the cache")
         result.results[label] = {t.label: per_task[t.label] for t in prepared if t.label in per_task}
