@@ -1,0 +1,194 @@
+"""The method x objective matrix: every supported cell trains and reloads; every other cell is refused.
+
+Each supported cell trains a tiny in-process model of the family the objective is for, on
+data the training step sees whole (one batch), checks the loss went down, then reloads the
+saved artifact with `load_trained` and recomputes the final eval loss: it must equal the
+one the run reported, which proves the artifact holds everything that learned.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import QA, build_tokenizer, write_jsonl
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError
+from tunesmith.methods.matrix import matrix, supported_cells
+
+SENTENCES = [
+    ("the movie was good and great", "positive"),
+    ("a bad and terrible movie", "negative"),
+    ("you will like this movie it is great", "positive"),
+    ("the water was bad", "negative"),
+    ("what a great day", "positive"),
+    ("this is terrible", "negative"),
+    ("good people make good time", "positive"),
+    ("a terrible way to look", "negative"),
+]
+NER = [
+    (["paris", "is", "the", "capital", "of", "france"], ["B-LOC", "O", "O", "O", "O", "B-LOC"]),
+    (["the", "sky", "is", "blue"], ["O", "O", "O", "O"]),
+    (["he", "said", "paris", "and", "france"], ["O", "O", "B-LOC", "O", "B-LOC"]),
+    (["water", "in", "france", "is", "blue"], ["O", "O", "B-LOC", "O", "O"]),
+]
+
+
+def _data(objective: str, folder: Path) -> Path:
+    path = folder / f"{objective}.jsonl"
+    if objective == "sft":
+        rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
+    elif objective in ("causal_lm", "masked_lm"):
+        rows = [{"text": f"{q} {a}"} for q, a in QA] + [{"text": s} for s, _ in SENTENCES]
+    elif objective == "seq2seq":
+        rows = [{"prompt": q, "completion": a} for q, a in QA]
+    elif objective == "classification":
+        rows = [{"text": s, "label": y} for s, y in SENTENCES]
+    elif objective == "token_classification":
+        rows = [{"tokens": t, "tags": y} for t, y in NER]
+    else:  # a new objective needs its fixture here
+        raise AssertionError(f"no matrix data for objective {objective}")
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_t5_dir) -> dict[str, Path]:
+    """One tiny model per family, plus a decoder and a seq2seq model with bias terms for BitFit."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    biased = tmp_path_factory.mktemp("tiny-llama-bias")
+    tok = build_tokenizer(biased)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=3,
+        eos_token_id=2, bos_token_id=None, attention_bias=True, mlp_bias=True,
+    )).save_pretrained(biased)
+
+    bart = tmp_path_factory.mktemp("tiny-bart")
+    from transformers import AutoTokenizer
+
+    t5_tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    t5_tok.save_pretrained(bart)
+    torch.manual_seed(0)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(t5_tok), d_model=48, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=None,
+    )).save_pretrained(bart)
+    return {"llama": tiny_model_dir, "bert": tiny_bert_dir, "t5": tiny_t5_dir, "llama-bias": biased, "bart": bart}
+
+
+FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert", "seq2seq": "t5", "classification": "bert",
+          "token_classification": "bert"}
+# BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
+BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
+
+METHOD_OPTIONS = {
+    "freeze": {"train_last_n_layers": 1},
+    "prefix_tuning": {"num_virtual_tokens": 4},
+    "prompt_tuning": {"num_virtual_tokens": 4},
+    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32},
+    "adapter": {"reduction_factor": 4},
+    "linear_probe": {"probe_head": "linear"},
+}
+LEARNING_RATE = {"full": 3e-3, "freeze": 3e-3, "bitfit": 3e-2, "prompt_tuning": 1e-1, "p_tuning": 3e-2,
+                 "prefix_tuning": 3e-2, "ia3": 5e-2, "linear_probe": 3e-2}
+
+
+def _cell_config(method: str, objective: str, models: dict, folder: Path) -> dict:
+    family = FAMILY[objective]
+    if method == "bitfit":
+        family = BIAS_FAMILY.get(family, family)
+    data = _data(objective, folder)
+    return {
+        "model": {"name_or_path": str(models[family])},
+        "data": {"train": str(data), "max_length": 48, "shuffle": False,
+                 "split": {"validation_file": str(data)}},
+        "method": {"type": method, "r": 4, "alpha": 8, "dropout": 0.0, **METHOD_OPTIONS.get(method, {})},
+        "objective": {"type": objective, "mlm_probability": 0.3},
+        "training": {"max_steps": 8, "batch_size": 64, "learning_rate": LEARNING_RATE.get(method, 1e-2),
+                     "scheduler": "constant", "progress": False, "log_every": 1, "precision": "fp32",
+                     "max_grad_norm": None},
+        "eval": {"forgetting": False},
+        "output": {"dir": str(folder / "run")},
+    }
+
+
+@pytest.mark.parametrize("method,objective", supported_cells())
+def test_supported_cell_trains_and_reloads(method, objective, models, tmp_path):
+    import tunesmith
+    from tunesmith.artifacts import load_trained
+    from tunesmith.data.pipeline import build_data
+    from tunesmith.engine import evaluate_loss
+    from tunesmith.objectives import OBJECTIVES
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes", reason="qlora needs the bitsandbytes extra")
+    cfg = load_config(_cell_config(method, objective, models, tmp_path))
+    result = tunesmith.train(cfg, echo=lambda m: None)
+
+    losses = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 8
+    assert min(losses[-3:]) < losses[0], f"{method} x {objective}: loss did not decrease: {losses}"
+
+    loaded = load_trained(result.run_dir)
+    assert loaded.manifest["method"] == method and loaded.manifest["objective"] == objective
+    objective_impl = OBJECTIVES[objective]
+    data = build_data(cfg.data, loaded.tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
+                      objective=objective_impl, objective_cfg=cfg.objective)
+    collate = objective_impl.collator(loaded.tokenizer, cfg.objective, data.task, train=False)
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)  # what evaluate_loss uses
+    again = evaluate_loss(loaded.model, objective_impl, data.val, collate, 64, cpu)
+    assert again["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5, abs=1e-6)
+
+
+UNSUPPORTED = [(m, o, why) for m, row in matrix().items() for o, why in row.items() if why is not None]
+
+
+@pytest.mark.parametrize("method,objective,why", UNSUPPORTED or [pytest.param(None, None, None, marks=pytest.mark.skip)])
+def test_unsupported_cell_is_refused_at_validation(method, objective, why, tmp_path):
+    cfg = {
+        "model": {"name_or_path": "any/model"},
+        "data": {"train": "any.jsonl"},
+        "method": {"type": method},
+        "objective": {"type": objective},
+    }
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert f"method.type '{method}' cannot train objective.type '{objective}'" in str(err.value)
+    assert why in str(err.value)
+
+
+def test_matrix_covers_every_registered_pair():
+    from tunesmith.methods import METHODS
+    from tunesmith.objectives import OBJECTIVES
+
+    grid = matrix()
+    assert set(grid) == set(METHODS)
+    assert all(set(row) == set(OBJECTIVES) for row in grid.values())
+    # The foundation cells can never silently drop out of the matrix.
+    for cell in [("lora", "sft"), ("full", "classification"), ("lora", "seq2seq"), ("full", "masked_lm")]:
+        assert cell in supported_cells()
+
+
+def test_methods_command_prints_the_matrix():
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    out = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0
+    for m in matrix():
+        assert m in out.output
+    for why in {w for _, _, w in UNSUPPORTED}:
+        assert why[:40] in out.output.replace("\n", " ")
