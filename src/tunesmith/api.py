@@ -155,12 +155,22 @@ def train(
             result.artifact_dir = out
         if cfg.output.model_card:
             card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,
-                               total=total, data_stats=dataclasses.asdict(st), steps=fitted.step)
+                               total=total, data_stats=dataclasses.asdict(st), steps=fitted.step,
+                               library=_library_of(result.artifact_dir, method.artifact))
             (run_dir / "README.md").write_text(card)
             if result.artifact_dir is not None:
                 (result.artifact_dir / "README.md").write_text(card)
     echo(f"done: {fitted.step} steps; run folder {run_dir}")
     return result
+
+
+def _library_of(artifact_dir: Path | None, artifact: str) -> str:
+    """What loads the artifact: peft (adapter_config.json), transformers (a full model) or tunesmith."""
+    if artifact == "model":
+        return "transformers"
+    if artifact_dir is None or (artifact_dir / "adapter_config.json").is_file():
+        return "peft"
+    return "tunesmith"
 
 
 def env_info() -> dict:

@@ -9,6 +9,7 @@ import yaml
 
 from .config import RunConfig
 
+LORA_FAMILY = ("lora", "dora", "rslora", "lora_fa", "qlora")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -17,14 +18,40 @@ def _hub_datasets(cfg: RunConfig) -> list[str]:
     return [d for d in train if _HUB_ID.match(d) and not Path(d).exists()]
 
 
+PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+}
+
+
+def _usage(cfg: RunConfig, library: str, auto_class: str) -> list[str]:
+    if library == "peft":
+        peft_class = auto_class.replace("AutoModelFor", "AutoPeftModelFor")
+        return [f"from peft import {peft_class}", f"model = {peft_class}.from_pretrained('path/to/this/folder')"]
+    if library == "transformers":
+        return [f"from transformers import {auto_class}", f"model = {auto_class}.from_pretrained('path/to/this/folder')"]
+    # tunesmith's own adapters (bottleneck adapters, BitFit biases, probe heads) load through tunesmith.
+    return ["from tunesmith.artifacts import load_trained",
+            "loaded = load_trained('path/to/this/folder')  # loaded.model, loaded.tokenizer"]
+
+
 def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int, total: int,
-                data_stats: dict, steps: int) -> str:
+                data_stats: dict, steps: int, library: str | None = None,
+                forgetting: dict | None = None) -> str:
+    """The card; `library` is 'peft', 'transformers' or 'tunesmith' (what loads the artifact)."""
+    from .objectives import OBJECTIVES
+
+    auto_class = OBJECTIVES[cfg.objective.type].auto_class
+    library = library or ("peft" if artifact == "adapter" else "transformers")
     base = cfg.output.card_base_model or cfg.model.name_or_path
     front = {
         "base_model": base,
-        "library_name": "peft" if artifact == "adapter" else "transformers",
+        "library_name": library,
         "license": cfg.output.license,
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": PIPELINE_TAGS.get(auto_class, "text-generation"),
         "tags": ["tunesmith", cfg.method.type, cfg.objective.type],
     }
     datasets = _hub_datasets(cfg)
@@ -34,7 +61,8 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
     hyper = {
         "method": cfg.method.type,
         **({"lora_r": cfg.method.r, "lora_alpha": cfg.method.alpha, "lora_dropout": cfg.method.dropout,
-            "target_modules": cfg.method.target_modules} if cfg.method.type == "lora" else {}),
+            "target_modules": cfg.method.target_modules} if cfg.method.type in LORA_FAMILY else {}),
+        **{f"method.{k}": v for k, v in cfg.method.model_dump(exclude_defaults=True).items() if k != "type"},
         "objective": cfg.objective.type,
         "learning_rate": t.learning_rate,
         "scheduler": t.scheduler,
@@ -54,12 +82,7 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
              f"({cfg.method.type}, {cfg.objective.type}).", "",
              f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%).", "",
              "## Usage", "", "```python"]
-    if artifact == "adapter":
-        lines += ["from peft import AutoPeftModelForCausalLM",
-                  "model = AutoPeftModelForCausalLM.from_pretrained('path/to/this/folder')"]
-    else:
-        lines += ["from transformers import AutoModelForCausalLM",
-                  "model = AutoModelForCausalLM.from_pretrained('path/to/this/folder')"]
+    lines += _usage(cfg, library, auto_class)
     lines += ["```", "", "## Training data", ""]
     for k, v in data_stats.items():
         lines.append(f"- {k}: {v}")
@@ -67,4 +90,10 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if forgetting:
+        lines += ["", "## Forgetting", "",
+                  "Reference sets measured on the base model before training and on this model after "
+                  "(positive perplexity deltas mean the model forgot some of what it knew).", "",
+                  "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in forgetting.items()]
     return "\n".join(lines) + "\n"
