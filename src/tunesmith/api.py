@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ class RunResult:
     total_params: int = 0
     stopped_early: bool = False
     throughput: dict = field(default_factory=dict)  # training-step time and tokens of this session
+    forgetting: dict = field(default_factory=dict)  # reference sets before/after and their deltas
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -121,6 +123,7 @@ def train(
                    **method.load_kwargs(cfg.method, precision)}
     model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
                        **load_kwargs)
+    reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     trainable, total = trainable_summary(model)
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
@@ -131,6 +134,8 @@ def train(
     # nor wipe the previous run.
     _prepare_run_dir(run_dir, cfg, resuming)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if reference_before is not None and not resuming:
+        (run_dir / REFERENCE_BEFORE).write_text(json.dumps(reference_before, indent=1))
 
     # accelerate keeps its settings (mixed precision among them) in a process-wide singleton
     # and refuses a second Accelerator with other settings; a Python caller may well run
@@ -140,11 +145,30 @@ def train(
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
     collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
     eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
+    extra_eval = None
+    if reference_before is not None and cfg.eval.reference_every_eval:
+        def extra_eval(m):
+            now = _measure_reference(cfg, m, tokenizer)
+            return {**now, **_deltas(reference_before, now)}
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
-                 resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method)
+                 resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
+                 extra_eval=extra_eval)
+    forgetting = {}
+    if reference_before is not None:
+        after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)
+        forgetting = {**{f"before/{k}": v for k, v in reference_before.items()},
+                      **{f"after/{k}": v for k, v in after.items()}, **_deltas(reference_before, after)}
+        if accelerator.is_main_process:
+            from .engine.tracking import MetricsLog
+
+            MetricsLog(run_dir / "metrics.jsonl").log({"step": fitted.step, "forgetting": True, **forgetting})
+        for key, value in _deltas(reference_before, after).items():
+            if key.endswith("_change_pct"):
+                echo(f"forgetting: {key.removeprefix('forgetting/').removesuffix('_change_pct')} "
+                     f"{value:+.2f}% vs the base model")
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
-                       fitted.throughput)
+                       fitted.throughput, forgetting)
     if accelerator.is_main_process:
         if cfg.output.save_model:
             out = run_dir / method.artifact
@@ -156,12 +180,46 @@ def train(
         if cfg.output.model_card:
             card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,
                                total=total, data_stats=dataclasses.asdict(st), steps=fitted.step,
-                               library=_library_of(result.artifact_dir, method.artifact))
+                               library=_library_of(result.artifact_dir, method.artifact),
+                               forgetting=forgetting)
             (run_dir / "README.md").write_text(card)
             if result.artifact_dir is not None:
                 (result.artifact_dir / "README.md").write_text(card)
     echo(f"done: {fitted.step} steps; run folder {run_dir}")
     return result
+
+
+REFERENCE_BEFORE = "reference_base.json"
+
+
+def _measure_reference(cfg: RunConfig, model, tokenizer) -> dict:
+    from .evaluation.forgetting import measure_reference
+
+    return measure_reference(model, tokenizer, cfg.eval.reference, batch_size=cfg.eval.batch_size or 8,
+                             max_length=min(cfg.data.max_length, 1024))
+
+
+def _deltas(before: dict, after: dict) -> dict:
+    from .evaluation.forgetting import forgetting_deltas
+
+    return forgetting_deltas(before, after)
+
+
+def _reference_before(cfg: RunConfig, objective, model, tokenizer, run_dir: Path, resuming: bool,
+                      echo: Callable[[str], None]) -> dict | None:
+    """Reference-set scores of the base model, measured once before the method touches it.
+
+    Only generative decoder objectives have a language-model head to score general text
+    with; a resumed run reuses the numbers its first session measured.
+    """
+    if not (cfg.eval.forgetting and cfg.eval.reference and objective.auto_class == "AutoModelForCausalLM"):
+        return None
+    saved = run_dir / REFERENCE_BEFORE
+    if resuming and saved.is_file():
+        return json.loads(saved.read_text())
+    before = _measure_reference(cfg, model, tokenizer)
+    echo("reference sets on the base model: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+    return before
 
 
 def _library_of(artifact_dir: Path | None, artifact: str) -> str:

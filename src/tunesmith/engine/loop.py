@@ -108,7 +108,7 @@ def fit(
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         target.config.use_cache = False
     model.train()
-    optimizer = (method.build_optimizer(model, t) if method is not None else None) or build_optimizer(model, t)
+    optimizer = (method.build_optimizer(model, t, cfg.method) if method is not None else None) or build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -9,14 +9,14 @@ from .freeze import Freeze
 from .full import Full
 from .ia3 import IA3
 from .linear_probe import LinearProbe
-from .lora import Lora
+from .lora import Dora, Lora, LoraFA, RsLora
 from .prompt import PrefixTuning, PromptTuning, PTuning
 from .qlora import QLora
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Full(), Freeze(), LinearProbe(), Lora(), QLora(), PrefixTuning(), PromptTuning(), PTuning(), IA3(),
+        Full(), Freeze(), LinearProbe(), Lora(), Dora(), RsLora(), LoraFA(), QLora(), PrefixTuning(), PromptTuning(), PTuning(), IA3(),
         BitFit(), BottleneckAdapter(),
     )
 }

@@ -51,7 +51,8 @@ class Method(ABC):
         """Extra from_pretrained arguments for the base model (quantization)."""
         return {}
 
-    def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig") -> torch.optim.Optimizer | None:
+    def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig",
+                        method_cfg: MethodConfig) -> torch.optim.Optimizer | None:
         """A method-specific optimizer (LoRA+, LoRA-FA); None means the engine's AdamW."""
         return None
 
@@ -70,9 +71,12 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        # bitsandbytes packs two 4-bit weights per byte: count the weights, not the bytes.
+        quant = getattr(p, "quant_state", None)
+        n = quant.shape.numel() if quant is not None and hasattr(quant, "shape") else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 

@@ -1,34 +1,150 @@
-"""The prompt family through peft: prefix tuning, prompt tuning, P-tuning."""
+"""The prompt family through peft: prefix tuning, prompt tuning, P-tuning.
+
+All three leave every model weight frozen and learn a few virtual tokens per row:
+- prefix tuning: key/value vectors prepended inside every attention layer (past_key_values);
+- prompt tuning: embeddings prepended to the input (random or initialised from a text);
+- P-tuning: embeddings produced by a small MLP prompt encoder, prepended to the input.
+
+Virtual tokens are prepended per row, so rows never pack several examples. Prompt and
+P-tuning also prepend positions to per-token outputs: causal-LM and token-classification
+logits carry `num_virtual_tokens` extra leading positions that the objective drops.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..config import MethodConfig
+from ..errors import ConfigError
 from .base import Method, MethodContext
 
-class PrefixTuning(Method):
-    """Trainable key/value prefixes in every layer."""
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+# peft builds prompt-learning models per task type; masked LM has none (peft raises KeyError).
+_NO_MASKED_LM = ("peft has no masked-LM task type, and prompt learning needs one to prepend virtual "
+                 "tokens; use lora, ia3 or another weight-based method for masked_lm")
+
+
+class PromptMethod(Method):
+    artifact = "adapter"
+    packs = False
+    unsupported = {"masked_lm": _NO_MASKED_LM}
+
+    def check(self, cfg: "RunConfig") -> list[str]:
+        problems = []
+        if cfg.data.packing:
+            problems.append(
+                f"data.packing: true cannot be used with method.type {self.name}: its virtual tokens are "
+                f"prepended once per row and would be shared by every example packed into it; "
+                f"leave data.packing unset or false"
+            )
+        if cfg.method.loraplus_lr_ratio is not None:
+            problems.append(f"method.loraplus_lr_ratio applies to the LoRA family, not {self.name}")
+        return problems
+
+    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        from peft import get_peft_model
+
+        if ctx.objective.peft_task_type is None:
+            raise ConfigError(f"method {self.name} cannot train objective {ctx.objective.name}: {_NO_MASKED_LM}")
+        return get_peft_model(model, self.peft_config(cfg, ctx))
+
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(artifact))
+
+
+class PrefixTuning(PromptMethod):
+    """Trainable key/value prefixes in every layer (optionally through an MLP reparameterisation)."""
 
     name = "prefix_tuning"
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        raise NotImplementedError("prefix_tuning: being implemented")
+    def check(self, cfg: "RunConfig") -> list[str]:
+        problems = super().check(cfg)
+        if cfg.training.gradient_checkpointing:
+            problems.append(
+                "training.gradient_checkpointing cannot be used with method.type prefix_tuning: the prefixes "
+                "enter every layer as a key/value cache, which checkpointed recomputation does not carry "
+                "(peft refuses the combination); turn it off or use prompt_tuning / p_tuning"
+            )
+        return problems
+
+    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(
+            task_type=ctx.objective.peft_task_type,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=cfg.prefix_projection,
+            # The reparameterisation MLP's width (used when prefix_projection is on).
+            **({"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}),
+        )
 
 
-class PromptTuning(Method):
-    """Trainable soft-prompt embeddings."""
+class PromptTuning(PromptMethod):
+    """Trainable soft-prompt embeddings, random or initialised from `method.prompt_init_text`."""
 
     name = "prompt_tuning"
 
+    def check(self, cfg: "RunConfig") -> list[str]:
+        problems = super().check(cfg)
+        if cfg.method.prompt_init == "text" and not cfg.method.prompt_init_text:
+            problems.append("method.prompt_init: text needs method.prompt_init_text (the words that seed the prompt)")
+        return problems
+
+    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type=ctx.objective.peft_task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+
     def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        raise NotImplementedError("prompt_tuning: being implemented")
+        peft_model = super().apply(model, cfg, ctx)
+        if cfg.prompt_init == "text":
+            init_from_text(peft_model, cfg, ctx)
+        return peft_model
 
 
-class PTuning(Method):
-    """Soft prompts produced by a small prompt encoder."""
+def init_from_text(peft_model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> None:
+    """Seed the soft prompt with the embeddings of `prompt_init_text`, repeated to fill every virtual token.
+
+    Done here with the run's tokenizer rather than peft's TEXT init, which stores a tokenizer
+    path in the adapter config and loads it again on every reload; the saved prompt is the
+    trained one either way.
+    """
+    import torch
+
+    if ctx.tokenizer is None:
+        raise ConfigError("method.prompt_init: text needs the run's tokenizer")
+    ids = ctx.tokenizer(cfg.prompt_init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"method.prompt_init_text {cfg.prompt_init_text!r} encodes to no tokens")
+    n = cfg.num_virtual_tokens
+    ids = (ids * (n // len(ids) + 1))[:n]
+    embed = peft_model.get_base_model().get_input_embeddings()
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    with torch.no_grad():
+        words = embed(torch.tensor(ids, device=embed.weight.device))
+        encoder.embedding.weight.copy_(words.to(encoder.embedding.weight.dtype))
+
+
+class PTuning(PromptMethod):
+    """Soft prompts produced by a small MLP prompt encoder (width `method.encoder_hidden_size`)."""
 
     name = "p_tuning"
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        raise NotImplementedError("p_tuning: being implemented")
+    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(
+            task_type=ctx.objective.peft_task_type,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            **({"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}),
+        )

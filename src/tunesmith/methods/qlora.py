@@ -1,16 +1,79 @@
-"""QLoRA: LoRA on a 4-bit or 8-bit quantized base (bitsandbytes)."""
+"""QLoRA: LoRA on a 4-bit (NF4/FP4) or 8-bit quantized base, through bitsandbytes and peft.
+
+The base is quantized as it loads (transformers' BitsAndBytesConfig); LoRA weights stay in
+full precision on top. Reloading quantizes the base the same way again, so a reloaded
+adapter sees the very weights it was trained against. bitsandbytes has CPU kernels, so this
+runs (slowly) without a GPU too.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..config import MethodConfig
-from .base import Method, MethodContext
+from ..errors import ConfigError
+from .base import MethodContext
+from .lora import Lora
 
-class QLora(Method):
-    """LoRA on a k-bit base."""
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+_EXTRA = "pip install 'tunesmith[qlora]'"
+
+
+def _need_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"method.type qlora needs bitsandbytes, which is not installed: {_EXTRA}")
+
+
+def _device_map() -> dict:
+    """Quantized weights are placed at load time; put them on this process's device."""
+    from accelerate import PartialState
+
+    return {"": str(PartialState().device)}
+
+
+class QLora(Lora):
+    """LoRA on a k-bit base (method.bits 4 or 8)."""
 
     name = "qlora"
 
+    def check(self, cfg: "RunConfig") -> list[str]:
+        problems = []
+        if cfg.method.bits == 8 and ({"quant_type", "double_quant"} & cfg.method.model_fields_set):
+            problems.append("method.quant_type / method.double_quant apply to 4-bit QLoRA only (method.bits: 4)")
+        return problems
+
+    def load_kwargs(self, cfg: MethodConfig, precision: str) -> dict:
+        _need_bitsandbytes()
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if cfg.bits == 8:
+            quant = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+            compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else precision
+            quant = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=cfg.quant_type,
+                bnb_4bit_use_double_quant=cfg.double_quant,
+                bnb_4bit_compute_dtype=dtypes.get(compute, torch.float32),
+            )
+        return {"quantization_config": quant, "device_map": _device_map()}
+
     def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        raise NotImplementedError("qlora: being implemented")
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and keeps norms/embeddings in fp32 for stable k-bit training.
+        # Gradient checkpointing is the engine's job (training.gradient_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return super().apply(model, cfg, ctx)
+
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        _need_bitsandbytes()
+        return super().load(base, artifact, cfg, ctx)
