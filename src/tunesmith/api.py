@@ -122,7 +122,7 @@ def train(
     load_kwargs = {**objective.model_kwargs(cfg.objective, data.task, tokenizer),
                    **method.load_kwargs(cfg.method, precision)}
     model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
-                       **load_kwargs)
+                       init_seed=cfg.training.seed, **load_kwargs)
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     trainable, total = trainable_summary(model)

@@ -42,6 +42,7 @@ def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[
         "base_gguf_file": cfg.model.gguf_file,
         "base_source": base_source,
         "labels": labels,
+        "init_seed": cfg.training.seed,
         "method_config": cfg.method.model_dump(mode="json"),
         "objective_config": cfg.objective.model_dump(mode="json"),
     }
@@ -96,7 +97,7 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
             base_cfg = _base_config(manifest)
             base_kwargs = {**kwargs, **method.load_kwargs(method_cfg, "fp32")}
             base = load_model(base_cfg, dtype, materialize(base_cfg), auto_class=manifest["auto_class"],
-                              tokenizer=tokenizer, **base_kwargs)
+                              tokenizer=tokenizer, init_seed=manifest.get("init_seed", 0), **base_kwargs)
             model = method.load(base, found, method_cfg, MethodContext(objective, tokenizer, manifest["base_source"]))
         model.eval()
         if adapter is not None:

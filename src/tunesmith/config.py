@@ -37,7 +37,7 @@ class SplitConfig(Section):
 
 class DataConfig(Section):
     train: str | list[str] = Field(description="File path(s) or a hub dataset id.")
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text", "text_label", "tokens"] = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map canonical field -> column in your data."
     )

@@ -103,9 +103,12 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, *,
-               auto_class: str = "AutoModelForCausalLM", tokenizer=None, **kwargs):
+               auto_class: str = "AutoModelForCausalLM", tokenizer=None, init_seed: int = 0, **kwargs):
     """The base model with the head an objective needs (`auto_class` names a transformers Auto class).
 
+    Weights the checkpoint lacks (a fresh classification head, a pooler a masked-LM checkpoint
+    never had) are initialised from `init_seed` in a forked RNG, so loading the base again for a
+    saved adapter recreates exactly the untrained weights the adapter was trained on top of.
     Extra keyword arguments (num_labels, quantization_config, ...) go to from_pretrained.
     """
     import transformers
@@ -114,13 +117,15 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
         kwargs["attn_implementation"] = cfg.attn_implementation
     loader = getattr(transformers, auto_class)
     try:
-        model = loader.from_pretrained(
-            source or materialize(cfg),
-            dtype=dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cfg.revision,
-            **kwargs,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = loader.from_pretrained(
+                source or materialize(cfg),
+                dtype=dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                revision=cfg.revision,
+                **kwargs,
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             # e.g. a decoder-only model asked for a seq2seq head: a config mistake.

@@ -3,7 +3,13 @@
 Every format maps a raw row to one canonical record:
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (conversations)
   {"text": str}                                                            (plain text)
+  {"text": str, "label": str | int[, "text_pair": str]}                    (labelled text)
+  {"tokens": [str, ...], "tags": [str, ...]}                               (one tag per word)
 A format is one small class and one registry line.
+
+A format may list column aliases: other names common datasets give a field (SST-2 calls
+its text `sentence`, others `content` or `review`). An alias is used when the field's own
+column (or the one data.columns maps it to) is absent from a row.
 """
 
 from __future__ import annotations
@@ -62,9 +68,20 @@ class Format(ABC):
     name: str
     fields: tuple[str, ...]  # canonical field names this format reads
     required: tuple[str, ...] = ()
+    # canonical field -> other column names that mean the same, tried in order
+    aliases: dict[str, tuple[str, ...]] = {}
 
     def detect(self, columns: set[str]) -> bool:
-        return set(self.required) <= columns
+        return all(f in columns or any(a in columns for a in self.aliases.get(f, ())) for f in self.required)
+
+    def column(self, row: dict, col: Callable[[str], str], field: str) -> str:
+        """The row's column for a canonical field: the mapped name, else the field's own name or
+        the first alias the row has (files of one dataset do not always agree, e.g. SST-2's
+        train.tsv says `sentence` where its dev.tsv says `content`)."""
+        name = col(field)
+        if name in row:
+            return name
+        return next((a for a in (field, *self.aliases.get(field, ())) if a in row), name)
 
     @abstractmethod
     def normalize(self, row: dict, col: Callable[[str], str]) -> dict:
@@ -160,18 +177,82 @@ class PromptCompletion(Format):
         return {"messages": messages}
 
 
+TEXT_ALIASES = ("sentence", "content", "review")
+
+
 class Text(Format):
     name = "text"
     fields = ("text",)
     required = ("text",)
+    aliases = {"text": TEXT_ALIASES}
 
     def normalize(self, row, col):
-        return {"text": _text(row, col("text"))}
+        return {"text": _text(row, self.column(row, col, "text"))}
 
 
-# Detection order matters: the most specific shapes first.
+def _label(row: dict, field: str) -> str | int:
+    value = row.get(field)
+    if isinstance(value, float) and value == value and value.is_integer():
+        value = int(value)  # pandas-written files store integer labels as floats
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RowError(field, "a label name (string) or a label id (integer)", value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(field, "a non-empty label", value)
+        return value.strip()
+    return value
+
+
+class TextLabel(Format):
+    """Text (optionally a pair of texts) with one label: sequence classification."""
+
+    name = "text_label"
+    fields = ("text", "label", "text_pair")
+    required = ("text", "label")
+    aliases = {"text": TEXT_ALIASES, "label": ("labels",)}
+
+    def normalize(self, row, col):
+        record = {"text": _text(row, self.column(row, col, "text")),
+                  "label": _label(row, self.column(row, col, "label"))}
+        pair = _text(row, col("text_pair"), required=False)
+        if pair.strip():
+            record["text_pair"] = pair
+        return record
+
+
+def _string_list(row: dict, field: str, what: str) -> list[str]:
+    value = row.get(field)
+    if not isinstance(value, list) or not value:
+        raise RowError(field, f"a non-empty list of {what}", value)
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or (isinstance(item, str) and not item.strip()):
+            raise RowError(f"{field}[{i}]", f"a non-empty string ({what})", item)
+        out.append(str(item))
+    return out
+
+
+class Tokens(Format):
+    """Pre-split words with one tag each (BIO named entities): token classification."""
+
+    name = "tokens"
+    fields = ("tokens", "tags")
+    required = ("tokens", "tags")
+    aliases = {"tokens": ("words",), "tags": ("ner_tags", "labels")}
+
+    def normalize(self, row, col):
+        tokens_field, tags_field = self.column(row, col, "tokens"), self.column(row, col, "tags")
+        tokens = _string_list(row, tokens_field, "words")
+        tags = _string_list(row, tags_field, "tags")
+        if len(tags) != len(tokens):
+            raise RowError(tags_field, f"one tag per word ({len(tokens)} words in '{tokens_field}')",
+                           f"{len(tags)} tags")
+        return {"tokens": tokens, "tags": tags}
+
+
+# Detection order matters: the most specific shapes first (labelled text before plain text).
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (Chat(), ShareGPT(), Alpaca(), PromptCompletion(), Text())
+    f.name: f for f in (Chat(), ShareGPT(), Alpaca(), PromptCompletion(), TextLabel(), Tokens(), Text())
 }
 
 

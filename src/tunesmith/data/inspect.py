@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from typing import Any
 
 from ..errors import DataError
@@ -49,15 +50,38 @@ def inspect_data(
         "duplicates": len(rows) - len({_key(r.data) for r in rows}),
         "fields": _field_stats([r.data for r in rows]),
         "turns": None,
+        "labels": None,
         "tokens": None,
     }
     if fmt in CONVERSATION_FORMATS and records:
         # System prompts are configuration, not dialogue: count only user/assistant turns.
         turns = [sum(m["role"] != "system" for m in r["messages"]) for r in records]
         report["turns"] = {"mean": sum(turns) / len(turns), "min": min(turns), "max": max(turns)}
+    if fmt == "text_label" and records:
+        report["labels"] = _distribution(str(r["label"]) for r in records)
+    elif fmt == "tokens" and records:
+        report["labels"] = _distribution(t for r in records for t in r["tags"])
+        words = [len(r["tokens"]) for r in records]
+        report["words"] = {"mean": sum(words) / len(words), "min": min(words), "max": max(words)}
     if model is not None and records:
         report["tokens"] = _token_stats(records, model, max_length)
     return report
+
+
+def _distribution(labels) -> dict[str, dict[str, float]]:
+    """Count and share of each label (or tag), most frequent first: class imbalance at a glance."""
+    counts = Counter(labels)
+    total = sum(counts.values())
+    return {name: {"count": n, "share": n / total} for name, n in counts.most_common()}
+
+
+def _as_text(record: dict) -> dict:
+    """Records that are not text or conversations, as the running text an encoder reads."""
+    if "tokens" in record:
+        return {"text": " ".join(record["tokens"])}
+    if "label" in record:
+        return {"text": record["text"] + (" " + record["text_pair"] if "text_pair" in record else "")}
+    return record
 
 
 def _key(row: dict) -> str:
@@ -104,7 +128,7 @@ def _token_stats(records: list[dict], model: str, max_length: int) -> dict[str, 
     except OSError as exc:  # transformers' "not a folder or hub id" and friends
         raise DataError(f"could not load a tokenizer from '{model}': {exc}") from None
     fallback = ensure_chat_template(tokenizer)
-    encoded = [encode_record(tokenizer, r) for r in records]
+    encoded = [encode_record(tokenizer, _as_text(r)) for r in records]
     lengths = np.array([len(e.input_ids) for e in encoded])
     loss = np.array([e.n_loss_tokens for e in encoded])
     return {
@@ -134,7 +158,19 @@ def render_report(report: dict[str, Any], console) -> None:
     if report["turns"]:
         t = report["turns"]
         summary.add_row("turns per conversation", f"mean {t['mean']:.1f}, min {t['min']}, max {t['max']}")
+    if report.get("words"):
+        w = report["words"]
+        summary.add_row("words per example", f"mean {w['mean']:.1f}, min {w['min']}, max {w['max']}")
     console.print(summary)
+
+    if report.get("labels"):
+        kind = "tags" if report["format"] == "tokens" else "labels"
+        table = Table(title=f"{kind} ({len(report['labels'])})")
+        for name, justify in (("name", "left"), ("count", "right"), ("share", "right")):
+            table.add_column(name, justify=justify)
+        for name, s in report["labels"].items():
+            table.add_row(name, str(s["count"]), f"{s['share']:.1%}")
+        console.print(table)
 
     if report["errors"]:
         shown = len(report["errors"])

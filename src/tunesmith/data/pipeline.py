@@ -123,7 +123,8 @@ def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objectiv
     check_format(stats.format, objective, cfg.train)
     stats.used_fallback_template = ensure_chat_template(tokenizer)
     train_recs, val_recs = split_records(records, cfg, seed)
-    task = objective.prepare(train_recs + val_recs, objective_cfg)
+    # Labels come from the training split only: a label seen only in validation is a data error.
+    task = objective.prepare(train_recs, objective_cfg)
     train = encode_all(train_recs, tokenizer, cfg, stats, objective, task)
     val = encode_all(val_recs, tokenizer, cfg, stats, objective, task)
     if not train:

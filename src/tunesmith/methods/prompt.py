@@ -54,6 +54,14 @@ class PromptMethod(Method):
 
         if ctx.objective.peft_task_type is None:
             raise ConfigError(f"method {self.name} cannot train objective {ctx.objective.name}: {_NO_MASKED_LM}")
+        if self.name != "prefix_tuning" and ctx.objective.name == "classification" and hasattr(model, "score"):
+            # Decoder heads ("score") read each row's last real token, found from input_ids; peft
+            # feeds virtual tokens as embeddings only, so the head would read padding instead.
+            raise ConfigError(
+                f"method {self.name} cannot train sequence classification on a decoder ({type(model).__name__}): "
+                "peft passes soft prompts as embeddings, so the head cannot find each row's last token; "
+                "use prefix_tuning, lora or ia3"
+            )
         return get_peft_model(model, self.peft_config(cfg, ctx))
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:

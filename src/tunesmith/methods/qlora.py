@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import MethodContext
+from .base import HEAD_NAMES, MethodContext
 from .lora import Lora
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class QLora(Lora):
         from transformers import BitsAndBytesConfig
 
         if cfg.bits == 8:
-            quant = BitsAndBytesConfig(load_in_8bit=True)
+            quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_NAMES))
         else:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else precision
@@ -63,6 +63,8 @@ class QLora(Lora):
                 bnb_4bit_quant_type=cfg.quant_type,
                 bnb_4bit_use_double_quant=cfg.double_quant,
                 bnb_4bit_compute_dtype=dtypes.get(compute, torch.float32),
+                # Fresh task heads learn in full precision (and must not be quantized at all).
+                llm_int8_skip_modules=list(HEAD_NAMES),
             )
         return {"quantization_config": quant, "device_map": _device_map()}
 
