@@ -100,6 +100,8 @@ def run_config(tiny_model_dir, alpaca_file, tmp_path):
             "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2, "progress": False,
                          "log_every": 1, "precision": "fp32"},
             "output": {"dir": str(tmp_path / "run")},
+            # Forgetting is on by default for users; tests that study it switch it back on.
+            "eval": {"forgetting": False},
         }
         for name, values in sections.items():
             cfg.setdefault(name, {}).update(values)

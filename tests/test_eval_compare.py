@@ -124,12 +124,11 @@ def test_second_compare_hits_the_cache_and_changes_miss(tiny_model_dir, lora_run
     assert fifth.evaluated == 2 and fifth.cache_hits == 0
 
 
-def test_retrained_adapter_changes_the_fingerprint(lora_run, tmp_path):
+def test_retrained_adapter_changes_the_fingerprint(lora_run):
     from tunesmith.evaluation.cache import model_fingerprint
 
     before = model_fingerprint(str(lora_run))
     weights = lora_run / "adapter" / "adapter_model.safetensors"
-    (tmp_path / "copy").mkdir()
     (lora_run / "eval-notes.txt").write_text("outputs next to a run do not count")
     assert model_fingerprint(str(lora_run)) == before
     data = weights.read_bytes()

@@ -77,6 +77,10 @@ def test_number_normalization():
     assert canonical_number("1,000") == "1000"
     assert canonical_number("5.0") == "5"
     assert canonical_number("-0.50") == "-0.5"
+    assert canonical_number("1000.00") == "1000"
+    runaway = "1" * 60  # a model that never stops writing digits must not crash the scorer
+    assert canonical_number(runaway) == runaway
+    assert normalize(f"so {runaway}.0") == f"so {runaway}"
     assert normalize("The answer is $1,000.") == normalize("answer is 1000")
     assert normalize("5.50") == "5.5" and normalize("5.5") != normalize("55")
     assert normalize("-5") != normalize("5")
@@ -190,3 +194,31 @@ def test_evaluate_records_generates_and_restores_train_mode(tiny_lm, tiny_tokeni
     preds = [e["prediction"] for e in result.examples]
     assert result.metrics["chrf"] == pytest.approx(M.compute("chrf", preds, ["paris", "blue"]))
     assert result.metrics["exact_match"] == sum(e["correct"] for e in result.examples) / 2
+
+
+def test_seq2seq_model_generates_without_template_and_scores_answers(tiny_tokenizer):
+    """Encoder-decoder models: prompt text in, answer out; perplexity of the answer tokens."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
+    model.eval()  # no dropout in the hand computation below
+    records = [{"messages": [{"role": "user", "content": "what color is the sky"},
+                             {"role": "assistant", "content": "blue"}]},
+               {"messages": [{"role": "user", "content": "is this movie good"},
+                             {"role": "assistant", "content": "positive review"}]}]
+    result = evaluate_records(model, tok, records, EvalSettings(metrics=["perplexity", "exact_match"],
+                                                                max_new_tokens=3, batch_size=2))
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            x = tok(r["messages"][0]["content"], return_tensors="pt")["input_ids"]
+            y = tok(r["messages"][1]["content"], return_tensors="pt")["input_ids"]
+            out = model(input_ids=x, labels=y)
+            total, n = total + float(out.loss) * y.shape[1], n + y.shape[1]
+    assert result.metrics["scored_tokens"] == n
+    assert result.metrics["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert len(result.examples) == 2 and all(isinstance(e["prediction"], str) for e in result.examples)

@@ -9,8 +9,15 @@ import pytest
 import tunesmith
 
 
+def test_forgetting_is_on_by_default():
+    from tunesmith.config import EvalConfig
+
+    assert EvalConfig().forgetting is True and EvalConfig().reference[0].path == "default"
+
+
 def test_run_measures_reference_before_and_after(run_config):
-    cfg = run_config(method={"type": "full"}, training={"learning_rate": 1e-2, "max_steps": 6, "save_every": 3})
+    cfg = run_config(method={"type": "full"}, training={"learning_rate": 1e-2, "max_steps": 6, "save_every": 3},
+                     eval={"forgetting": True})
     result = tunesmith.train(cfg, echo=lambda m: None)
 
     before = json.loads((result.run_dir / "reference_base.json").read_text())
@@ -31,7 +38,7 @@ def test_run_measures_reference_before_and_after(run_config):
 
 def test_reference_every_eval_and_opt_out(run_config):
     cfg = run_config(data={"split": {"validation_ratio": 0.25}},
-                     training={"max_steps": 4}, eval={"every": 2, "reference_every_eval": True})
+                     training={"max_steps": 4}, eval={"every": 2, "reference_every_eval": True, "forgetting": True})
     result = tunesmith.train(cfg, echo=lambda m: None)
     evals = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     mid = [r for r in evals if "eval_loss" in r and not r.get("final")]

@@ -112,9 +112,9 @@ def test_lora_fa_leaves_a_at_init_and_trains_b(run_config, monkeypatch, tiny_tok
     initial = {}
     real_build = LoraFA.build_optimizer
 
-    def build(self, model, cfg):
+    def build(self, model, cfg, method_cfg):
         initial.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
-        return real_build(self, model, cfg)
+        return real_build(self, model, cfg, method_cfg)
 
     monkeypatch.setattr(LoraFA, "build_optimizer", build)
     result, _, _, saved = train_and_reload(run_config, monkeypatch, tiny_tokenizer, {"type": "lora_fa"})

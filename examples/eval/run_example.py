@@ -47,21 +47,21 @@ def train_config(train_file: Path, run_dir: Path) -> dict:
         "data": {"train": str(train_file), "format": "prompt_completion",
                  "columns": {"prompt": "question", "completion": "answer"}, "max_length": 384},
         "method": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05},
-        "training": {"epochs": 1, "batch_size": 1, "grad_accum": 8, "learning_rate": 5e-4,
+        "training": {"epochs": 1, "batch_size": 1, "grad_accum": 8, "learning_rate": 1e-3,
                      "scheduler": "cosine", "warmup_ratio": 0.1, "log_every": 5, "precision": "fp32"},
         "output": {"dir": str(run_dir), "overwrite": True, "card_base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
                    "license": "apache-2.0"},
     }
 
 
-def compare_spec(run_dir: Path, held: Path, report: Path) -> dict:
+def compare_spec(run_dir: Path, held: Path, report: Path, max_new_tokens: int = 200) -> dict:
     return {
         "models": [{"name": "base", "model": SMOLLM2},
                    {"name": "lora-gsm8k", "model": str(run_dir)}],
         "tasks": [
             {"name": "gsm8k", "data": str(held), "format": "prompt_completion",
              "columns": {"prompt": "question", "completion": "answer"},
-             "settings": {"metrics": ["exact_match"], "extract": "gsm8k", "max_new_tokens": 200,
+             "settings": {"metrics": ["exact_match"], "extract": "gsm8k", "max_new_tokens": max_new_tokens,
                           "batch_size": 8}},
             {"name": "quickstart", "data": QUICKSTART_TEST,
              "settings": {"metrics": ["exact_match", "macro_f1"], "max_new_tokens": 8, "batch_size": 16}},
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--gsm8k", type=Path, default=Path("../shared/data/gsm8k/train.jsonl"))
     ap.add_argument("--train-rows", type=int, default=160)
     ap.add_argument("--eval-rows", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="Generation limit for GSM8K answers.")
     ap.add_argument("--output", type=Path, default=Path("runs/eval-example"))
     ap.add_argument("--publish", type=Path, default=None, help="Also copy report.md here (docs/eval_report.md).")
     args = ap.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
     trained = time.perf_counter() - start
     say(f"trained in {trained / 60:.1f} min")
 
-    spec = compare_spec(run_dir, held, args.output / "report")
+    spec = compare_spec(run_dir, held, args.output / "report", args.max_new_tokens)
     (args.output / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     res = compare(spec, console=console, echo=say)
     total = time.perf_counter() - start

@@ -10,4 +10,18 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
-__all__ = ["train", "__version__"]
+def evaluate(*args, **kwargs):
+    """Evaluate a run or a model on data; see `tunesmith.evaluation.api.evaluate`."""
+    from .evaluation.api import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+def compare(*args, **kwargs):
+    """Evaluate several models on the same data and write reports; see `tunesmith.evaluation.api.compare`."""
+    from .evaluation.api import compare as _compare
+
+    return _compare(*args, **kwargs)
+
+
+__all__ = ["train", "evaluate", "compare", "__version__"]

@@ -104,6 +104,10 @@ def train(
     _check_run_dir(run_dir, cfg, resuming)
 
     # Everything that can fail on bad input runs before the model is loaded.
+    if cfg.eval.forgetting and objective.auto_class == "AutoModelForCausalLM":
+        from .evaluation.forgetting import reference_jobs
+
+        reference_jobs(cfg.eval.reference)  # a missing or malformed reference set fails now
     source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
@@ -195,8 +199,9 @@ REFERENCE_BEFORE = "reference_base.json"
 def _measure_reference(cfg: RunConfig, model, tokenizer) -> dict:
     from .evaluation.forgetting import measure_reference
 
+    # A fixed window, the one `tunesmith compare` uses: perplexity depends on the window length.
     return measure_reference(model, tokenizer, cfg.eval.reference, batch_size=cfg.eval.batch_size or 8,
-                             max_length=min(cfg.data.max_length, 1024))
+                             max_length=512)
 
 
 def _deltas(before: dict, after: dict) -> dict:

@@ -143,5 +143,14 @@ def _print_metrics(metrics: dict) -> None:
     console.print(table)
 
 
+def _register_eval_commands() -> None:
+    from .evaluation.cli import compare_command, eval_command
+
+    app.command("eval")(eval_command)
+    app.command("compare")(compare_command)
+
+
+_register_eval_commands()
+
 if __name__ == "__main__":
     app()

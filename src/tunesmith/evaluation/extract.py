@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import string
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from ..errors import ConfigError
 
@@ -88,13 +88,18 @@ def extract_answer(text: str, mode: str = "none", pattern: str | None = None) ->
 
 def canonical_number(token: str) -> str:
     """'1,000' -> '1000', '5.0' -> '5', '-0.50' -> '-0.5'; non-numbers unchanged."""
-    try:
-        value = Decimal(token.replace(",", ""))
-    except InvalidOperation:
-        return token
-    if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
+    digits = token.replace(",", "")
+    # Enough precision for every digit: a model that runs away writing 60 digits must get
+    # them back unrounded (the default context keeps 28).
+    with localcontext() as ctx:
+        ctx.prec = len(digits) + 2
+        try:
+            value = Decimal(digits)
+        except InvalidOperation:
+            return token
+        # normalize() drops trailing zeros ('5.0' -> '5'); format 'f' writes no exponent.
+        text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "-0.0") else text
 
 
 def normalize(text: str, options: list[str] | tuple[str, ...] = DEFAULT_NORMALIZE) -> str:

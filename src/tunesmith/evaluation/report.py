@@ -86,10 +86,12 @@ def print_table(result: CompareResult, console) -> None:
         console.print(ft)
 
 
-def _md_cell(text: str, limit: int = 160) -> str:
+def _md_cell(text: str, limit: int = 160, *, keep_end: bool = False) -> str:
     text = " ".join(str(text).split())
     if len(text) > limit:
-        text = text[: limit - 1] + "…"
+        # A long generated answer ends with its result (GSM8K's '#### 72'): keep both ends.
+        half = (limit - 3) // 2
+        text = text[:half] + " … " + text[-half:] if keep_end else text[: limit - 1] + "…"
     return text.replace("|", "\\|")
 
 
@@ -98,7 +100,9 @@ def differing_examples(result: CompareResult, task_label: str) -> list[int]:
     per_model = [result.results.get(m.label, {}).get(task_label) for m in result.models]
     per_model = [r for r in per_model if r is not None and r.examples]
     if len(per_model) < 2:
-        return list(range(len(per_model[0].examples))) if per_model else []
+        # One model: its misses are what a reader wants to see first.
+        ex = per_model[0].examples if per_model else []
+        return [e["index"] for e in ex if not e["correct"]] + [e["index"] for e in ex if e["correct"]]
     n = min(len(r.examples) for r in per_model)
     by_correct = [i for i in range(n) if len({r.examples[i]["correct"] for r in per_model}) > 1]
     by_text = [i for i in range(n) if i not in by_correct
@@ -117,7 +121,7 @@ def render_markdown(result: CompareResult, *, show_examples: int = 10) -> str:
     lines += ["", "## Tasks", ""]
     for t in result.tasks:
         s = t.settings
-        gen = f"; greedy" if not s.do_sample else f"; sampling T={s.temperature} top_p={s.top_p}"
+        gen = "; greedy" if not s.do_sample else f"; sampling T={s.temperature} top_p={s.top_p}"
         lines.append(f"- **{t.label}**: `{t.source}`, {len(t.records)} examples; metrics {', '.join(s.metrics)}; "
                      f"extract `{s.extract}`, normalize {', '.join(s.normalize) or 'none'}; "
                      f"max_new_tokens {s.max_new_tokens}{gen}")
@@ -140,8 +144,9 @@ def render_markdown(result: CompareResult, *, show_examples: int = 10) -> str:
         idx = differing_examples(result, t.label)
         if not idx or show_examples == 0:
             continue
-        lines += ["", f"## Where the models differ: {t.label}", "",
-                  f"{len(idx)} of {len(t.records)} examples differ; the first {min(show_examples, len(idx))} "
+        title = "Where the models differ" if len(names) > 1 else "Examples (misses first)"
+        lines += ["", f"## {title}: {t.label}", "",
+                  f"{len(idx)} of {len(t.records)} examples {'differ' if len(names) > 1 else 'listed'}; the first {min(show_examples, len(idx))} "
                   "(full outputs in results.json):", "",
                   "| # | prompt | expected | " + " | ".join(names) + " |",
                   "|---|---|---|" + "---|" * len(names)]
@@ -154,7 +159,7 @@ def render_markdown(result: CompareResult, *, show_examples: int = 10) -> str:
                     continue
                 ex = r.examples[i]
                 mark = "✓" if ex["correct"] else "✗"
-                cells.append(f"{mark} `{_md_cell(ex['answer'], 40)}` {_md_cell(ex['prediction'], 120)}")
+                cells.append(f"{mark} `{_md_cell(ex['answer'], 40)}` {_md_cell(ex['prediction'], 160, keep_end=True)}")
             ex0 = next(result.results[m.label][t.label].examples[i] for m in result.models
                        if t.label in result.results.get(m.label, {}))
             lines.append(f"| {i} | {_md_cell(ex0['prompt'], 100)} | `{_md_cell(ex0['expected'], 40)}` | "

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import ReferenceSet
 from ..errors import ConfigError
 from .extract import DEFAULT_NORMALIZE, EXTRACTORS, NORMALIZERS
-from .metrics import METRICS
 
 
 class _Section(BaseModel):

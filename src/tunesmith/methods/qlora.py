@@ -19,6 +19,11 @@ from ..errors import ConfigError
 from .base import HEAD_NAMES, MethodContext
 from .lora import Lora
 
+# Output layers stay unquantized: task heads learn, and LM heads are often tied to the input
+# embeddings; a pooler a checkpoint lacks is created fresh. Naming any skip list replaces transformers' default (which skips only the
+# output embedding), so the LM heads must be listed too.
+SKIP_MODULES = [*HEAD_NAMES, "lm_head", "cls", "embed_out", "pooler", "pooler.dense"]
+
 if TYPE_CHECKING:
     from ..config import RunConfig
 
@@ -54,7 +59,7 @@ class QLora(Lora):
         from transformers import BitsAndBytesConfig
 
         if cfg.bits == 8:
-            quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_NAMES))
+            quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
         else:
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else precision
@@ -64,7 +69,7 @@ class QLora(Lora):
                 bnb_4bit_use_double_quant=cfg.double_quant,
                 bnb_4bit_compute_dtype=dtypes.get(compute, torch.float32),
                 # Fresh task heads learn in full precision (and must not be quantized at all).
-                llm_int8_skip_modules=list(HEAD_NAMES),
+                llm_int8_skip_modules=SKIP_MODULES,
             )
         return {"quantization_config": quant, "device_map": _device_map()}
 
