@@ -154,7 +154,7 @@ def test_save_model_and_card_can_be_switched_off(run_config):
     result = tunesmith.train(cfg, echo=quiet)
     assert result.artifact_dir is None
     names = {p.name for p in result.run_dir.iterdir()}
-    assert names == {"config.yaml", "metrics.jsonl", "reference_base.json"}
+    assert names == {"config.yaml", "metrics.jsonl"}
 
 
 @pytest.mark.parametrize("method", [{"type": "lora"}, {"type": "full"}])
