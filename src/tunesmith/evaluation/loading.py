@@ -1,9 +1,4 @@
-"""Load a model to evaluate from anything a user may point at.
-
-`tunesmith.artifacts.load_trained` is the one loader of trained outputs; this module defers to
-it and only fills in when it is not available (older checkouts) with the same rules: a run
-folder's adapter/ or model/, a peft adapter on its recorded base, or a plain model source.
-"""
+"""Load a model to evaluate from anything a user may point at, through `artifacts.load_trained`."""
 
 from __future__ import annotations
 
@@ -42,60 +37,11 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_model(source: str, adapter: str | None = None, dtype: str | None = "fp32") -> LoadedModel:
+    from ..artifacts import load_trained
+
     check_source(source, adapter)
-    try:
-        from ..artifacts import load_trained  # type: ignore[attr-defined]
-    except ImportError:
-        load_trained = None
-    if load_trained is not None:
-        loaded = load_trained(source, adapter=adapter, dtype=torch_dtype(dtype))
-        return LoadedModel(loaded.model, loaded.tokenizer, dict(getattr(loaded, "manifest", {}) or {}))
-    return _load_fallback(source, adapter, torch_dtype(dtype))
-
-
-def _plain(source: str, dtype: torch.dtype):
-    from ..config import ModelConfig
-    from ..models import load_causal_lm, load_tokenizer, materialize
-
-    cfg = ModelConfig(name_or_path=source)
-    path = materialize(cfg)
-    tokenizer = load_tokenizer(cfg, path)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "is_encoder_decoder", False):
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype), tokenizer, "seq2seq"
-    return load_causal_lm(cfg, dtype, path), tokenizer, "causal_lm"
-
-
-def _load_fallback(source: str, adapter: str | None, dtype: torch.dtype) -> LoadedModel:
-    from peft import PeftModel
-
-    path = Path(source).expanduser()
-    folder = artifact_in(path) if path.is_dir() else None
-    if folder is not None and (folder / "adapter_config.json").is_file():
-        base = adapter_base(folder)
-        if base is None:
-            raise ConfigError(f"{folder}: an adapter that names no base model")
-        model, _, kind = _plain(base, dtype)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
-            else _plain(base, dtype)[1]
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        model = PeftModel.from_pretrained(model, str(folder))
-        manifest = {"base_model": base, "model_kind": kind, "method": "adapter"}
-    else:
-        model, tokenizer, kind = _plain(str(folder) if folder is not None else source, dtype)
-        manifest = {"base_model": source, "model_kind": kind}
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-        manifest["adapter"] = adapter
-    model.eval()
-    return LoadedModel(model, tokenizer, manifest)
+    loaded = load_trained(source, adapter=adapter, dtype=torch_dtype(dtype))
+    return LoadedModel(loaded.model, loaded.tokenizer, dict(loaded.manifest))
 
 
 def base_of(source: str, adapter: str | None = None) -> str | None:
