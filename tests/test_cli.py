@@ -136,3 +136,18 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("train", "config", "env", "data", "quickstart"):
         assert command in result.output
+
+
+def test_eval_and_compare_are_commands_of_the_main_app():
+    for command, flag in (("eval", "--adapter"), ("compare", "--baseline")):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert flag in result.output
+
+
+def test_methods_refusal_reaches_the_cli(run_config, tmp_path):
+    cfg = run_config(method={"type": "prompt_tuning"}, objective={"type": "masked_lm"})
+    path = write_yaml(tmp_path / "bad.yaml", cfg)
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "method.type 'prompt_tuning' cannot train objective.type 'masked_lm'" in flat(result.output)

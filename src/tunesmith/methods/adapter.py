@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import Method, MethodContext, head_modules
+from .base import Method, MethodContext, task_heads
 from .lora import block_linears, is_attention
 
 WEIGHTS = "bottleneck_adapter.safetensors"
@@ -110,20 +110,6 @@ def inject(model: nn.Module, placements: list[tuple[str, str, str]], reduction_f
         projection.register_forward_hook(_residual_hook(adapter))
         names.append(f"{block_path}.{CONTAINER}.{_key(rel)}")
     return names
-
-
-def task_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The fresh task head, plus the pooler a BERT-style sequence classifier feeds it from.
-
-    The pooler belongs to the classification head (dense + tanh before `classifier`) and is
-    freshly initialised when the checkpoint has none (an MLM checkpoint): left frozen it would
-    be re-drawn at random on reload, so it learns and is saved with the head.
-    """
-    heads = head_modules(model)
-    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
-    if heads and isinstance(pooler, nn.Module):
-        heads.append(("pooler", pooler))
-    return heads
 
 
 def _freeze_base(model: nn.Module) -> None:

@@ -101,3 +101,17 @@ HEAD_NAMES = ("classifier", "score", "qa_outputs")
 def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return [(n, m) for n, m in base.named_children() if n in HEAD_NAMES]
+
+
+def task_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fresh task head, plus the pooler a BERT-style sequence classifier feeds it from.
+
+    The pooler belongs to the classification head (dense + tanh before `classifier`) and is
+    freshly initialised when the checkpoint has none (an MLM checkpoint); sentence-embedding
+    encoders never trained it for classification. It learns and is saved with the head.
+    """
+    heads = head_modules(model)
+    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
+    if heads and isinstance(pooler, nn.Module):
+        heads.append(("pooler", pooler))
+    return heads

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .adapter import load_partial, task_heads
+from .adapter import load_partial
+from .base import task_heads
 from .base import Method, MethodContext
 
 WEIGHTS = "bitfit.safetensors"

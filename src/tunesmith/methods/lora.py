@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import Method, MethodContext
+from .base import HEAD_NAMES, Method, MethodContext, task_heads
 
 if TYPE_CHECKING:
     from ..config import RunConfig, TrainingConfig
@@ -129,6 +129,8 @@ class Lora(Method):
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
             task_type=ctx.objective.peft_task_type,
+            # peft saves the classifier for SEQ_CLS itself; a BERT-style pooler feeding it learns too.
+            modules_to_save=[n for n, _ in task_heads(model) if n not in HEAD_NAMES] or None,
         )
 
     def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
