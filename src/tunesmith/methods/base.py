@@ -64,6 +64,17 @@ class Method(ABC):
         raise NotImplementedError(f"method {self.name} saves complete models; load them directly")
 
 
+class PeftMethod(Method):
+    """A method peft implements: its artifact is a peft adapter folder (PeftModel.from_pretrained loads it)."""
+
+    artifact = "adapter"
+
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(artifact))
+
+
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors count once."""
     seen, trainable, total = set(), 0, 0

@@ -15,14 +15,13 @@ chosen layers that sit outside attention.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import Method, MethodContext
+from .base import MethodContext, PeftMethod
 from .lora import block_linears, check_layers, is_attention, modules_regex, preset_modules, resolve_targets
 
 if TYPE_CHECKING:
@@ -78,11 +77,10 @@ def ia3_modules(model: nn.Module, cfg: MethodConfig) -> tuple[str | list[str], s
     return modules_regex(model, chosen, layers), (modules_regex(model, ff_names, layers) if ff_names else [])
 
 
-class IA3(Method):
+class IA3(PeftMethod):
     """Learned rescaling vectors (IA3): a few thousand parameters, one vector per chosen layer."""
 
     name = "ia3"
-    artifact = "adapter"
 
     def check(self, cfg: "RunConfig") -> list[str]:
         if cfg.method.loraplus_lr_ratio is not None:
@@ -103,9 +101,4 @@ class IA3(Method):
             return get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(f"method (ia3, target_modules={cfg.target_modules!r}): {exc}") from exc
-
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(artifact))
 

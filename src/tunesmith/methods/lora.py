@@ -8,7 +8,6 @@ model's module names, so they work on any family whose blocks sit in a numbered 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import HEAD_NAMES, Method, MethodContext, task_heads
+from .base import HEAD_NAMES, MethodContext, PeftMethod, task_heads
 
 if TYPE_CHECKING:
     from ..config import RunConfig, TrainingConfig
@@ -107,11 +106,10 @@ def check_layers(model: nn.Module, layers: list[int] | None) -> None:
         raise ConfigError(f"method.layers_to_transform: {bad} out of range; the model has blocks 0..{n - 1}")
 
 
-class Lora(Method):
+class Lora(PeftMethod):
     """Low-rank adapters (B @ A, scaled by alpha / r) on the chosen linear layers, through peft."""
 
     name = "lora"
-    artifact = "adapter"  # Method.save on a peft model writes adapter weights + config only
     use_dora = False
     use_rslora = False
 
@@ -157,11 +155,6 @@ class Lora(Method):
             model, torch.optim.AdamW, lr=cfg.learning_rate, loraplus_lr_ratio=method_cfg.loraplus_lr_ratio,
             loraplus_weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
         )
-
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(artifact))
 
 
 class Dora(Lora):

@@ -12,14 +12,15 @@ logits carry `num_virtual_tokens` extra leading positions that the objective dro
 
 from __future__ import annotations
 
-from pathlib import Path
+from abc import abstractmethod
+
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from .base import Method, MethodContext
+from .base import MethodContext, PeftMethod
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -29,8 +30,7 @@ _NO_MASKED_LM = ("peft has no masked-LM task type, and prompt learning needs one
                  "tokens; use lora, ia3 or another weight-based method for masked_lm")
 
 
-class PromptMethod(Method):
-    artifact = "adapter"
+class PromptMethod(PeftMethod):
     packs = False
     unsupported = {"masked_lm": _NO_MASKED_LM}
 
@@ -46,8 +46,9 @@ class PromptMethod(Method):
             problems.append(f"method.loraplus_lr_ratio applies to the LoRA family, not {self.name}")
         return problems
 
+    @abstractmethod
     def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
-        raise NotImplementedError
+        """The peft config of this prompt method."""
 
     def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
@@ -63,11 +64,6 @@ class PromptMethod(Method):
                 "use prefix_tuning, lora or ia3"
             )
         return get_peft_model(model, self.peft_config(cfg, ctx))
-
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(artifact))
 
 
 class PrefixTuning(PromptMethod):

@@ -106,6 +106,15 @@ def encoder_inputs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     return batch
 
 
+def labelled_task(found: Counter, labels: list[str], cfg: ObjectiveConfig) -> TaskInfo:
+    """The task's label names, with class weights (from the training label counts) when asked for."""
+    task = TaskInfo(labels)
+    weights = class_weights(found, labels, cfg)
+    if weights is not None:
+        task.extra[WEIGHTS_KEY] = weights
+    return task
+
+
 def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # Exactly these inputs: linear-probe wrappers and peft prompt methods rely on this call.
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
@@ -167,11 +176,7 @@ class SequenceClassification(Objective):
         labels = resolve_labels(found, cfg, "labels")
         if len(labels) < 2:
             raise DataError(f"classification needs at least two labels; the data holds only {labels}")
-        task = TaskInfo(labels)
-        weights = class_weights(found, labels, cfg)
-        if weights is not None:
-            task.extra[WEIGHTS_KEY] = weights
-        return task
+        return labelled_task(found, labels, cfg)
 
     def model_kwargs(self, cfg: ObjectiveConfig, task: TaskInfo, tokenizer) -> dict:
         return label_kwargs(task)
@@ -252,12 +257,7 @@ class TokenClassification(Objective):
 
     def prepare(self, records: list[dict], cfg: ObjectiveConfig) -> TaskInfo:
         found = Counter(t for r in records for t in r["tags"])
-        labels = resolve_labels(found, cfg, "tags")
-        task = TaskInfo(labels)
-        weights = class_weights(found, labels, cfg)
-        if weights is not None:
-            task.extra[WEIGHTS_KEY] = weights
-        return task
+        return labelled_task(found, resolve_labels(found, cfg, "tags"), cfg)
 
     def model_kwargs(self, cfg: ObjectiveConfig, task: TaskInfo, tokenizer) -> dict:
         return label_kwargs(task)
