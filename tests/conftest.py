@@ -134,14 +134,14 @@ def build_wordpiece_tokenizer(folder: Path):
     return fast
 
 
-def build_bert(folder: Path, vocab_size: int, seed: int = 0):
+def build_bert(folder: Path, vocab_size: int, seed: int = 0, **overrides):
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, pad_token_id=0,
+        num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, **overrides,
     )
     model = BertForMaskedLM(config)
     model.save_pretrained(folder)
@@ -177,6 +177,21 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     tok = build_wordpiece_tokenizer(folder)
     build_bert(folder, len(tok))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_wide_dir(tmp_path_factory) -> Path:
+    """A tiny BERT for classification tests: its [CLS] state depends on the text, no dropout.
+
+    With BERT's usual 0.02 initialisation a tiny random encoder gives almost the same [CLS]
+    state for every text, so a classifier on its (fresh) pooler sits at chance for many
+    steps and a few-step test passes or fails on float noise; wider initial weights make
+    the attention mix the tokens.
+    """
+    folder = tmp_path_factory.mktemp("tiny-bert-wide")
+    tok = build_wordpiece_tokenizer(folder)
+    build_bert(folder, len(tok), initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return folder
 
 

@@ -57,7 +57,7 @@ def _data(objective: str, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_t5_dir) -> dict[str, Path]:
+def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_bert_wide_dir, tiny_t5_dir) -> dict[str, Path]:
     """One tiny model per family, plus a decoder and a seq2seq model with bias terms for BitFit."""
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -83,11 +83,13 @@ def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_t5_dir) -> dict
         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128,
         pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=None,
     )).save_pretrained(bart)
-    return {"llama": tiny_model_dir, "bert": tiny_bert_dir, "t5": tiny_t5_dir, "llama-bias": biased, "bart": bart}
+    return {"llama": tiny_model_dir, "bert": tiny_bert_dir, "bert-wide": tiny_bert_wide_dir, "t5": tiny_t5_dir,
+            "llama-bias": biased, "bart": bart}
 
 
-FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert", "seq2seq": "t5", "classification": "bert",
-          "token_classification": "bert"}
+# Classification heads (and BERT's pooler) start fresh; the wide BERT lets them learn in 8 steps.
+FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert", "seq2seq": "t5", "classification": "bert-wide",
+          "token_classification": "bert-wide"}
 # BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
 BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
 

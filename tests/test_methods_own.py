@@ -87,29 +87,6 @@ def biased_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    """A tiny BERT whose [CLS] state depends on the text, without dropout.
-
-    With BERT's usual 0.02 initialisation a tiny random encoder gives almost the same [CLS]
-    state for every text, so a classifier on its pooler cannot learn from biases or adapters;
-    wider initial weights make the attention mix the tokens.
-    """
-    from transformers import BertConfig, BertForMaskedLM
-
-    from conftest import build_wordpiece_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert-wide")
-    tok = build_wordpiece_tokenizer(folder)
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(
-        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, pad_token_id=0, initializer_range=0.2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )).save_pretrained(folder)
-    return folder
-
-
 def bert_classifier(folder: Path, num_labels: int = 2, seed: int = 1):
     from transformers import AutoModelForSequenceClassification
 
@@ -162,10 +139,10 @@ def capture_before_save(monkeypatch, method_cls, batch) -> dict:
 
 # --- BitFit -------------------------------------------------------------------------------------
 
-def test_bitfit_bert_classification_trains_only_biases_and_head(bert_dir, tmp_path):
+def test_bitfit_bert_classification_trains_only_biases_and_head(tiny_bert_wide_dir, tmp_path):
     method = METHODS["bitfit"]
-    batch, labels = sentence_batch(bert_dir)
-    model = method.apply(bert_classifier(bert_dir), MethodConfig(type="bitfit"), ctx("classification"))
+    batch, labels = sentence_batch(tiny_bert_wide_dir)
+    model = method.apply(bert_classifier(tiny_bert_wide_dir), MethodConfig(type="bitfit"), ctx("classification"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     heads = {n for n in trainable if n.startswith(("classifier.", "bert.pooler."))}
     assert heads == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
@@ -181,7 +158,7 @@ def test_bitfit_bert_classification_trains_only_biases_and_head(bert_dir, tmp_pa
     method.save(model, out)
     saved = load_file(out / "bitfit.safetensors")
     assert set(saved) == trainable
-    reloaded = method.load(bert_classifier(bert_dir, seed=7), out, MethodConfig(type="bitfit"),
+    reloaded = method.load(bert_classifier(tiny_bert_wide_dir, seed=7), out, MethodConfig(type="bitfit"),
                            ctx("classification"))
     torch.testing.assert_close(outputs(reloaded, batch), outputs(model, batch), atol=1e-5, rtol=0)
 
@@ -260,11 +237,11 @@ def family_setup(family: str, dirs: dict):
 
 @pytest.mark.parametrize("style", ["houlsby", "pfeiffer"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_adapter_trains_and_reloads(family, style, tiny_model_dir, bert_dir, tiny_t5_dir, tmp_path):
+def test_adapter_trains_and_reloads(family, style, tiny_model_dir, tiny_bert_wide_dir, tiny_t5_dir, tmp_path):
     from tunesmith.methods.adapter import Bottleneck
 
     load, objective, counts = FAMILIES[family]
-    dirs = {"llama": tiny_model_dir, "bert": bert_dir, "t5": tiny_t5_dir}
+    dirs = {"llama": tiny_model_dir, "bert": tiny_bert_wide_dir, "t5": tiny_t5_dir}
     batch, loss_fn = family_setup(family, dirs)
     method = METHODS["adapter"]
     cfg = MethodConfig(type="adapter", adapter_style=style, reduction_factor=4, adapter_activation="gelu")
@@ -450,12 +427,12 @@ def test_linear_probe_refuses_gradient_checkpointing():
     ("bitfit", {}), ("adapter", {"adapter_style": "houlsby", "reduction_factor": 4}),
     ("linear_probe", {"probe_head": "linear"}),
 ])
-def test_classification_end_to_end(method, options, bert_dir, tmp_path, monkeypatch):
+def test_classification_end_to_end(method, options, tiny_bert_wide_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": s, "label": "pos" if y else "neg"} for s, y in SENTENCES])
-    batch, _ = sentence_batch(bert_dir)
+    batch, _ = sentence_batch(tiny_bert_wide_dir)
     captured = capture_before_save(monkeypatch, type(METHODS[method]), batch)
     cfg = {
-        "model": {"name_or_path": str(bert_dir)},
+        "model": {"name_or_path": str(tiny_bert_wide_dir)},
         "data": {"train": str(data), "max_length": 32, "shuffle": False},
         "method": {"type": method, **options},
         "objective": {"type": "classification"},
