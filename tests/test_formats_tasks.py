@@ -115,6 +115,47 @@ def test_bad_rows_can_be_skipped(tmp_path):
     assert (len(records), n_read, n_skipped) == (1, 2, 1)
 
 
+def test_headerless_tsv_reads_with_column_names(tmp_path):
+    # AG News' train_subset_10k.tsv shape: text TAB label name, no header line.
+    path = tmp_path / "news.tsv"
+    path.write_text("Stocks fall on rate fears\tBusiness\nTeam wins the cup\tSports\n\n")
+    records, fmt = load(path, column_names=["text", "label"])
+    assert fmt == "text_label"
+    assert [(r["text"], r["label"]) for r in records] == [("Stocks fall on rate fears", "Business"),
+                                                            ("Team wins the cup", "Sports")]
+
+
+def test_headerless_tsv_wrong_field_count_names_file_and_row(tmp_path):
+    path = tmp_path / "news.tsv"
+    path.write_text("Stocks fall\tBusiness\nno label here\n")
+    with pytest.raises(DataError, match=r"news.tsv row 2: 1 fields, but data.column_names names 2 \(text, label\)"):
+        load(path, column_names=["text", "label"])
+    records, _, n_read, n_skipped = load_records(DataConfig(train=str(path), column_names=["text", "label"],
+                                                            skip_invalid=True))
+    assert (len(records), n_read, n_skipped) == (1, 1, 1)
+    report = inspect_data(str(path), column_names=["text", "label"])
+    assert (report["format"], report["rows"], report["valid"], report["invalid"]) == ("text_label", 2, 1, 1)
+    assert "news.tsv row 2: 1 fields" in report["errors"][0]
+
+
+def test_inspect_cli_takes_column_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    path = tmp_path / "news.tsv"
+    path.write_text("Stocks fall\tBusiness\nTeam wins\tSports\n")
+    out = CliRunner().invoke(app, ["data", "inspect", str(path), "--column-names", "text, label"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "text_label" in out.output and "Business" in out.output
+
+
+def test_column_names_must_be_distinct():
+    with pytest.raises(Exception, match="data.column_names repeats a name"):
+        load_config({"model": {"name_or_path": "x"}, "data": {"train": "d.tsv", "column_names": ["text", "text"]}})
+
+
 def test_config_accepts_the_new_formats(tmp_path):
     for fmt in ("text_label", "tokens"):
         cfg = load_config({"model": {"name_or_path": "x"}, "data": {"train": "d.jsonl", "format": fmt}})

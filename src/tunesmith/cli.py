@@ -76,12 +76,15 @@ def data_inspect(
     format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer source for token-length stats."),
     max_length: int = typer.Option(1024, help="Length used for the 'would be truncated' share."),
+    column_names: Optional[str] = typer.Option(
+        None, "--column-names", help="Header of a CSV/TSV file without one, comma-separated (e.g. text,label)."),
 ) -> None:
     """Format, size, field stats, token lengths, duplicates and empty fields of a dataset."""
     from .data.inspect import inspect_data, render_report
 
+    names = [n.strip() for n in column_names.split(",")] if column_names else None
     try:
-        report = inspect_data(file, format=format, model=model, max_length=max_length)
+        report = inspect_data(file, format=format, model=model, max_length=max_length, column_names=names)
     except TunesmithError as exc:
         _fail(exc)
     render_report(report, console)

@@ -41,6 +41,9 @@ class DataConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map canonical field -> column in your data."
     )
+    column_names: list[str] | None = Field(
+        None, min_length=1, description="Header for CSV/TSV files without a header row, e.g. [text, label]."
+    )
     hub_split: str = "train"
     hub_config: str | None = None
     max_length: int = Field(1024, gt=8)
@@ -192,6 +195,9 @@ class RunConfig(Section):
                 f"method.type '{self.method.type}' cannot train objective.type '{self.objective.type}': {why} "
                 f"(see `tunesmith methods`)"
             )
+        names = self.data.column_names or []
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.column_names repeats a name: {names}")
         problems = METHODS[self.method.type].check(self)
         if problems:
             raise ValueError("\n  ".join(problems))

@@ -26,14 +26,16 @@ def inspect_data(
     model: str | None = None,
     max_length: int = 1024,
     columns: dict[str, str] | None = None,
+    column_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Describe a dataset: format, size, invalid rows, field stats, duplicates and token lengths.
 
     `model` names a tokenizer source; without it the token statistics are left out.
+    `column_names` is the header of a CSV/TSV file that has none.
     """
     mapping = columns or {}
     errors: list[str] = []
-    rows, unreadable = read_rows(source, skip_invalid=True, errors=errors)
+    rows, unreadable = read_rows(source, skip_invalid=True, errors=errors, column_names=column_names)
     if not rows:
         raise DataError(f"no rows found in {source}" + (f" ({unreadable} unreadable)" if unreadable else ""))
     fmt = detect_format(columns_of(rows), mapping) if format == "auto" else format

@@ -49,7 +49,7 @@ def load_records(cfg: DataConfig, sources: str | list[str] | None = None) -> tup
     skipped = 0
     for src in sources:
         got, bad = read_rows(src, hub_split=cfg.hub_split, hub_config=cfg.hub_config,
-                             skip_invalid=cfg.skip_invalid)
+                             skip_invalid=cfg.skip_invalid, column_names=cfg.column_names)
         rows += got
         skipped += bad
     if not rows:

@@ -35,17 +35,18 @@ def columns_of(rows: list[Row]) -> set[str]:
 
 def read_rows(
     source: str, *, hub_split: str = "train", hub_config: str | None = None, skip_invalid: bool = False,
-    errors: list[str] | None = None,
+    errors: list[str] | None = None, column_names: list[str] | None = None,
 ) -> tuple[list[Row], int]:
     """Return (rows, number of unreadable rows skipped).
 
     With skip_invalid, the message of every skipped row is appended to `errors` when given.
+    `column_names` is the header of CSV/TSV files that have none (every line is then a row).
     """
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        return _read_local(path, skip_invalid, errors)
+        return _read_local(path, skip_invalid, errors, column_names)
     if "/" in source and not source.startswith((".", "/")):
         return _read_hub(source, hub_split, hub_config), 0
     raise DataError(
@@ -54,14 +55,15 @@ def read_rows(
     )
 
 
-def _read_local(path: Path, skip_invalid: bool, errors: list[str] | None) -> tuple[list[Row], int]:
+def _read_local(path: Path, skip_invalid: bool, errors: list[str] | None,
+                column_names: list[str] | None = None) -> tuple[list[Row], int]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, skip_invalid, errors)
     if suffix == ".json":
         return _read_json(path, skip_invalid, errors)
     if suffix in {".csv", ".tsv"}:
-        return _read_csv(path, "\t" if suffix == ".tsv" else ","), 0
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",", column_names, skip_invalid, errors)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -122,13 +124,32 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
     return rows, skipped
 
 
-def _read_csv(path: Path, delimiter: str) -> list[Row]:
+def _read_csv(path: Path, delimiter: str, column_names: list[str] | None = None, skip_invalid: bool = False,
+              errors: list[str] | None = None) -> tuple[list[Row], int]:
     with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty file or no header row")
-        # Data rows are numbered from 1; the header is not a row.
-        return [Row(dict(r), str(path), i) for i, r in enumerate(reader, 1)]
+        if not column_names:
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            if not reader.fieldnames:
+                raise DataError(f"{path}: empty file or no header row")
+            # Data rows are numbered from 1; the header is not a row.
+            return [Row(dict(r), str(path), i) for i, r in enumerate(reader, 1)], 0
+        # Without a header a short or long line would silently shift values between
+        # columns, so every line must have exactly one field per name.
+        rows, skipped = [], 0
+        for i, fields in enumerate(csv.reader(fh, delimiter=delimiter), 1):
+            if not fields:
+                continue
+            if len(fields) != len(column_names):
+                message = (f"{path} row {i}: {len(fields)} fields, but data.column_names names "
+                           f"{len(column_names)} ({', '.join(column_names)})")
+                if not skip_invalid:
+                    raise DataError(message)
+                skipped += 1
+                if errors is not None:
+                    errors.append(message)
+                continue
+            rows.append(Row(dict(zip(column_names, fields)), str(path), i))
+        return rows, skipped
 
 
 def _read_hub(dataset_id: str, split: str, config: str | None) -> list[Row]:
