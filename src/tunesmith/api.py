@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -149,11 +150,8 @@ def train(
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
     collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
     eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
-    extra_eval = None
-    if reference_before is not None and cfg.eval.reference_every_eval:
-        def extra_eval(m):
-            now = _measure_reference(cfg, m, tokenizer)
-            return {**now, **_deltas(reference_before, now)}
+    extra_eval = (partial(_reference_now, cfg, tokenizer, reference_before)
+                  if reference_before is not None and cfg.eval.reference_every_eval else None)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
                  extra_eval=extra_eval)
@@ -208,6 +206,12 @@ def _deltas(before: dict, after: dict) -> dict:
     from .evaluation.forgetting import forgetting_deltas
 
     return forgetting_deltas(before, after)
+
+
+def _reference_now(cfg: RunConfig, tokenizer, before: dict, model) -> dict:
+    """Reference scores at an evaluation during training, with their change since the base."""
+    now = _measure_reference(cfg, model, tokenizer)
+    return {**now, **_deltas(before, now)}
 
 
 def _reference_before(cfg: RunConfig, objective, model, tokenizer, run_dir: Path, resuming: bool,
