@@ -432,6 +432,34 @@ def test_token_classification_trains_and_reloads(tiny_bert_dir, bert_tok, tmp_pa
     gold, predicted = labels[mask].tolist(), reloaded.argmax(-1)[mask].tolist()
     assert result.metrics["eval_accuracy"] == pytest.approx(accuracy_score(gold, predicted))
     assert result.metrics["eval_macro_f1"] == pytest.approx(f1_score(gold, predicted, average="macro"))
+    # Every entity here is one B-LOC word, so entity F1 is the F1 of the B-LOC tag (id 0).
+    tp = sum(g == p == 0 for g, p in zip(gold, predicted))
+    n_pred, n_gold = predicted.count(0), gold.count(0)
+    precision, recall = tp / n_pred if n_pred else 0.0, tp / n_gold
+    assert result.metrics["eval_entity_precision"] == pytest.approx(precision)
+    assert result.metrics["eval_entity_recall"] == pytest.approx(recall)
+    assert result.metrics["eval_entity_f1"] == pytest.approx(
+        2 * precision * recall / (precision + recall) if tp else 0.0)
+
+
+def test_entity_scores_need_both_boundaries_and_stop_at_row_ends():
+    from tunesmith.objectives.classification import SEQUENCE_END as END
+
+    obj = OBJECTIVES["token_classification"]
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    # Row 1: PER over two words, predicted one word short (wrong boundary: no credit); LOC right.
+    # Rows 2-3: a LOC ending row 2 and an I-LOC opening row 3 are two entities, not one.
+    gold = [1, 2, 0, 3, END, 0, 3, END, 4, 0, END]
+    pred = [1, 0, 0, 3, END, 0, 3, END, 0, 0, END]
+    scores = obj.metrics(torch.tensor(pred), torch.tensor(gold), names)
+    # gold entities: PER, LOC, LOC, LOC(I- start) = 4; predicted: PER(short), LOC, LOC = 3; correct: 2.
+    assert scores["entity_precision"] == pytest.approx(2 / 3)
+    assert scores["entity_recall"] == pytest.approx(2 / 4)
+    assert scores["entity_f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+    # Token scores ignore the row separators: 6 of 8 tags right.
+    assert scores["accuracy"] == pytest.approx(6 / 8)
+    # Tags that are not BIO get no entity scores.
+    assert "entity_f1" not in obj.metrics(torch.tensor([0, END]), torch.tensor([0, END]), ["cat", "dog"])
 
 
 # --- causal LM on plain text (continued pretraining) ---------------------------------------------------------

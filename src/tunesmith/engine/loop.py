@@ -62,9 +62,18 @@ def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_
         metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
         metrics["eval_tokens"] = items
     if predictions:
-        metrics.update({f"eval_{k}": v for k, v in
-                        objective.metrics(torch.cat(predictions), torch.cat(references)).items()})
+        scores = objective.metrics(torch.cat(predictions), torch.cat(references), _label_names(model))
+        metrics.update({f"eval_{k}": v for k, v in scores.items()})
     return metrics
+
+
+def _label_names(model) -> list[str] | None:
+    """Class names by id from the model's config (peft and probe wrappers expose it too)."""
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+    id2label = getattr(config, "id2label", None)
+    if not id2label:
+        return None
+    return [id2label[i] for i in sorted(id2label, key=int)]
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:

@@ -78,6 +78,10 @@ class Objective(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """The loss summed over the batch and the number of items it sums over."""
 
-    def metrics(self, predictions: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
-        """Eval metrics from the predictions gathered over the validation set."""
+    def metrics(self, predictions: torch.Tensor, references: torch.Tensor,
+                label_names: list[str] | None = None) -> dict[str, float]:
+        """Eval metrics from the predictions gathered over the validation set.
+
+        `label_names` are the model's class names by id (config.id2label) when it has them.
+        """
         return {}

@@ -128,6 +128,9 @@ def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
     return per_item.sum()
 
 
+SEQUENCE_END = -1  # separates rows in token classification's gathered predictions
+
+
 def accuracy_and_macro_f1(predictions: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -204,7 +207,8 @@ class SequenceClassification(Objective):
         loss_sum = weighted_ce_sum(logits, labels, batch.get(WEIGHTS_KEY))
         return LossOutput(loss_sum, int(labels.shape[0]), logits.argmax(-1), labels)
 
-    def metrics(self, predictions: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
+    def metrics(self, predictions: torch.Tensor, references: torch.Tensor,
+                label_names: list[str] | None = None) -> dict[str, float]:
         return accuracy_and_macro_f1(predictions, references)
 
 
@@ -282,7 +286,41 @@ class TokenClassification(Objective):
         mask = labels != IGNORE
         picked, gold = logits[mask], labels[mask]
         loss_sum = weighted_ce_sum(picked, gold, batch.get(WEIGHTS_KEY))
-        return LossOutput(loss_sum, int(mask.sum()), picked.argmax(-1), gold)
+        # Each row's labelled tokens followed by SEQUENCE_END, so entity metrics can tell the
+        # rows apart once the eval loop has concatenated every batch.
+        end = torch.full_like(labels[:, :1], SEQUENCE_END)
+        keep = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        predicted = torch.cat([logits.argmax(-1), end], dim=1)[keep]
+        return LossOutput(loss_sum, int(mask.sum()), predicted, torch.cat([labels, end], dim=1)[keep])
 
-    def metrics(self, predictions: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
-        return accuracy_and_macro_f1(predictions, references)
+    def metrics(self, predictions: torch.Tensor, references: torch.Tensor,
+                label_names: list[str] | None = None) -> dict[str, float]:
+        tokens = references != SEQUENCE_END
+        scores = accuracy_and_macro_f1(predictions[tokens], references[tokens])
+        if label_names and any(n[:2] in ("B-", "I-") for n in label_names):
+            scores.update(entity_scores(predictions, references, label_names))
+        return scores
+
+
+def entity_scores(predictions: torch.Tensor, references: torch.Tensor, label_names: list[str]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (seqeval, CoNLL rules) over BIO tag sequences.
+
+    An entity counts only when its type and both boundaries match; token accuracy alone
+    rewards predicting `O` everywhere.
+    """
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    def sequences(ids: torch.Tensor) -> list[list[str]]:
+        out, current = [], []
+        for i in ids.tolist():
+            if i == SEQUENCE_END:
+                out.append(current)
+                current = []
+            else:
+                current.append(label_names[i])
+        return out
+
+    y_true, y_pred = sequences(references), sequences(predictions)
+    return {"entity_precision": float(precision_score(y_true, y_pred, zero_division=0)),
+            "entity_recall": float(recall_score(y_true, y_pred, zero_division=0)),
+            "entity_f1": float(f1_score(y_true, y_pred, zero_division=0))}
