@@ -88,7 +88,7 @@ def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_bert_wide_dir, 
 
 
 # Classification heads (and BERT's pooler) start fresh; the wide BERT lets them learn in 8 steps.
-FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert", "seq2seq": "t5", "classification": "bert-wide",
+FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert-wide", "seq2seq": "t5", "classification": "bert-wide",
           "token_classification": "bert-wide"}
 # BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
 BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
