@@ -72,6 +72,14 @@ def _read_local(path: Path, skip_invalid: bool, errors: list[str] | None,
     raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})")
 
 
+def _invalid(message: str, skip_invalid: bool, errors: list[str] | None) -> None:
+    """A row that cannot be read: an error, or (skip_invalid) a note in `errors` for the caller to skip it."""
+    if not skip_invalid:
+        raise DataError(message) from None
+    if errors is not None:
+        errors.append(message)
+
+
 def _read_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
     rows, skipped = [], 0
     with path.open(encoding="utf-8") as fh:
@@ -83,12 +91,8 @@ def _read_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None)
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             except ValueError as exc:
-                message = f"{path} line {lineno}: not a valid JSON object: {exc}"
-                if not skip_invalid:
-                    raise DataError(message) from None
+                _invalid(f"{path} line {lineno}: not a valid JSON object: {exc}", skip_invalid, errors)
                 skipped += 1
-                if errors is not None:
-                    errors.append(message)
                 continue
             rows.append(Row(obj, str(path), lineno))
     return rows, skipped
@@ -113,12 +117,8 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
     rows, skipped = [], 0
     for i, item in enumerate(obj, 1):
         if not isinstance(item, dict):
-            message = f"{path} row {i}: expected a JSON object, got {type(item).__name__}"
-            if not skip_invalid:
-                raise DataError(message)
+            _invalid(f"{path} row {i}: expected a JSON object, got {type(item).__name__}", skip_invalid, errors)
             skipped += 1
-            if errors is not None:
-                errors.append(message)
             continue
         rows.append(Row(item, str(path), i))
     return rows, skipped
@@ -140,13 +140,9 @@ def _read_csv(path: Path, delimiter: str, column_names: list[str] | None = None,
             if not fields:
                 continue
             if len(fields) != len(column_names):
-                message = (f"{path} row {i}: {len(fields)} fields, but data.column_names names "
-                           f"{len(column_names)} ({', '.join(column_names)})")
-                if not skip_invalid:
-                    raise DataError(message)
+                _invalid(f"{path} row {i}: {len(fields)} fields, but data.column_names names "
+                         f"{len(column_names)} ({', '.join(column_names)})", skip_invalid, errors)
                 skipped += 1
-                if errors is not None:
-                    errors.append(message)
                 continue
             rows.append(Row(dict(zip(column_names, fields)), str(path), i))
         return rows, skipped
