@@ -2,14 +2,14 @@
 
 Workload: a fixed subset of ../shared/data/sst2/train.tsv (the first --train-rows rows, a
 fixed seed-0 shuffle of the file), scored on the whole dev set (872 rows); max length 64,
-batch 16, --epochs epochs, linear schedule with 6% warmup, seed 42. Only the learning rate
+batch 16, --epochs epochs (2), linear schedule with 6% warmup, seed 42. Only the learning rate
 differs per method, because each family has its own working range (full fine-tuning at
 5e-5 would leave a soft prompt untrained); the rates are in LEARNING_RATES below.
 
 Each method runs in its own process, so peak RSS is its own.
 
 Usage:  python benchmarks/methods_sst2.py [--data ../shared/data/sst2] [--train-rows 8000]
-                                          [--epochs 1] [--methods full,lora,...]
+                                          [--epochs 2] [--methods full,lora,...]
 Prints one table (dev accuracy, trainable params, tokens/s, peak memory); the last line
 is one JSON object mapping each method to its dev accuracy.
 """
@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--train-rows", type=int, default=8000)
-    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

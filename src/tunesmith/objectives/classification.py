@@ -251,8 +251,8 @@ def align_word_labels(tokenizer, words: list[str], tags: list[int], data: DataCo
 
 class TokenClassification(Objective):
     """One tag per word (BIO named entities); the loss and metrics count each word once,
-    on its first sub-token. Metrics are word-level accuracy and macro-F1 over tags
-    (entity-level F1 in the CoNLL sense would need seqeval)."""
+    on its first sub-token. Metrics are word-level accuracy and macro-F1 over tags, plus
+    entity-level precision/recall/F1 (CoNLL rules, seqeval) when the tags are BIO."""
 
     name = "token_classification"
     auto_class = "AutoModelForTokenClassification"
