@@ -280,3 +280,41 @@ def test_qlora_names_the_extra_when_bitsandbytes_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec then reports it absent
     with pytest.raises(ConfigError, match=r"tunesmith\[qlora\]"):
         METHODS["qlora"].load_kwargs(MethodConfig(type="qlora"), "fp32")
+
+
+@needs_bnb
+def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_tokenizer):
+    """On AVX512-BF16 CPUs bitsandbytes moves a 4-bit layer to an inference kernel without a
+    backward at its first eval-mode forward, and keeps it for training; tunesmith keeps the
+    differentiable path, so a step after an evaluation computes the gradients it did before.
+    (Layer widths here are multiples of 32, which that kernel needs, so the check bites there.)"""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tiny_tokenizer.pad_token_id,
+    )).save_pretrained(tmp_path)
+    qlora = METHODS["qlora"]
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, **qlora.load_kwargs(MethodConfig(type="qlora", compute_dtype="fp32"), "fp32"))
+    model = qlora.apply(base, MethodConfig(type="qlora", r=R, dropout=0.0),
+                        MethodContext(OBJECTIVES["sft"], tiny_tokenizer, str(tmp_path)))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    batch = tiny_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    logits_of(model, batch)  # an evaluation: eval mode, no grad
+    after = gradients()
+    assert before.keys() == after.keys() and before
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=1e-5, msg=name)
+

@@ -42,6 +42,22 @@ def _device_map() -> dict:
     return {"": str(PartialState().device)}
 
 
+def keep_4bit_layers_differentiable(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit's first forward in eval mode without grad repacks
+    its weight for a fast inference kernel (gemv_4bit) and keeps using it from then on, in
+    training too; that kernel has no backward, so after the first evaluation no gradient
+    flows through any quantized layer and QLoRA trains silently wrong (bitsandbytes 0.50).
+    The repacking also asserts that out_features is a multiple of 32. The flag it checks is
+    per module; turning it off keeps the differentiable matmul everywhere.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 class QLora(Lora):
     """LoRA on a k-bit base (method.bits 4 or 8)."""
 
@@ -79,8 +95,9 @@ class QLora(Lora):
         # Freezes the base and keeps norms/embeddings in fp32 for stable k-bit training.
         # Gradient checkpointing is the engine's job (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return super().apply(model, cfg, ctx)
+        return keep_4bit_layers_differentiable(super().apply(model, cfg, ctx))
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         _need_bitsandbytes()
-        return super().load(base, artifact, cfg, ctx)
+        # A reloaded adapter must compute what the trained one did (and may be trained on).
+        return keep_4bit_layers_differentiable(super().load(base, artifact, cfg, ctx))
