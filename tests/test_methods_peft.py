@@ -318,3 +318,15 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_tokeniz
     for name in before:
         torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=1e-5, msg=name)
 
+
+def test_prefix_tuning_refuses_a_model_without_past_key_values():
+    """DistilBERT's forward (and its backbone's) takes no past_key_values, the only way peft
+    injects prefixes: refused when the method applies, before any training step."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=50, dim=32, hidden_dim=64, n_layers=1, n_heads=2, num_labels=2))
+    with pytest.raises(ConfigError, match=r"prefix_tuning cannot train DistilBertForSequenceClassification.*"
+                                          r"past_key_values.*use prompt_tuning"):
+        METHODS["prefix_tuning"].apply(model, MethodConfig(type="prefix_tuning"),
+                                       MethodContext(OBJECTIVES["classification"]))

@@ -12,6 +12,7 @@ logits carry `num_virtual_tokens` extra leading positions that the objective dro
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
 
 from typing import TYPE_CHECKING
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 # peft builds prompt-learning models per task type; masked LM has none (peft raises KeyError).
 _NO_MASKED_LM = ("peft has no masked-LM task type, and prompt learning needs one to prepend virtual "
                  "tokens; use lora, ia3 or another weight-based method for masked_lm")
+
+
+def _takes_past_key_values(model: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(model.forward).parameters
 
 
 class PromptMethod(PeftMethod):
@@ -80,6 +85,22 @@ class PrefixTuning(PromptMethod):
                 "(peft refuses the combination); turn it off or use prompt_tuning / p_tuning"
             )
         return problems
+
+    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+        # peft hands the prefixes to the model (or, for classification heads, to its backbone)
+        # as `past_key_values`; a model that does not take them would fail at the first step.
+        if not any(_takes_past_key_values(m) for m in (model, getattr(model, "base_model", model))):
+            import peft
+            import transformers
+
+            raise ConfigError(
+                f"method.type prefix_tuning cannot train {type(model).__name__} with transformers "
+                f"{transformers.__version__} and peft {peft.__version__}: neither the model nor its "
+                "backbone takes past_key_values, through which peft injects the prefixes (DistilBERT "
+                "never did; transformers 5.24 renamed it on BERT-family encoders, which constraints.txt "
+                "avoids by pinning transformers<5.24); use prompt_tuning, p_tuning, lora or ia3"
+            )
+        return super().apply(model, cfg, ctx)
 
     def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
         from peft import PrefixTuningConfig
