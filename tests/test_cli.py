@@ -129,6 +129,10 @@ def test_env_runs():
     assert "tunesmith environment" in out
     assert torch.__version__ in out and transformers.__version__ in out
     assert "cpu" in out
+    import bitsandbytes
+    import peft
+
+    assert peft.__version__ in out and bitsandbytes.__version__ in out
 
 
 def test_help_lists_commands():

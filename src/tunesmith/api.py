@@ -243,22 +243,26 @@ def _library_of(artifact_dir: Path | None, artifact: str) -> str:
 def env_info() -> dict:
     """Versions, device and dtype support: what `tunesmith env` prints."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import accelerate
-    import peft
     import torch
-    import transformers
 
     from . import __version__
     from .hardware import bf16_is_fast, device_type, resolve_precision
+
+    def installed(package: str) -> str:
+        # Read from package metadata: importing peft would import bitsandbytes, which prints
+        # kernel warnings of its own on CPU.
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     info = {
         "tunesmith": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
+        **{name: installed(name) for name in ("transformers", "peft", "accelerate", "bitsandbytes")},
         "device": device_type(),
         "cpu threads": torch.get_num_threads(),
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
