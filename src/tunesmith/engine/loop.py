@@ -244,7 +244,8 @@ def fit(
                     metrics["step"] = step
                     if accelerator.is_main_process:
                         log.log(metrics)
-                    progress.note(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
+                    progress.note(f"step {step}: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in metrics.items() if k != "step" and isinstance(v, float)))
                     result.metrics.update({k: v for k, v in metrics.items() if k != "step"})
                     value = metrics.get(ev.metric)
                     if value is None:
