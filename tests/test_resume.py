@@ -93,6 +93,13 @@ CASES = {
                       eval={"every": 2}),
         crash=dict(step=5, micro=1), resume_from=3, steps=6,
     ),
+    # LoRA-FA's A matrices are frozen, so a checkpoint (trainable weights only) lacks them:
+    # the resumed run rebuilds them from the seed and its saved adapter, A included, and its
+    # optimizer (peft's LoRA-FA, which projects B's gradient through A) must match.
+    "lora_fa-frozen-A": dict(
+        sections=dict(method={"type": "lora_fa"}, training={"epochs": 2, "save_every": 3}),
+        crash=dict(step=5), resume_from=3, steps=6,
+    ),
     # Records every 2 steps, checkpoint at step 3: the record of step 4 averages steps 3 and
     # 4 across the interruption. With TensorBoard on, the resumed run must hide the events
     # the interrupted one logged after its checkpoint.
