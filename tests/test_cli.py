@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -129,10 +130,14 @@ def test_env_runs():
     assert "tunesmith environment" in out
     assert torch.__version__ in out and transformers.__version__ in out
     assert "cpu" in out
-    import bitsandbytes
-    import peft
+    from importlib.metadata import PackageNotFoundError, version
 
-    assert peft.__version__ in out and bitsandbytes.__version__ in out
+    for package in ("peft", "accelerate", "bitsandbytes"):
+        try:
+            expected = version(package)
+        except PackageNotFoundError:
+            expected = "not installed"
+        assert re.search(rf"{package}\W+{re.escape(expected)}", out), package
 
 
 def test_help_lists_commands():
