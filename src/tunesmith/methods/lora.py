@@ -112,12 +112,15 @@ class Lora(PeftMethod):
     name = "lora"
     use_dora = False
     use_rslora = False
+    # Plain nn.Linear targets get the fused LoRA layer (methods/fused_lora.py); quantized
+    # bases keep peft's own layers.
+    fused = True
 
     def peft_config(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext):
         from peft import LoraConfig
 
         targets = resolve_targets(model, cfg.target_modules, self.name, cfg.layers_to_transform)
-        return LoraConfig(
+        config = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
@@ -130,6 +133,11 @@ class Lora(PeftMethod):
             # peft saves the classifier for SEQ_CLS itself; a BERT-style pooler feeding it learns too.
             modules_to_save=[n for n, _ in task_heads(model) if n not in HEAD_NAMES] or None,
         )
+        if self.fused:
+            from .fused_lora import FusedLoraLinear
+
+            config._register_custom_module({nn.Linear: FusedLoraLinear})
+        return config
 
     def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model

@@ -62,6 +62,7 @@ class QLora(Lora):
     """LoRA on a k-bit base (method.bits 4 or 8)."""
 
     name = "qlora"
+    fused = False  # bitsandbytes layers subclass nn.Linear; peft's bnb layers must wrap them
 
     def check(self, cfg: "RunConfig") -> list[str]:
         problems = []
