@@ -63,7 +63,9 @@ def quickstart(
 ) -> None:
     """LoRA-tune SmolLM2-135M-Instruct on the built-in task and show base vs tuned."""
     from .quickstart import run_quickstart
+    from .quiet import quiet_libraries
 
+    quiet_libraries()  # run_quickstart imports peft (and so bitsandbytes) before any model loads
     try:
         run_quickstart(output, steps=steps, console=console)
     except TunesmithError as exc:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,6 +17,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 PKG_SCHEME = "pkg://"
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -103,27 +107,35 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, *,
-               auto_class: str = "AutoModelForCausalLM", tokenizer=None, init_seed: int = 0, **kwargs):
+               auto_class: str = "AutoModelForCausalLM", tokenizer=None, init_seed: int = 0,
+               echo: Callable[[str], None] | None = None, **kwargs):
     """The base model with the head an objective needs (`auto_class` names a transformers Auto class).
 
     Weights the checkpoint lacks (a fresh classification head, a pooler a masked-LM checkpoint
     never had) are initialised from `init_seed` in a forked RNG, so loading the base again for a
     saved adapter recreates exactly the untrained weights the adapter was trained on top of.
-    Extra keyword arguments (num_labels, quantization_config, ...) go to from_pretrained.
+    transformers' load report about them is held back; `echo` gets one line instead (see
+    `new_weights_notice`). Extra keyword arguments (num_labels, quantization_config, ...) go to
+    from_pretrained.
     """
     import transformers
 
+    from .quiet import held_load_report, quiet_libraries
+
+    # Before anything imports peft (and with it bitsandbytes): only QLoRA wants its messages.
+    quiet_libraries(qlora="quantization_config" in kwargs)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     loader = getattr(transformers, auto_class)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), held_load_report():
             torch.manual_seed(init_seed)
-            model = loader.from_pretrained(
+            model, info = loader.from_pretrained(
                 source or materialize(cfg),
                 dtype=dtype,
                 trust_remote_code=cfg.trust_remote_code,
                 revision=cfg.revision,
+                output_loading_info=True,
                 **kwargs,
             )
     except ValueError as exc:
@@ -135,7 +147,57 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         # Sequence-classification heads on decoders find each row's last token via the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
+    notice = new_weights_notice(model, info, init_seed)
+    if notice:
+        (echo or logger.info)(notice)
     return model
+
+
+def _modules(keys) -> list[str]:
+    """The fewest module names covering parameter keys, layer numbers folded into '*'."""
+    names = sorted({re.sub(r"\.\d+(?=\.|$)", ".*", k.rpartition(".")[0] or k) for k in keys})
+    return [n for n in names if not any(n.startswith(p + ".") for p in names)]
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def new_weights_notice(model, info: dict, seed: int) -> str | None:
+    """One line about weights the checkpoint lacked (tunesmith's stand-in for transformers' load report).
+
+    e.g. "model: new task head classifier (2 labels) initialised from seed 42; also new:
+    bert.pooler.dense; unused from the checkpoint: cls.predictions". None when the checkpoint
+    matched the model exactly.
+    """
+    from .methods.base import HEAD_NAMES
+
+    missing = _modules(set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()})
+    unused = _modules(info.get("unexpected_keys") or ())
+    if not missing and not unused:
+        return None
+    heads: list[str] = []
+    others: list[str] = []
+    for name in missing:
+        path = name.split(".")
+        at = next((i for i, p in enumerate(path) if p in HEAD_NAMES), None)
+        if at is None:
+            others.append(name)
+        elif (head := ".".join(path[:at + 1])) not in heads:
+            heads.append(head)  # a head with inner layers (classifier.dense, .out_proj) is one head
+    parts = []
+    if heads:
+        labels = getattr(model.config, "num_labels", None)
+        parts.append(f"new task head {_listed(heads)}{f' ({labels} labels)' if labels else ''} "
+                     f"initialised from seed {seed}")
+        if others:
+            parts.append(f"also new: {_listed(others)}")
+    elif others:
+        parts.append(f"new weights initialised from seed {seed}: {_listed(others)}")
+    if unused:
+        parts.append(f"unused from the checkpoint: {_listed(unused)}")
+    return "model: " + "; ".join(parts)
 
 
 def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None):

@@ -17,6 +17,7 @@ from ..errors import TrainingError
 from ..objectives import Objective
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
+from .progress import Progress
 from .tracking import MetricsLog
 
 
@@ -151,7 +152,7 @@ def fit(
         found = ckpt.list_checkpoints(ckpt_dir)
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
 
-    progress = _progress(t.progress and accelerator.is_main_process, total_steps, state["step"])
+    progress = Progress(t.progress and accelerator.is_main_process, total_steps, state["step"])
     # Throughput counts time in training steps only (no eval, no checkpoints) and non-padding
     # tokens; it is measured per process session, so it is not part of the resumable state.
     window_tokens, window_seconds = 0, 0.0
@@ -293,37 +294,3 @@ def fit(
             MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})
         result.metrics.update({k: v for k, v in metrics.items() if k != "step"})
     return result
-
-
-class _progress:
-    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, record: dict, total: int) -> None:
-        if self.bar is not None:
-            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
-            self.bar.update(self.task, completed=record["step"], info=info)
-
-    def advance(self, step: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step)
-
-    def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.log(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
