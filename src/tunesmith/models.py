@@ -147,6 +147,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         # Sequence-classification heads on decoders find each row's last token via the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
+    if not cfg.attn_implementation and auto_class == "AutoModelForCausalLM":
+        from .attention import use_segment_attention
+
+        use_segment_attention(model)  # packed rows without a dense block mask
     notice = new_weights_notice(model, info, init_seed)
     if notice:
         (echo or logger.info)(notice)

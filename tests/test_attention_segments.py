@@ -1,0 +1,88 @@
+"""Per-example attention for packed rows: same numbers as transformers' block mask, no mask built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunesmith.attention import SEGMENTS, use_segment_attention
+
+
+@pytest.fixture
+def pair():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    ref = LlamaForCausalLM(cfg)
+    ours = LlamaForCausalLM(cfg)
+    ours.load_state_dict(ref.state_dict())
+    assert use_segment_attention(ours) and ours.config._attn_implementation == SEGMENTS
+    return ref, ours
+
+
+def test_packed_row_matches_transformers_block_mask_with_gradients(pair):
+    ref, ours = pair
+    ids = torch.randint(0, 100, (1, 24))
+    pos = torch.tensor([list(range(5)) + list(range(12)) + list(range(7))])
+    grads = []
+    for model in (ref, ours):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        (logits * torch.linspace(-1, 1, 100)).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_examples_of_packed_rows_see_only_themselves_at_any_batch_size(pair):
+    _, ours = pair
+    ours.eval()
+    ids = torch.randint(0, 100, (2, 16))
+    pos = torch.tensor([list(range(6)) + list(range(10)), list(range(3)) + list(range(13))])
+    with torch.no_grad():
+        packed = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+        alone = [ours(input_ids=ids[0:1, :6]).logits, ours(input_ids=ids[0:1, 6:]).logits,
+                 ours(input_ids=ids[1:2, :3]).logits, ours(input_ids=ids[1:2, 3:]).logits]
+    for got, want in zip((packed[0:1, :6], packed[0:1, 6:], packed[1:2, :3], packed[1:2, 3:]), alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_and_generation_use_transformers_sdpa(pair):
+    ref, ours = pair
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as in batched generation
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[0, 4:],
+                                   ref(input_ids=ids, attention_mask=mask).logits[0, 4:], rtol=1e-5, atol=1e-5)
+        a = ref.generate(ids[1:], max_new_tokens=5, do_sample=False)
+        b = ours.generate(ids[1:], max_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_saved_model_loads_with_plain_transformers(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, ours = pair
+    ours.save_pretrained(tmp_path)
+    assert SEGMENTS not in (tmp_path / "config.json").read_text()
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # no custom attention name needed
+
+
+def test_training_runs_use_segment_attention(run_config):
+    import tunesmith
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model
+
+    cfg = run_config()
+    model = load_model(ModelConfig(name_or_path=cfg["model"]["name_or_path"]), torch.float32)
+    assert model.config._attn_implementation == SEGMENTS
+    explicit = load_model(ModelConfig(name_or_path=cfg["model"]["name_or_path"], attn_implementation="eager"),
+                          torch.float32)
+    assert explicit.config._attn_implementation == "eager"
+    assert json.loads(json.dumps(tunesmith.train(cfg, echo=lambda m: None).metrics))["loss"] > 0
