@@ -9,7 +9,6 @@ import sys
 import pytest
 
 import tunesmith
-from tunesmith.engine import loop
 from tunesmith.engine import progress as progress_mod
 from tunesmith.engine.progress import Progress, format_eta
 
