@@ -25,6 +25,7 @@ class RunResult:
     stopped_early: bool = False
     throughput: dict = field(default_factory=dict)  # training-step time and tokens of this session
     forgetting: dict = field(default_factory=dict)  # reference sets before/after and their deltas
+    precision: str = ""  # what training ran in, e.g. "bf16 autocast, bfloat16 weights"
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -86,7 +87,9 @@ def train(
     from .card import render_card
     from .data.pipeline import build_data
     from .engine import fit
-    from .hardware import TORCH_DTYPES, device_type, resolve_precision
+    from .hardware import TORCH_DTYPES, device_type, ensure_threads
+    from .precision import PROXY_MAX_TOKENS
+    from .precision import choose as choose_precision
     from .artifacts import write_manifest
     from .methods import METHODS, MethodContext, trainable_summary
     from .models import load_model, load_tokenizer, materialize
@@ -97,8 +100,7 @@ def train(
     resume_from = _resume_point(run_dir, resume) if resume else None
     if resume_from is not None:
         run_dir = resume_from.parent.parent
-    precision = resolve_precision(cfg.training.precision)
-    if precision == "fp16" and device_type() != "cuda":
+    if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
     method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
     resuming = resume_from is not None
@@ -118,21 +120,28 @@ def train(
          f"{st.train_examples} train / {st.val_examples} validation examples, {st.truncated} truncated, "
          f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
 
+    model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)
+    chosen = choose_precision(
+        cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
+        build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs),
+        tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo)
+    precision = chosen.precision
+    if chosen.timings:
+        echo(f"precision auto: {precision} with {chosen.weights} frozen weights, {chosen.how} "
+             f"(s per proxy step: {', '.join(f'{k} {v:.3f}' for k, v in chosen.timings.items())})")
+    threads = ensure_threads()
     set_seed(cfg.training.seed)
-    if cfg.model.dtype != "auto":
-        dtype = TORCH_DTYPES[cfg.model.dtype]
-    else:
-        # Frozen base weights can live in the compute dtype; weights that learn stay fp32.
-        dtype = TORCH_DTYPES[precision] if method.frozen_base else torch.float32
-    load_kwargs = {**objective.model_kwargs(cfg.objective, data.task, tokenizer),
-                   **method.load_kwargs(cfg.method, precision)}
+    # Frozen base weights live in the measured dtype; weights that learn stay fp32.
+    dtype = TORCH_DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else chosen.weight_dtype
+    load_kwargs = {**model_kwargs, **method.load_kwargs(cfg.method, precision)}
     model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
-                       init_seed=cfg.training.seed, **load_kwargs)
+                       init_seed=cfg.training.seed, echo=echo, **load_kwargs)
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     trainable, total = trainable_summary(model)
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
-         f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}")
+         f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}; "
+         f"{threads if device_type() == 'cpu' else device_type()}")
     # The run folder is created (or replaced, with output.overwrite) only now that the method
     # applied: a config the method rejects (a module pattern that matches nothing, say) must
     # not leave a folder behind that the corrected run then refuses as "already holds a run",
@@ -170,7 +179,7 @@ def train(
                      f"{value:+.2f}% vs the base model")
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
-                       fitted.throughput, forgetting)
+                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights")
     if accelerator.is_main_process:
         if cfg.output.save_model:
             out = run_dir / method.artifact
@@ -192,6 +201,57 @@ def train(
 
 
 REFERENCE_BEFORE = "reference_base.json"
+
+
+def _model_config(cfg: RunConfig, source: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code,
+                                      revision=cfg.model.revision)
+
+
+def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict, weights):
+    """One training step of a two-block copy of the run's model (random weights), for precision auto."""
+    import torch
+    import transformers
+
+    from .attention import use_segment_attention
+    from .engine.optim import build_optimizer
+    from .methods import MethodContext
+    from .precision import PROXY_MAX_TOKENS, proxy_config
+
+    if method.load_kwargs(cfg.method, "fp32"):
+        raise ValueError(f"{method.name} loads a quantized base, which a random proxy cannot stand in for")
+    config = proxy_config(_model_config(cfg, source))
+    for key, value in model_kwargs.items():
+        setattr(config, key, value)  # num_labels, id2label, ...: the head the run trains
+    model = getattr(transformers, objective.auto_class).from_config(config, dtype=weights)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    causal = objective.auto_class == "AutoModelForCausalLM"
+    if causal:
+        use_segment_attention(model)
+    model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
+    model.train()
+    optimizer = build_optimizer(model, cfg.training)
+    n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
+    ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = ids[:, : max(1, n // 4)]
+
+    def step() -> None:
+        if causal:
+            out = objective.loss(model, {**batch, "labels": ids})
+            loss = out.loss_sum / max(out.n_tokens, 1)
+        else:
+            out = model(**batch)
+            loss = (out.logits if hasattr(out, "logits") else out[0]).float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def _measure_reference(cfg: RunConfig, model, tokenizer) -> dict:
@@ -248,7 +308,7 @@ def env_info() -> dict:
     import torch
 
     from . import __version__
-    from .hardware import bf16_is_fast, device_type, resolve_precision
+    from .hardware import bf16_is_fast, device_type
 
     def installed(package: str) -> str:
         # Read from package metadata: importing peft would import bitsandbytes, which prints
@@ -267,7 +327,9 @@ def env_info() -> dict:
         "cpu threads": torch.get_num_threads(),
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
         "bf16 fast here": bf16_is_fast(),
-        "precision 'auto' means": resolve_precision("auto"),
+        "precision 'auto' means": "bf16 or fp32, whichever trains the model fastest here (timed once per "
+                                  "model shape, cached)" if device_type() == "cpu" else
+                                  ("bf16" if bf16_is_fast() else "fp32"),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import torch
@@ -29,23 +30,42 @@ def bf16_is_fast() -> bool:
         return torch.cuda.is_bf16_supported()
     if dev != "cpu":
         return False
-    a32 = torch.randn(256, 256)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = a32.to(dtype)
-        a @ a
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        timings[dtype] = time.perf_counter() - start
-    return timings[torch.bfloat16] < timings[torch.float32]
+    # Large enough that kernel choice, not call overhead, decides; best of several repeats,
+    # because a busy neighbour on a shared machine can stall any single one. An emulated bf16
+    # matmul is hundreds of times slower, so one slow bf16 call ends the race early.
+    a32 = torch.randn(512, 512)
+    a32 @ a32
+    fp32 = min(_seconds(lambda: a32 @ a32) for _ in range(5))
+    a16 = a32.to(torch.bfloat16)
+    if _seconds(lambda: a16 @ a16) > 20 * fp32:
+        return False
+    return min(_seconds(lambda: a16 @ a16) for _ in range(5)) < fp32
 
 
-def resolve_precision(requested: str) -> str:
-    """'auto' becomes bf16 where it is fast, else fp32 (fp16 only when asked for)."""
-    if requested != "auto":
-        return requested
-    return "bf16" if bf16_is_fast() else "fp32"
-
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ensure_threads() -> str:
+    """Use every core this process may run on, unless the user pinned a thread count.
+
+    A library that lowers torch's intra-op threads (or a fork-safety guard) would otherwise
+    leave a CPU training run on one core without a word. Returns a line for the run log.
+    """
+    cores = usable_cores()
+    pinned = next((v for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(v)), None)
+    if device_type() == "cpu" and not pinned and torch.get_num_threads() < cores:
+        torch.set_num_threads(cores)
+    note = f" ({pinned}={os.environ[pinned]})" if pinned else ""
+    return f"{torch.get_num_threads()} CPU threads on {cores} usable cores{note}"
