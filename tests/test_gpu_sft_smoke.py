@@ -1,0 +1,54 @@
+"""benchmarks/gpu_sft.py runs end to end on a tiny Llama (--smoke) and refuses to run without a GPU.
+
+The smoke run checks the script's plumbing (model build, data, one process per run, the
+RESULT protocol, the summary line), not its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sft.py"
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# Three processes (model build, LoRA run, full run), each importing torch + transformers +
+# peft: 35-45 s on a shared 2-core machine, so it carries the slow mark.
+@pytest.mark.slow
+def test_smoke_run_reports_every_run():
+    proc = _run("--smoke", "--tools", "tunesmith", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert set(summary["runs"]) == {"smoke/lora", "smoke/full"}
+    for name, entry in summary["runs"].items():
+        run = entry["tunesmith"]
+        assert "error" not in run, (name, run)
+        assert run["tokens_per_s"] > 0, name
+        assert run["rows_full"], name  # every packed row full: tokens per step are exact
+        assert run["timed_steps"] == summary["steps"] == 2
+        assert {"mfu", "mfu_with_attention", "peak_gpu_mem_mb", "peak_rss_mb"} <= set(run)
+        assert run["mfu"] > 0 and run["mfu_with_attention"] > run["mfu"]
+        assert entry["flops_per_token"] > 0
+    # LoRA's frozen base skips weight gradients: 4N vs 6N FLOPs per token.
+    lora, full = summary["runs"]["smoke/lora"], summary["runs"]["smoke/full"]
+    assert lora["flops_per_token"] * 6 == full["flops_per_token"] * 4
+    assert set(summary["targets"]) == {"1b_lora_tokens_per_s_ratio", "1b_lora_tunesmith_mfu"}
+
+
+def test_without_gpu_it_points_to_smoke():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the script would start the real benchmark")
+    proc = _run(timeout=60)
+    assert proc.returncode != 0
+    assert "no CUDA GPU" in proc.stderr and "--smoke" in proc.stderr
