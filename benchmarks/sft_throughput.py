@@ -34,12 +34,14 @@ HP = {"r": 16, "alpha": 32, "dropout": 0.05, "max_length": 512, "effective_batch
 # Micro-batch size x accumulation = 8 for every run. On this 2-core CPU one row per
 # micro-batch is both the fastest and the leanest layout (measured: 135 tok/s at 1.7 GB for
 # 1x512 tokens vs 108 tok/s at 11.7 GB for 8x512), so the tuned runs of both tools use it.
+# bf16: None keeps TRL's default (bf16 autocast on); the tuned runs try both precisions, since
+# which is faster depends on the CPU (AVX512-BF16/AMX or not).
 TRL_VARIANTS = {
-    "defaults": {"packing": False, "gradient_checkpointing": True, "batch_size": 8},
-    "tuned": {"packing": True, "gradient_checkpointing": False, "batch_size": 1},
-    "tuned-unpacked": {"packing": False, "gradient_checkpointing": False, "batch_size": 1},
+    "defaults": {"packing": False, "gradient_checkpointing": True, "batch_size": 8, "bf16": None},
+    "tuned": {"packing": True, "gradient_checkpointing": False, "batch_size": 1, "bf16": True},
+    "tuned-fp32": {"packing": True, "gradient_checkpointing": False, "batch_size": 1, "bf16": False},
+    "tuned-unpacked": {"packing": False, "gradient_checkpointing": False, "batch_size": 1, "bf16": True},
 }
-
 
 def split_data(path: Path, rows: int, holdout: int, out: Path) -> tuple[Path, Path]:
     data = json.loads(path.read_text())
@@ -98,7 +100,8 @@ def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool) -> dict
         "training": {"epochs": 1, "batch_size": 1, "grad_accum": HP["effective_batch"],
                      "learning_rate": HP["lr"], "scheduler": "cosine", "seed": HP["seed"], "log_every": 5,
                      "progress": False, "precision": "auto"},
-        "eval": {"at_end": False},
+        # TRL measures no forgetting; the reference perplexities would add work to one side only.
+        "eval": {"at_end": False, "forgetting": False},
         "output": {"dir": str(work / "tunesmith"), "overwrite": True, "model_card": False},
     }
     result = tunesmith.train(cfg, echo=lambda m: print("  [tunesmith]", m, file=sys.stderr))
@@ -114,7 +117,7 @@ def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool) -> dict
         "train_runtime_s": result.throughput["train_runtime_s"],
         "heldout_loss": heldout_loss(model, tok, heldout),
         "peak_rss_mb": train_peak,
-        "settings": f"packing={packing}, batch 1 x accum 8, LM head on labelled positions, precision auto = fp32 here",
+        "settings": f"packing={packing}, batch 1 x accum 8, precision auto = {result.precision}",
     }
 
 
@@ -133,15 +136,15 @@ def run_trl(train: Path, heldout: Path, work: Path, variant: str) -> dict:
         user = f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]
         rows.append({"prompt": [{"role": "user", "content": user}],
                      "completion": [{"role": "assistant", "content": r["output"]}]})
-    bf16 = _bf16_fast()
     v = TRL_VARIANTS[variant]
+    bf16 = v["bf16"]
     args = SFTConfig(
         output_dir=str(work / "trl"), num_train_epochs=1, per_device_train_batch_size=v["batch_size"],
         gradient_accumulation_steps=HP["effective_batch"] // v["batch_size"],
         gradient_checkpointing=v["gradient_checkpointing"], learning_rate=HP["lr"], lr_scheduler_type="cosine",
         warmup_steps=0, seed=HP["seed"], max_length=HP["max_length"], packing=v["packing"], logging_steps=5,
-        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=bf16,
-        dataloader_num_workers=0, completion_only_loss=True,
+        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, completion_only_loss=True, **({} if bf16 is None else {"bf16": bf16}),
     )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     peft_cfg = LoraConfig(r=HP["r"], lora_alpha=HP["alpha"], lora_dropout=HP["dropout"],
@@ -159,14 +162,9 @@ def run_trl(train: Path, heldout: Path, work: Path, variant: str) -> dict:
         "heldout_loss": heldout_loss(trainer.model, tok, heldout),
         "peak_rss_mb": train_peak,
         "settings": f"{variant}: packing={v['packing']}, gradient_checkpointing={v['gradient_checkpointing']}, "
-                    f"batch {v['batch_size']} x accum {HP['effective_batch'] // v['batch_size']}, bf16={bf16}",
+                    f"batch {v['batch_size']} x accum {HP['effective_batch'] // v['batch_size']}, "
+                    f"bf16={trainer.args.bf16}",
     }
-
-
-def _bf16_fast() -> bool:
-    from tunesmith.hardware import bf16_is_fast
-
-    return bf16_is_fast()
 
 
 def worker(args) -> None:
@@ -200,6 +198,8 @@ def main() -> None:
     p.add_argument("--holdout", type=int, default=40)
     p.add_argument("--trl", nargs="+", choices=list(TRL_VARIANTS), default=list(TRL_VARIANTS),
                    help="TRL settings to run; ratios are against the fastest of them.")
+    p.add_argument("--ours", nargs="+", choices=["packed", "unpacked"], default=["packed", "unpacked"],
+                   help="tunesmith layouts to run")
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
@@ -216,8 +216,7 @@ def main() -> None:
     train, heldout = split_data(args.data, args.rows, args.holdout, work)
     model_folder()  # convert the GGUF once, outside both timings
     common = ["--work", str(work), "--train", str(train), "--heldout", str(heldout)]
-    our_runs = {name: launch("tunesmith", flag, common) for name, flag in (("packed", ["--packing"]),
-                                                                           ("unpacked", []))}
+    our_runs = {name: launch("tunesmith", ["--packing"] if name == "packed" else [], common) for name in args.ours}
     trl_runs = {v: launch("trl", ["--variant", v], common) for v in args.trl}
     # Headline: each tool's fastest run against the other's.
     ours = max(our_runs.values(), key=lambda r: r["tokens_per_s"])
@@ -244,8 +243,9 @@ def main() -> None:
                 "tokens_per_s_ratio": our_runs[a]["tokens_per_s"] / trl_runs[b]["tokens_per_s"],
                 "peak_rss_ratio": our_runs[a]["peak_rss_mb"] / trl_runs[b]["peak_rss_mb"],
                 "heldout_loss_ratio": our_runs[a]["heldout_loss"] / trl_runs[b]["heldout_loss"]}
-            for a, b in (("packed", "tuned"), ("unpacked", "tuned-unpacked"), ("unpacked", "defaults"))
-            if b in trl_runs},
+            for a, b in (("packed", "tuned"), ("packed", "tuned-fp32"), ("unpacked", "tuned-unpacked"),
+                         ("unpacked", "defaults"))
+            if a in our_runs and b in trl_runs},
     }
     print(json.dumps(summary))
 
