@@ -3,7 +3,12 @@
 With a 49k vocabulary and labels on a fraction of each row, running the LM head on every
 position would be the largest matmul of a step and the largest tensor in memory. Training
 (the causal-LM objectives) and evaluation (perplexity, forgetting) both score tokens through
-`labelled_logits`, so a loss or a perplexity means the same thing wherever it appears.
+`labelled_nll`, so a loss or a perplexity means the same thing wherever it appears.
+
+Where the head is a plain linear layer, head and cross-entropy run as one fused function over
+row chunks (`linear_cross_entropy`): no (tokens x vocab) logits, log-softmax or gradient buffer
+lives past its chunk. On a 2-core CPU those buffers cost more than the head's matmuls
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from .data.templates import IGNORE
 
 # Configs whose logits are post-processed in forward(); they take the plain forward path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# Positions scored at once without gradients: bounds the fp32 logits of an evaluation batch.
-EVAL_CHUNK = 1024
+# Logit elements of one chunk: 2**24 fp32 values is 64 MB, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def head_and_backbone(model: nn.Module):
@@ -38,6 +43,84 @@ def head_and_backbone(model: nn.Module):
     return backbone, head
 
 
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul would run in: autocast's when it is on, else the operands'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunks(n_rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _softmax_minus_onehot(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d nll / d logits, in place over the chunk's fp32 log-probabilities."""
+    probs = logp.exp_()
+    probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return probs
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """nll_i = logsumexp(h_i W^T) - (h_i W^T)[y_i], chunked over rows, logits in fp32.
+
+    The gradient with respect to h is formed in forward, chunk by chunk, while each chunk's
+    logits exist anyway; backward only scales it by the incoming per-token gradients. The
+    weight's gradient (full fine-tuning, where the head trains) needs those scales, so backward
+    recomputes the chunk logits for it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if hidden.requires_grad else None
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for rows in _chunks(hidden.shape[0], w.shape[0]):
+            logp = torch.log_softmax(hidden[rows].to(dtype) @ w.T, dim=-1, dtype=torch.float32)
+            nll[rows] = -logp.gather(1, targets[rows, None]).squeeze(1)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (_softmax_minus_onehot(logp, targets[rows]).to(dtype) @ w).float()
+        ctx.dtype, ctx.hidden_dtype = dtype, hidden.dtype
+        ctx.save_for_backward(grad_hidden, hidden if weight.requires_grad else None,
+                              weight if weight.requires_grad else None, targets)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        grad_hidden, hidden, weight, targets = ctx.saved_tensors
+        scale = grad_nll.float()[:, None]
+        d_hidden = None
+        if grad_hidden is not None and ctx.needs_input_grad[0]:
+            d_hidden = (grad_hidden * scale).to(ctx.hidden_dtype)
+        d_weight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            w = weight.to(ctx.dtype)
+            d_weight = torch.zeros_like(weight, dtype=torch.float32)
+            for rows in _chunks(hidden.shape[0], w.shape[0]):
+                h = hidden[rows].to(ctx.dtype)
+                grad = _softmax_minus_onehot(torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32), targets[rows])
+                d_weight += ((grad * scale[rows]).to(ctx.dtype).T @ h).float()
+            d_weight = d_weight.to(weight.dtype)
+        return d_hidden, d_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row fp32 cross-entropy of `hidden @ weight.T` against `targets`, without full logits.
+
+    Matches `F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")` with the
+    matmul in autocast's dtype when autocast is on (tests/test_scoring.py holds the two equal).
+    """
+    dtype = _compute_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+
+
+def _plain_head(head: nn.Module) -> bool:
+    return isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
+
+
 def labelled_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of the positions that predict a label, those labels), both flat over the batch.
@@ -56,12 +139,20 @@ def labelled_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
     return logits[:, -inputs["input_ids"].shape[1]:][:, :-1][mask], targets[mask]
 
 
-def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy in fp32; without gradients, in chunks so fp32 logits stay small."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], EVAL_CHUNK):
-        total += F.cross_entropy(logits[start : start + EVAL_CHUNK].float(), targets[start : start + EVAL_CHUNK],
-                                 reduction="sum")
-    return total
+def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """fp32 negative log-likelihood of every labelled token, flat over the batch in row order.
+
+    labels[:, t] is predicted from position t - 1; IGNORE labels are not scored.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    parts = head_and_backbone(model)
+    if parts is not None and _plain_head(parts[1]):
+        backbone, head = parts
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        return linear_cross_entropy(hidden[mask], head.weight, targets[mask])
+    logits, picked = labelled_logits(model, inputs, labels)
+    if not len(picked):
+        return logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat([F.cross_entropy(logits[rows].float(), picked[rows], reduction="none")
+                      for rows in _chunks(len(picked), logits.shape[-1])])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE, encode_record, ensure_chat_template, truncate
 from ..errors import ConfigError, DataError
-from ..scoring import labelled_logits, nll_sum
+from ..scoring import labelled_nll
 from . import metrics as M
 from .extract import prepare
 from .generate import can_generate, generate, is_encoder_decoder, prompt_messages, reference
@@ -86,11 +86,9 @@ def sequence_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int, ba
         mask = torch.zeros((len(chunk), longest), dtype=torch.long)
         for j, (x, y) in enumerate(chunk):
             ids[j, : len(x)], labels[j, : len(y)], mask[j, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        logits, targets = labelled_logits(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
-                                          labels.to(device))
-        total += float(nll_sum(logits, targets))
-        count += int(targets.numel())
-        del logits
+        nll = labelled_nll(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, labels.to(device))
+        total += float(nll.sum())
+        count += int(nll.numel())
     return total, count
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import DataConfig, ObjectiveConfig
 from ..data.collate import Collator
 from ..data.templates import IGNORE, encode_record, truncate
-from ..scoring import labelled_logits, nll_sum
+from ..scoring import labelled_nll
 from .base import LossOutput, Objective, TaskInfo
 
 
@@ -42,8 +42,8 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits, targets = labelled_logits(model, inputs, batch["labels"])
-        return LossOutput(nll_sum(logits, targets), int(targets.numel()))
+        nll = labelled_nll(model, inputs, batch["labels"])
+        return LossOutput(nll.sum(), int(nll.numel()))
 
 
 class SFT(CausalLM):

@@ -1,0 +1,90 @@
+"""The scoring core: fused LM head + cross-entropy against the plain logits path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith import scoring
+from tunesmith.data.templates import IGNORE
+from tunesmith.scoring import labelled_nll, linear_cross_entropy
+
+
+def _plain(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_fused_head_matches_plain_in_fp32_with_gradients(monkeypatch, weight_trains):
+    # Chunks of 7 rows over 30: the last chunk is partial.
+    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 7 * 50)
+    torch.manual_seed(0)
+    h = torch.randn(30, 16, dtype=torch.float64).float()
+    w = torch.randn(50, 16)
+    y = torch.randint(0, 50, (30,))
+    upstream = torch.rand(30) * 3 - 1  # per-token gradients, not just a sum
+    results = []
+    for fn in (_plain, linear_cross_entropy):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(weight_trains)
+        nll = fn(hh, ww, y)
+        (nll * upstream).sum().backward()
+        results.append((nll.detach(), hh.grad, ww.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    if weight_trains:
+        torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-6)
+    else:
+        assert results[1][2] is None
+
+
+def test_fused_head_under_bf16_autocast_matches_autocast_plain_path():
+    torch.manual_seed(1)
+    h = torch.randn(40, 32)
+    w = (torch.randn(300, 32) * 0.3).bfloat16()  # frozen bf16 head, as with bf16 weights
+    y = torch.randint(0, 300, (40,))
+    results = []
+    for fn in (_plain, linear_cross_entropy):
+        hh = h.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(hh, w, y)
+        assert nll.dtype == torch.float32
+        nll.sum().backward()
+        results.append((nll.detach(), hh.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-3)
+
+
+def test_fused_head_without_gradients_keeps_no_buffers():
+    h, w, y = torch.randn(5, 8), torch.randn(20, 8), torch.randint(0, 20, (5,))
+    with torch.no_grad():
+        nll = linear_cross_entropy(h, w, y)
+    assert nll.grad_fn is None
+    torch.testing.assert_close(nll, _plain(h, w, y))
+    assert linear_cross_entropy(h[:0], w, y[:0]).shape == (0,)
+
+
+def test_labelled_nll_of_a_model_matches_full_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(4, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE
+    labels[1, 9:] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    nll = labelled_nll(model, {"input_ids": ids, "attention_mask": mask}, labels)
+    nll.sum().backward()
+    fused_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
+                          ignore_index=IGNORE)[targets.reshape(-1) != IGNORE]
+    ref.sum().backward()
+    assert nll.shape == ref.shape == (int((targets != IGNORE).sum()),)
+    torch.testing.assert_close(nll.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+    # Tied embeddings: the head's gradient and the input embedding's meet in one tensor.
+    torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
