@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.methods.fused_lora import FusedLoraLinear, keep_mask
+from tunesmith.methods.fused_lora import FusedLoraLinear, drop_mask
 
 
 def _pair(dropout: float, seed: int = 0):
@@ -60,7 +60,8 @@ def test_dropout_matches_the_same_mask_applied_by_hand():
     out = layer(x)
     (out * 0.5).sum().backward()
     torch.manual_seed(7)
-    keep, kept = keep_mask(x.shape, 0.3, x.device)
+    drop, kept = drop_mask(x.shape, 0.3, x.device)
+    keep = ~drop
     a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
     b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
@@ -73,15 +74,15 @@ def test_dropout_matches_the_same_mask_applied_by_hand():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_keep_mask_rate_and_exact_keep_probability(p):
+def test_drop_mask_rate_and_exact_keep_probability(p):
     torch.manual_seed(0)
-    keep, kept = keep_mask(torch.Size([400, 500]), p, torch.device("cpu"))
-    assert keep.dtype == torch.bool and keep.shape == (400, 500)
-    assert abs(kept - (1 - p)) < 1 / 32768
-    assert abs(keep.float().mean().item() - kept) < 0.005  # 200k draws: sd ~0.0007
+    drop, kept = drop_mask(torch.Size([400, 500]), p, torch.device("cpu"))
+    assert drop.dtype == torch.bool and drop.shape == (400, 500)
+    assert abs(kept - (1 - p)) <= 0.5 / 65536
+    assert abs(1 - drop.float().mean().item() - kept) < 0.005  # 200k draws: sd ~0.0007
     # Every lane of the 64-bit words is used: each quarter of the flat mask has the same rate.
-    lanes = keep.flatten()[: 200000].view(-1, 4).float().mean(0)
-    assert torch.all((lanes - kept).abs() < 0.01)
+    lanes = drop.flatten()[: 200000].view(-1, 4).float().mean(0)
+    assert torch.all((1 - lanes - kept).abs() < 0.01)
 
 
 def test_dropout_is_unbiased_in_expectation():

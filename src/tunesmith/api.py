@@ -87,7 +87,7 @@ def train(
     from .card import render_card
     from .data.pipeline import build_data
     from .engine import fit
-    from .hardware import TORCH_DTYPES, device_type, ensure_threads
+    from .hardware import TORCH_DTYPES, device_type, ensure_threads, keep_freed_memory
     from .precision import PROXY_MAX_TOKENS
     from .precision import choose as choose_precision
     from .artifacts import write_manifest
@@ -130,6 +130,7 @@ def train(
         echo(f"precision auto: {precision} with {chosen.weights} frozen weights, {chosen.how} "
              f"(s per proxy step: {', '.join(f'{k} {v:.3f}' for k, v in chosen.timings.items())})")
     threads = ensure_threads()
+    keep_freed_memory()
     set_seed(cfg.training.seed)
     # Frozen base weights live in the measured dtype; weights that learn stay fp32.
     dtype = TORCH_DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else chosen.weight_dtype

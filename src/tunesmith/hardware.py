@@ -69,3 +69,33 @@ def ensure_threads() -> str:
         torch.set_num_threads(cores)
     note = f" ({pinned}={os.environ[pinned]})" if pinned else ""
     return f"{torch.get_num_threads()} CPU threads on {cores} usable cores{note}"
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger values on 64-bit
+_TRIM_THRESHOLD = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed activation buffers instead of handing them back to the kernel.
+
+    By default glibc serves blocks above a (dynamic) threshold with fresh mmap()s and trims
+    the heap as soon as its top is free, so each training step faults in its activations
+    again, page by page; on a VM those faults cost more than the elementwise ops that touch
+    the pages (docs/benchmarks.md). This is what jemalloc or tcmalloc would give. Only the
+    process's own reuse changes: blocks up to 32 MB come from the heap and up to 1 GB of free
+    heap is kept. Off with TUNESMITH_MALLOC=default; a no-op off glibc. True when applied.
+    """
+    if os.environ.get("TUNESMITH_MALLOC", "").lower() == "default" or device_type() != "cpu":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

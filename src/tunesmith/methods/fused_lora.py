@@ -6,12 +6,13 @@ a CPU that costs more than the low-rank matmuls themselves (profile in docs/benc
 a SmolLM2 LoRA step at dropout 0.05), x is cast to the fp32 adapter dtype and back to bf16
 by autocast, and the scale and the add each pass over the whole output.
 
-Here the dropout mask comes from 64-bit random words split into four 15-bit lanes (one
-generator call per four elements, so the mask is ~6x cheaper to draw; the keep probability is
-exact to 1/32768 and the kept values are rescaled by that exact probability, so the layer
-stays unbiased; the rescale is folded into A), the scale is folded into B (an r x out matrix),
-and the LoRA product is added
-into the base output in place with one addmm. No mask exists when dropout is 0.
+Here the dropout mask comes from full-range 64-bit random words split into four 16-bit lanes
+(one generator call per four elements, so the mask is ~6x cheaper to draw; the drop rate is
+exact to 1/65536 and the kept values are rescaled by that exact keep probability, so the layer
+stays unbiased; the rescale is folded into A); dropped elements are zeroed with masked_fill,
+so no mask is ever cast to the activations' dtype; the scale is folded into B (an r x out
+matrix), and the LoRA product is added into the base output in place with one addmm. No mask
+exists when dropout is 0.
 
 The layer is peft's own `lora.Linear` (same parameters, names and state dict), registered
 through peft's custom-module API, so adapters save and load with plain peft. Anything outside
@@ -29,18 +30,18 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 _LANES = 4  # int16 lanes in one int64 word
-_LANE_BITS = 15  # the top bit of each word is always 0 under random_(), so use 15 bits per lane
+_LANE_VALUES = 1 << 16
+_INT64_MIN = -(1 << 63)
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(boolean keep-mask of `shape`, exact keep probability) for dropout rate `p`."""
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(boolean mask of `shape`, True where dropped; exact keep probability) for dropout rate `p`."""
     n = math.prod(shape)
-    words = torch.empty(-(-n // _LANES), dtype=torch.int64, device=device).random_()
-    lanes = words.view(torch.int16)[:n].view(shape)
-    scale = 1 << _LANE_BITS
-    threshold = round(p * scale)
-    keep = lanes.bitwise_and_(scale - 1) >= threshold
-    return keep, 1.0 - threshold / scale
+    # random_(min, None) draws all 64 bits (plain random_() leaves the sign bit 0).
+    words = torch.empty(-(-n // _LANES), dtype=torch.int64, device=device).random_(_INT64_MIN, None)
+    lanes = words.view(torch.int16)[:n].view(shape)  # each uniform over [-32768, 32767]
+    cut = round(p * _LANE_VALUES)
+    return lanes < cut - _LANE_VALUES // 2, 1.0 - cut / _LANE_VALUES
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -54,19 +55,19 @@ class _LoraLinear(torch.autograd.Function):
             a = lora_a.to(dtype)
             bs = (lora_b * scaling).to(dtype)
             out = F.linear(xc, w, None if bias is None else bias.to(dtype))
-            keep, inv = None, 1.0
+            drop, inv = None, 1.0
             if p > 0:
-                keep, kept = keep_mask(xc.shape, p, xc.device)
+                drop, kept = drop_mask(xc.shape, p, xc.device)
                 inv = 1.0 / kept
                 # The 1 / keep-probability rescale rides on A (r x in) instead of on x (tokens x in).
                 a = a * inv
-                xd = xc * keep
+                xd = xc.masked_fill(drop, 0)
             else:
                 xd = xc
             flat_x = xd.reshape(-1, xd.shape[-1])
             h = flat_x @ a.t()
             out.view(-1, out.shape[-1]).addmm_(h, bs.t())
-        ctx.save_for_backward(flat_x, keep, h, w, a, bs)
+        ctx.save_for_backward(flat_x, drop, h, w, a, bs)
         ctx.inv, ctx.scaling, ctx.bias_grad = inv, scaling, bias is not None and bias.requires_grad
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
         ctx.x_dtype = x.dtype
@@ -74,20 +75,20 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        flat_x, keep, h, w, a, bs = ctx.saved_tensors
+        flat_x, drop, h, w, a, bs = ctx.saved_tensors
         a_dtype, b_dtype, bias_dtype = ctx.param_dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         gh = g @ bs  # (tokens, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
             gxd = gh @ a  # a carries the dropout rescale
-            if keep is not None:
-                gxd = gxd.view(keep.shape).mul_(keep).view_as(gxd)
+            if drop is not None:
+                gxd = gxd.view(drop.shape).masked_fill_(drop, 0).view_as(gxd)
             grad_x = torch.addmm(gxd, g, w).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
         grad_a = None
         if ctx.needs_input_grad[3]:
             grad_a = gh.t() @ flat_x
-            grad_a = (grad_a.mul_(ctx.inv) if keep is not None else grad_a).to(a_dtype)
+            grad_a = (grad_a.mul_(ctx.inv) if drop is not None else grad_a).to(a_dtype)
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[4] else None
         grad_bias = g.sum(0).to(bias_dtype) if ctx.bias_grad else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
