@@ -71,22 +71,22 @@ def ensure_threads() -> str:
     return f"{torch.get_num_threads()} CPU threads on {cores} usable cores{note}"
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger values on 64-bit
+# glibc mallopt parameter (malloc.h) and the free heap kept instead of trimmed.
+_M_TRIM_THRESHOLD = -1
 _TRIM_THRESHOLD = 1 << 30
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Let glibc reuse freed activation buffers instead of handing them back to the kernel.
+    """Let glibc keep freed heap memory for reuse instead of handing it back to the kernel.
 
-    By default glibc serves blocks above a (dynamic) threshold with fresh mmap()s and trims
-    the heap as soon as its top is free, so each training step faults in its activations
-    again, page by page; on a VM those faults cost more than the elementwise ops that touch
-    the pages (docs/benchmarks.md). This is what jemalloc or tcmalloc would give. Only the
-    process's own reuse changes: blocks up to 32 MB come from the heap and up to 1 GB of free
-    heap is kept. Off with TUNESMITH_MALLOC=default; a no-op off glibc. True when applied.
+    By default glibc trims the top of the heap as soon as more than twice its (dynamic) mmap
+    threshold is free, so a training step that frees its activations faults them in again, page
+    by page, on the next step; on a VM those faults cost more than the element-wise ops that
+    touch the pages (docs/benchmarks.md). Here up to 1 GB of free heap is kept. glibc's dynamic
+    mmap threshold is left alone: fixing it at its 32 MB maximum as well made small-tensor runs
+    (the SST-2 encoder benchmark) 10 % slower. Off with TUNESMITH_MALLOC=default; a no-op off
+    glibc. True when applied.
     """
     if os.environ.get("TUNESMITH_MALLOC", "").lower() == "default" or device_type() != "cpu":
         return False
@@ -94,8 +94,7 @@ def keep_freed_memory() -> bool:
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

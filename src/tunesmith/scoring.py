@@ -21,8 +21,9 @@ from .data.templates import IGNORE
 
 # Configs whose logits are post-processed in forward(); they take the plain forward path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# Logit elements of one chunk: 2**23 fp32 values is 32 MB whatever the vocabulary, within the
-# blocks hardware.keep_freed_memory keeps for reuse; smaller chunks slow the head's matmuls.
+# Logit elements of one chunk: 2**23 fp32 values is 32 MB whatever the vocabulary, within
+# glibc's largest heap-served block (so chunks reuse kept heap memory instead of fresh mmaps);
+# smaller chunks slow the head's matmuls.
 CHUNK_ELEMENTS = 1 << 23
 
 
