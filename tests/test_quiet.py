@@ -23,7 +23,7 @@ from tunesmith.models import load_model
 SENTENCES = [("the movie was good and great", "positive"), ("a bad and terrible movie", "negative"),
              ("what a great day", "positive"), ("this is terrible", "negative")]
 NOISE = ("bitsandbytes", "kernels-community", "gemm_4bit", "FutureWarning", "DeprecationWarning",
-         "newly initialized", "LOAD REPORT", "MISSING", "UNEXPECTED", "TRAIN this model")
+         "newly initialized", "LOAD REPORT", "MISSING", "UNEXPECTED", "TRAIN this model", "Loading weights")
 TUNESMITH_DIRS = (str(Path(tunesmith.__file__).parent), str(Path(__file__).parent))
 
 
@@ -79,6 +79,15 @@ def test_causal_lm_run_has_nothing_new_to_report(tiny_model_dir, alpaca_file, tm
     assert third_party == []
     assert not [line for line in lines if line.startswith("model:")], lines
     assert lines[0].startswith("data: ") and lines[1].startswith("method lora: ")
+
+
+def test_load_progress_bar_is_hidden_and_restored(tiny_model_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.float32, echo=lambda _: None)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is back
 
 
 def test_decoder_head_notice_names_its_labels(tiny_model_dir, tmp_path):

@@ -120,7 +120,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
     """
     import transformers
 
-    from .quiet import held_load_report, quiet_libraries
+    from .quiet import held_load_report, no_progress_bars, quiet_libraries
 
     # Before anything imports peft (and with it bitsandbytes): only QLoRA wants its messages.
     quiet_libraries(qlora="quantization_config" in kwargs)
@@ -128,7 +128,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
         kwargs["attn_implementation"] = cfg.attn_implementation
     loader = getattr(transformers, auto_class)
     try:
-        with torch.random.fork_rng(devices=[]), held_load_report():
+        with torch.random.fork_rng(devices=[]), held_load_report(), no_progress_bars():
             torch.manual_seed(init_seed)
             model, info = loader.from_pretrained(
                 source or materialize(cfg),

@@ -12,6 +12,10 @@ filters and warnings filters (no library function is patched):
   task heads on purpose and says so in one line of its own (`models.load_model`).
 - A few FutureWarnings / DeprecationWarnings that libraries raise about each other's APIs,
   listed in LIBRARY_WARNINGS, matched by category, module and message.
+- transformers' "Loading weights" progress bar, drawn on every model load (a second or less
+  from a local folder); `no_progress_bars` turns transformers' bars off for the load and
+  restores them after. The one-time GGUF conversion keeps its bar: it takes long enough to
+  be worth watching.
 """
 
 from __future__ import annotations
@@ -96,3 +100,17 @@ def held_load_report() -> Iterator[None]:
         raise
     finally:
         logger.removeFilter(hold)
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off within the block, restored to what they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
