@@ -26,6 +26,7 @@ class RunResult:
     throughput: dict = field(default_factory=dict)  # training-step time and tokens of this session
     forgetting: dict = field(default_factory=dict)  # reference sets before/after and their deltas
     precision: str = ""  # what training ran in, e.g. "bf16 autocast, bfloat16 weights"
+    weight_dtype: "torch.dtype | None" = None  # the frozen base's dtype in training
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -180,7 +181,7 @@ def train(
                      f"{value:+.2f}% vs the base model")
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
-                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights")
+                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights", dtype)
     if accelerator.is_main_process:
         if cfg.output.save_model:
             out = run_dir / method.artifact

@@ -64,7 +64,8 @@ def run_quickstart(output: Path = Path("runs/quickstart"), *, steps: int | None 
     test, _, _, _ = load_records(DataConfig(train=data_file("test.jsonl")))
     tokenizer = load_tokenizer(model_cfg, source)
     say(f"scoring base and tuned models on {len(test)} held-out reviews (greedy, exact match)")
-    base = load_causal_lm(model_cfg, torch.float32, source)
+    # Scored in the dtype the base was trained in (bf16 where precision auto measured it faster).
+    base = load_causal_lm(model_cfg, result.weight_dtype or torch.float32, source)
     base_em, base_answers = score(base, tokenizer, test)
     tuned = PeftModel.from_pretrained(base, str(result.artifact_dir))
     tuned_em, tuned_answers = score(tuned, tokenizer, test)
