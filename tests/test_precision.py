@@ -120,3 +120,42 @@ def test_a_real_run_with_auto_times_its_proxy_and_reports_the_choice(run_config,
     said.clear()
     tunesmith.train(cfg, echo=said.append)
     assert any("cached" in m for m in said if m.startswith("precision auto:"))
+
+
+def test_proxy_times_the_longest_training_row_that_fits(run_config, tiny_tokenizer, monkeypatch):
+    from tunesmith.api import _proxy_batch
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import build_data
+    from tunesmith.data.templates import IGNORE
+    from tunesmith.objectives import OBJECTIVES
+
+    cfg = load_config(run_config(data={"packing": True}))
+    objective = OBJECTIVES["sft"]
+    data = build_data(cfg.data, tiny_tokenizer, seed=0, packing=True, objective=objective)
+    batch = _proxy_batch(cfg, objective, tiny_tokenizer, data)
+    longest = max(len(r["input_ids"]) for r in data.train)
+    assert batch["input_ids"].shape == (1, longest)
+    # A real packed SFT row: several examples (position ids restart) and unlabelled prompts.
+    assert int((batch["position_ids"][0] == 0).sum()) > 1
+    assert 0 < int((batch["labels"] != IGNORE).sum()) < longest
+    # Rows longer than the proxy's length: random tokens instead (None).
+    monkeypatch.setattr(precision, "PROXY_MAX_TOKENS", 4)
+    assert _proxy_batch(cfg, objective, tiny_tokenizer, data) is None
+
+
+def test_auto_times_a_classification_proxy_with_its_own_loss(tiny_bert_dir, tmp_path):
+    import json
+
+    import tunesmith
+
+    data = tmp_path / "cls.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in
+                              [("good film", "pos"), ("bad film", "neg"), ("great plot", "pos"), ("dull plot", "neg")] * 4))
+    said = []
+    tunesmith.train({"model": {"name_or_path": str(tiny_bert_dir)}, "data": {"train": str(data), "max_length": 16},
+                     "objective": {"type": "classification"}, "method": {"type": "lora", "r": 2, "alpha": 4},
+                     "training": {"max_steps": 1, "batch_size": 4, "precision": "auto", "progress": False},
+                     "eval": {"forgetting": False, "at_end": False}, "output": {"dir": str(tmp_path / "run")}},
+                    echo=said.append)
+    line = next(m for m in said if m.startswith("precision auto:"))
+    assert "measured now" in line and "could not time" not in line, said

@@ -124,7 +124,8 @@ def train(
     model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)
     chosen = choose_precision(
         cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
-        build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs),
+        build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
+                            _proxy_batch(cfg, objective, tokenizer, data)),
         tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo)
     precision = chosen.precision
     if chosen.timings:
@@ -212,7 +213,23 @@ def _model_config(cfg: RunConfig, source: str):
                                       revision=cfg.model.revision)
 
 
-def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict, weights):
+def _proxy_batch(cfg: RunConfig, objective, tokenizer, data) -> dict | None:
+    """The longest training row that fits the proxy's length, collated as training collates it.
+
+    A real row carries the run's packing (segments), label share and padding, which decide how
+    much of a step is attention, LM head and element-wise work; random tokens would not.
+    """
+    from .precision import PROXY_MAX_TOKENS
+
+    rows = [r for r in data.train if "input_ids" in r and len(r["input_ids"]) <= PROXY_MAX_TOKENS]
+    if not rows:
+        return None  # rows longer than the proxy times: random tokens of the proxy's length instead
+    row = max(rows, key=lambda r: len(r["input_ids"]))
+    return objective.collator(tokenizer, cfg.objective, data.task, train=True)([row])
+
+
+def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict,
+                batch: dict | None, weights):
     """One training step of a two-block copy of the run's model (random weights), for precision auto."""
     import torch
     import transformers
@@ -236,15 +253,18 @@ def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     model.train()
     optimizer = build_optimizer(model, cfg.training)
-    n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
-    ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
-        batch["decoder_input_ids"] = ids[:, : max(1, n // 4)]
+    if batch is None:  # no training row to borrow: random tokens of the run's length
+        n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
+        ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            batch["decoder_input_ids"] = ids[:, : max(1, n // 4)]
+        if causal:
+            batch["labels"] = ids
 
     def step() -> None:
-        if causal:
-            out = objective.loss(model, {**batch, "labels": ids})
+        if "labels" in batch:
+            out = objective.loss(model, batch)
             loss = out.loss_sum / max(out.n_tokens, 1)
         else:
             out = model(**batch)

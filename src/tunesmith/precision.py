@@ -3,8 +3,8 @@
 A bare matmul race says little about a training step: on an AVX512-BF16 CPU bf16 GEMMs are 2x
 fp32, but a LoRA step also spends its time in casts, dropout masks, attention and element-wise
 ops whose bf16 kernels may be slower than fp32 ones. So the candidates are timed on a proxy of
-the real model (same config, two blocks, random weights, the run's method and objective, a
-row of the run's length):
+the real model (same config, two blocks, random weights, the run's method and objective) training
+on one of the run's own rows (the longest that fits PROXY_MAX_TOKENS, collated as training does):
 
 - `fp32`: fp32 weights, no autocast;
 - `bf16`: fp32 weights under bf16 autocast (what the peers do);
