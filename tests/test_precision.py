@@ -55,6 +55,15 @@ def test_auto_picks_the_fastest_timed_step_and_caches_it(llama_config, fastest):
     assert not calls and (again.precision, again.weights) == want and "cached" in again.how
 
 
+@pytest.mark.parametrize("timings, want", [
+    ({"fp32": 1.0, "bf16": 0.50, "bf16-weights": 0.52}, "bf16-weights"),  # within 5 %: the leaner
+    ({"fp32": 1.0, "bf16": 0.50, "bf16-weights": 0.60}, "bf16"),  # clearly slower: the fastest
+    ({"fp32": 0.40, "bf16": 0.50}, "fp32"),  # a method that trains the base has no bf16-weights
+])
+def test_bf16_weights_win_ties_within_the_noise_margin(timings, want):
+    assert precision._pick(timings) == want
+
+
 def test_methods_that_train_the_base_never_get_bf16_weights(llama_config):
     calls = []
     choice = precision.choose("auto", model_config=llama_config, method=METHODS["full"],
