@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.templates import IGNORE
+from .hardware import matmul_dtype
 
 # Configs whose logits are post-processed in forward(); they take the plain forward path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -43,14 +44,6 @@ def head_and_backbone(model: nn.Module):
     if backbone is None or head is None or backbone is lm:
         return None
     return backbone, head
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the head's matmul would run in: autocast's when it is on, else the operands'."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _chunks(n_rows: int, vocab: int) -> list[slice]:
@@ -114,7 +107,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Matches `F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")` with the
     matmul in autocast's dtype when autocast is on (tests/test_scoring.py holds the two equal).
     """
-    dtype = _compute_dtype(hidden, weight)
+    dtype = matmul_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
 
@@ -123,19 +116,27 @@ def _plain_head(head: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
 
 
+def _labelled_hidden(backbone: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states of the positions that predict a label, those labels), flat over the batch."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    return hidden[mask], targets[mask]
+
+
 def labelled_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of the positions that predict a label, those labels), both flat over the batch.
 
     labels[:, t] is predicted from position t - 1; IGNORE labels are not scored.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
     parts = head_and_backbone(model)
     if parts is not None:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        return head(hidden[mask]), targets[mask]
+        hidden, targets = _labelled_hidden(parts[0], inputs, labels)
+        return parts[1](hidden), targets
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
     logits = model(**inputs, use_cache=False).logits
     # Prompt tuning / p-tuning prepend virtual tokens to the logits; keep the real ones.
     return logits[:, -inputs["input_ids"].shape[1]:][:, :-1][mask], targets[mask]
@@ -146,13 +147,10 @@ def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torc
 
     labels[:, t] is predicted from position t - 1; IGNORE labels are not scored.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
     parts = head_and_backbone(model)
     if parts is not None and _plain_head(parts[1]):
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        return linear_cross_entropy(hidden[mask], head.weight, targets[mask])
+        hidden, targets = _labelled_hidden(parts[0], inputs, labels)
+        return linear_cross_entropy(hidden, parts[1].weight, targets)
     logits, picked = labelled_logits(model, inputs, labels)
     if not len(picked):
         return logits.new_zeros(0, dtype=torch.float32)

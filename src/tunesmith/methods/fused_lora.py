@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from ..hardware import matmul_dtype
+
 _LANES = 4  # int16 lanes in one int64 word
 _LANE_VALUES = 1 << 16
 _INT64_MIN = -(1 << 63)
@@ -94,14 +96,6 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the base matmul runs in: autocast's when it is on, else the weight's."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
-
-
 class FusedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear with a fused forward/backward for the plain single-adapter case."""
 
@@ -123,4 +117,4 @@ class FusedLoraLinear(PeftLoraLinear):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]), p, compute_dtype(x, base.weight))
+                                 float(self.scaling[name]), p, matmul_dtype(x, base.weight))
