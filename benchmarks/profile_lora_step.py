@@ -11,7 +11,7 @@ fused LM head + cross-entropy) and with the plain step tunesmith ran before (pef
 transformers' SDPA with a dense block-diagonal mask, full logits of the labelled positions).
 Both run in one process with the allocator setting training uses (hardware.keep_freed_memory).
 
-Usage:  python benchmarks/profile_lora_step.py [--precisions fp32 bf16 bf16w] [--paths tunesmith plain]
+Usage:  python benchmarks/profile_lora_step.py [--precisions fp32 bf16 bf16-weights] [--paths tunesmith plain]
         [--rows 20] [--top 12]
 """
 
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sft_throughput import DEFAULT_DATA, HP, SMOLLM2  # noqa: E402
 
 from tunesmith import scoring  # noqa: E402
+from tunesmith.precision import CANDIDATES as PRECISIONS  # noqa: E402  the ones precision auto times
 
 _fused_head = scoring._plain_head
-PRECISIONS = {"fp32": (torch.float32, False), "bf16": (torch.float32, True), "bf16w": (torch.bfloat16, True)}
 
 
 def packed_batch(data: Path, rows: int, tokenizer) -> dict[str, torch.Tensor]:

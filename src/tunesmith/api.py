@@ -122,6 +122,10 @@ def train(
          f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
 
     model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)
+    # Before the precision proxy: it must time steps under the threads and allocator training gets
+    # (and the thread count is part of its cache key).
+    threads = ensure_threads()
+    keep_freed_memory()
     chosen = choose_precision(
         cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
         build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
@@ -131,8 +135,6 @@ def train(
     if chosen.timings:
         echo(f"precision auto: {precision} with {chosen.weights} frozen weights, {chosen.how} "
              f"(s per proxy step: {', '.join(f'{k} {v:.3f}' for k, v in chosen.timings.items())})")
-    threads = ensure_threads()
-    keep_freed_memory()
     set_seed(cfg.training.seed)
     # Frozen base weights live in the measured dtype; weights that learn stay fp32.
     dtype = TORCH_DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else chosen.weight_dtype

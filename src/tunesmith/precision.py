@@ -36,6 +36,8 @@ PROXY_MAX_TOKENS = 512
 TIME_PER_CANDIDATE = 1.0  # seconds of timed proxy steps per candidate (2 to MAX_REPEATS steps)
 MAX_REPEATS = 6
 TIE_MARGIN = 0.05  # step times this close are within run-to-run noise on a shared 2-core machine
+# Candidate -> (dtype of the frozen weights, bf16 autocast on); bf16-weights needs a frozen base.
+CANDIDATES = {"fp32": (torch.float32, False), "bf16": (torch.float32, True), "bf16-weights": (torch.bfloat16, True)}
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 
 
@@ -136,28 +138,26 @@ def choose(requested: str, *, model_config=None, method=None, method_cfg=None, b
 def _time_candidates(build_proxy: Callable, frozen: bool) -> dict[str, float]:
     from contextlib import nullcontext
 
-    candidates = {"fp32": (torch.float32, False), "bf16": (torch.float32, True)}
-    if frozen:
-        candidates["bf16-weights"] = (torch.bfloat16, True)
+    candidates = {k: v for k, v in CANDIDATES.items() if frozen or k != "bf16-weights"}
     timings = {}
     with torch.random.fork_rng(devices=[]):
         for name, (weights, autocast) in candidates.items():
             torch.manual_seed(0)
             step = build_proxy(weights)
             ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
-            with ctx():
-                step()  # warm-up: first-call allocations and kernel selection
-            # Best of several steps, more of them when steps are short: a busy neighbour on a
-            # shared machine stalls single steps, and a short proxy step is easily swamped.
-            start = time.perf_counter()
-            with ctx():
-                step()
-            best = time.perf_counter() - start
-            for _ in range(min(MAX_REPEATS, max(2, int(TIME_PER_CANDIDATE / max(best, 1e-6))))):
+
+            def timed() -> float:
                 start = time.perf_counter()
                 with ctx():
                     step()
-                best = min(best, time.perf_counter() - start)
+                return time.perf_counter() - start
+
+            timed()  # warm-up: first-call allocations and kernel selection
+            # Best of several steps, more of them when steps are short: a busy neighbour on a
+            # shared machine stalls single steps, and a short proxy step is easily swamped.
+            best = timed()
+            for _ in range(min(MAX_REPEATS, max(2, int(TIME_PER_CANDIDATE / max(best, 1e-6))))):
+                best = min(best, timed())
             timings[name] = round(best, 4)
     return timings
 
