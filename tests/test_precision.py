@@ -55,6 +55,16 @@ def test_auto_picks_the_fastest_timed_step_and_caches_it(llama_config, fastest):
     assert not calls and (again.precision, again.weights) == want and "cached" in again.how
 
 
+def test_candidates_are_timed_in_interleaved_rounds(llama_config):
+    """A slow spell of the machine must not land on one candidate only."""
+    calls = []
+    precision.choose("auto", model_config=llama_config, method=METHODS["lora"],
+                     build_proxy=fake_proxy({"fp32": 0.01, "bf16": 0.01, "bf16-weights": 0.01}, calls), tokens=64)
+    names = list(precision.CANDIDATES)
+    assert len(calls) >= 4 * len(names)  # a warm-up and at least three timed rounds
+    assert calls == names * (len(calls) // len(names))
+
+
 @pytest.mark.parametrize("timings, want", [
     ({"fp32": 1.0, "bf16": 0.50, "bf16-weights": 0.52}, "bf16-weights"),  # within 5 %: the leaner
     ({"fp32": 1.0, "bf16": 0.50, "bf16-weights": 0.60}, "bf16"),  # clearly slower: the fastest
