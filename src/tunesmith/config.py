@@ -37,7 +37,8 @@ class SplitConfig(Section):
 
 class DataConfig(Section):
     train: str | list[str] = Field(description="File path(s) or a hub dataset id.")
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text", "text_label", "tokens"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text", "text_label", "tokens",
+                    "preference", "unpaired_preference"] = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map canonical field -> column in your data."
     )
