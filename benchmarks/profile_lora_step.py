@@ -48,7 +48,7 @@ def packed_batch(data: Path, rows: int, tokenizer) -> dict[str, torch.Tensor]:
         path.write_text(json.dumps(json.loads(data.read_text())[:rows]))
         bundle = build_data(DataConfig(train=str(path), max_length=HP["max_length"], packing=True), tokenizer,
                             seed=HP["seed"], packing=True)
-    collate = OBJECTIVES["sft"].collator(tokenizer, None, bundle.task, train=True)
+    collate = OBJECTIVES["sft"]().collator(tokenizer, None, bundle.task, train=True)
     return collate([max(bundle.train, key=lambda r: len(r["input_ids"]))])
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     from tunesmith.engine.optim import build_optimizer
     from tunesmith.hardware import ensure_threads, keep_freed_memory
     from tunesmith.models import load_tokenizer
-    from tunesmith.objectives import OBJECTIVES
+    from tunesmith.objectives import OBJECTIVES, StepContext
     from tunesmith.quiet import quiet_libraries
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,7 +97,7 @@ def main() -> None:
     n_tokens = int(batch["input_ids"].numel())
     segments = int((batch["position_ids"] == 0).sum())
     print(f"row: {n_tokens} tokens in {segments} packed examples")
-    objective = OBJECTIVES["sft"]
+    objective = OBJECTIVES["sft"]()
     summary = {}
     for precision in args.precisions:
         weights, autocast = PRECISIONS[precision]
@@ -109,7 +109,7 @@ def main() -> None:
 
             def step() -> None:
                 with ctx():
-                    out = objective.loss(model, batch)
+                    out = objective.loss(StepContext(model), batch)
                     loss = out.loss_sum / out.n_tokens
                 loss.backward()
                 optimizer.step()

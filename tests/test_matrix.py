@@ -115,7 +115,7 @@ def _cell_config(method: str, objective: str, models: dict, folder: Path) -> dic
         "data": {"train": str(data), "max_length": 48, "shuffle": False,
                  "split": {"validation_file": str(data)}},
         "method": {"type": method, "r": 4, "alpha": 8, "dropout": 0.0, **METHOD_OPTIONS.get(method, {})},
-        "objective": {"type": objective, "mlm_probability": 0.3},
+        "objective": {"type": objective, **({"mlm_probability": 0.3} if objective == "masked_lm" else {})},
         "training": {"max_steps": 8, "batch_size": 64, "learning_rate": LEARNING_RATE.get(method, 1e-2),
                      "scheduler": "constant", "progress": False, "log_every": 1, "precision": "fp32",
                      "max_grad_norm": None},
@@ -144,7 +144,7 @@ def test_supported_cell_trains_and_reloads(method, objective, models, tmp_path):
 
     loaded = load_trained(result.run_dir)
     assert loaded.manifest["method"] == method and loaded.manifest["objective"] == objective
-    objective_impl = OBJECTIVES[objective]
+    objective_impl = OBJECTIVES[objective]()
     data = build_data(cfg.data, loaded.tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
                       objective=objective_impl, objective_cfg=cfg.objective)
     collate = objective_impl.collator(loaded.tokenizer, cfg.objective, data.task, train=False)

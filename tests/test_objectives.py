@@ -21,7 +21,7 @@ from tunesmith.config import DataConfig, ObjectiveConfig
 from tunesmith.data.templates import IGNORE
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods.full import Full
-from tunesmith.objectives import OBJECTIVES, TaskInfo
+from tunesmith.objectives import OBJECTIVES, StepContext, TaskInfo
 
 SENTENCES = [
     ("the movie was good and great", "positive"),
@@ -108,7 +108,7 @@ def bert_tok(tiny_bert_dir):
 
 def mlm_rows(tok, n: int) -> list[dict]:
     words = "the sky is blue and paris is the capital of france what a great movie".split()
-    obj = OBJECTIVES["masked_lm"]
+    obj = OBJECTIVES["masked_lm"]()
     rows = []
     for i in range(n):
         text = " ".join(words[(i + j) % len(words)] for j in range(5 + i % 30))
@@ -118,7 +118,7 @@ def mlm_rows(tok, n: int) -> list[dict]:
 
 @pytest.mark.parametrize("probability", [0.15, 0.4])
 def test_masking_follows_the_80_10_10_recipe(bert_tok, probability):
-    obj = OBJECTIVES["masked_lm"]
+    obj = OBJECTIVES["masked_lm"]()
     collate = obj.collator(bert_tok, ObjectiveConfig(type="masked_lm", mlm_probability=probability), TaskInfo(),
                            train=True)
     rows = mlm_rows(bert_tok, 400)
@@ -148,7 +148,7 @@ def test_masking_follows_the_80_10_10_recipe(bert_tok, probability):
 
 
 def test_eval_masks_are_deterministic_and_training_masks_are_not(bert_tok):
-    obj = OBJECTIVES["masked_lm"]
+    obj = OBJECTIVES["masked_lm"]()
     cfg = ObjectiveConfig(type="masked_lm", mlm_probability=0.3)
     rows = mlm_rows(bert_tok, 16)
     eval_collate = obj.collator(bert_tok, cfg, TaskInfo(), train=False)
@@ -165,7 +165,7 @@ def test_eval_masks_are_deterministic_and_training_masks_are_not(bert_tok):
 
 def test_masked_lm_refuses_a_tokenizer_without_mask_token(tiny_tokenizer):
     with pytest.raises(ConfigError, match="mask token"):
-        OBJECTIVES["masked_lm"].encode(tiny_tokenizer, {"text": "the sky"}, DATA, TaskInfo())
+        OBJECTIVES["masked_lm"]().encode(tiny_tokenizer, {"text": "the sky"}, DATA, TaskInfo())
 
 
 def test_masked_lm_trains_and_reloads(tiny_bert_dir, bert_tok, tmp_path, monkeypatch):
@@ -190,7 +190,7 @@ def test_masked_lm_trains_and_reloads(tiny_bert_dir, bert_tok, tmp_path, monkeyp
 
 def test_seq2seq_labels_are_the_target_only(tiny_t5_dir):
     tok = tokenizer_of(tiny_t5_dir)
-    obj = OBJECTIVES["seq2seq"]
+    obj = OBJECTIVES["seq2seq"]()
     record = {"messages": [{"role": "system", "content": "be brief"},
                            {"role": "user", "content": "what color is the sky"},
                            {"role": "assistant", "content": "blue"}]}
@@ -290,19 +290,19 @@ def test_decoder_classifies_from_the_last_real_token(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     tok = tokenizer_of(tiny_model_dir)
-    obj = OBJECTIVES["classification"]
+    obj = OBJECTIVES["classification"]()
     task = obj.prepare([{"text": s, "label": y} for s, y in SENTENCES], ObjectiveConfig(type="classification"))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, **obj.model_kwargs(None, task, tok))
     assert model.config.pad_token_id == tok.pad_token_id
     rows = [obj.encode(tok, {"text": s, "label": y}, DATA, task)[0] for s, y in SENTENCES[:3]]
     collate = obj.collator(tok, ObjectiveConfig(type="classification"), task, train=False)
-    padded = obj.loss(model.eval(), collate(rows))
-    alone = [obj.loss(model, collate([r])).loss_sum for r in rows]
+    padded = obj.loss(StepContext(model.eval()), collate(rows))
+    alone = [obj.loss(StepContext(model), collate([r])).loss_sum for r in rows]
     torch.testing.assert_close(padded.loss_sum, sum(alone), atol=1e-5, rtol=0)
 
 
 def test_label_ids_sort_numerically_and_labels_option_sets_the_order():
-    obj = OBJECTIVES["classification"]
+    obj = OBJECTIVES["classification"]()
     records = [{"text": "t", "label": i} for i in (10, 2, 0, 1)]
     assert obj.prepare(records, ObjectiveConfig(type="classification")).labels == ["0", "1", "2", "10"]
     named = [{"text": "t", "label": y} for y in ("pos", "neg")]
@@ -311,7 +311,7 @@ def test_label_ids_sort_numerically_and_labels_option_sets_the_order():
 
 
 def test_unknown_labels_are_data_errors(bert_tok):
-    obj = OBJECTIVES["classification"]
+    obj = OBJECTIVES["classification"]()
     records = [{"text": s, "label": y} for s, y in SENTENCES] + [{"text": "meh", "label": "neutral"}]
     with pytest.raises(DataError, match="'neutral' not listed in objective.labels"):
         obj.prepare(records, ObjectiveConfig(type="classification", labels=["negative", "positive"]))
@@ -325,7 +325,7 @@ def test_unknown_labels_are_data_errors(bert_tok):
 def test_class_weights_change_the_loss_as_computed_by_hand(tiny_bert_dir, bert_tok):
     from transformers import AutoModelForSequenceClassification
 
-    obj = OBJECTIVES["classification"]
+    obj = OBJECTIVES["classification"]()
     rows = SENTENCES[:4] + [("good great", "positive"), ("great day", "positive")]  # 4 positive, 2 negative
     records = [{"text": s, "label": y} for s, y in rows]
     balanced = ObjectiveConfig(type="classification", class_weights="balanced")
@@ -338,8 +338,8 @@ def test_class_weights_change_the_loss_as_computed_by_hand(tiny_bert_dir, bert_t
     train_batch = obj.collator(bert_tok, balanced, task, train=True)(encoded)
     eval_batch = obj.collator(bert_tok, balanced, task, train=False)(encoded)
     with torch.no_grad():
-        weighted = obj.loss(model, train_batch)
-        plain = obj.loss(model, eval_batch)
+        weighted = obj.loss(StepContext(model), train_batch)
+        plain = obj.loss(StepContext(model), eval_batch)
         logits = model(input_ids=eval_batch["input_ids"], attention_mask=eval_batch["attention_mask"]).logits
     per_row = F.cross_entropy(logits, eval_batch["labels"], reduction="none")
     weights = torch.tensor([1.5 if y == "negative" else 0.75 for _, y in rows])
@@ -350,14 +350,14 @@ def test_class_weights_change_the_loss_as_computed_by_hand(tiny_bert_dir, bert_t
 
     explicit = ObjectiveConfig(type="classification", class_weights=[2.0, 0.0])
     task2 = obj.prepare(records, explicit)
-    only_negative = obj.loss(model, obj.collator(bert_tok, explicit, task2, train=True)(encoded))
+    only_negative = obj.loss(StepContext(model), obj.collator(bert_tok, explicit, task2, train=True)(encoded))
     torch.testing.assert_close(only_negative.loss_sum, (2.0 * per_row * (eval_batch["labels"] == 0)).sum())
     with pytest.raises(ConfigError, match="3 weights for 2 labels"):
         obj.prepare(records, ObjectiveConfig(type="classification", class_weights=[1.0, 2.0, 3.0]))
 
 
 def test_text_pairs_reach_the_encoder(bert_tok):
-    obj = OBJECTIVES["classification"]
+    obj = OBJECTIVES["classification"]()
     task = TaskInfo(["no", "yes"])
     pair = {"text": "is the sky blue", "text_pair": "the sky is blue", "label": "yes"}
     row, _ = obj.encode(bert_tok, pair, DATA, task)
@@ -383,7 +383,7 @@ def test_text_pairs_reach_the_encoder(bert_tok):
 
 
 def test_word_tags_go_on_the_first_subtoken(bert_tok, tiny_tokenizer):
-    obj = OBJECTIVES["token_classification"]
+    obj = OBJECTIVES["token_classification"]()
     record = {"tokens": ["paris", "is", "unbelievably", "blue"], "tags": ["B-LOC", "O", "B-MISC", "O"]}
     task = obj.prepare([record], ObjectiveConfig(type="token_classification"))
     assert task.labels == ["B-LOC", "B-MISC", "O"]
@@ -404,7 +404,7 @@ def test_word_tags_go_on_the_first_subtoken(bert_tok, tiny_tokenizer):
 
 
 def test_unknown_tag_is_a_data_error(bert_tok):
-    obj = OBJECTIVES["token_classification"]
+    obj = OBJECTIVES["token_classification"]()
     task = TaskInfo(["B-LOC", "O"])
     with pytest.raises(DataError, match="label 'B-PER' \\(words 'john is' \\)|label 'B-PER'"):
         obj.encode(bert_tok, {"tokens": ["john", "is"], "tags": ["B-PER", "O"]}, DATA, task)
@@ -416,7 +416,7 @@ def test_token_classification_trains_and_reloads(tiny_bert_dir, bert_tok, tmp_pa
     data = write_jsonl(tmp_path / "ner.jsonl", [{"tokens": t, "tags": y} for t, y in NER])
     cfg = config(tiny_bert_dir, data, tmp_path, {"type": "token_classification"},
                  training={"max_steps": 12, "learning_rate": 1e-2})
-    obj = OBJECTIVES["token_classification"]
+    obj = OBJECTIVES["token_classification"]()
     task = obj.prepare([{"tokens": t, "tags": y} for t, y in NER], ObjectiveConfig(type="token_classification"))
     rows = [obj.encode(bert_tok, {"tokens": t, "tags": y}, DATA, task)[0] for t, y in NER]
     batch = obj.collator(bert_tok, ObjectiveConfig(type="token_classification"), task, train=False)(rows)
@@ -445,7 +445,7 @@ def test_token_classification_trains_and_reloads(tiny_bert_dir, bert_tok, tmp_pa
 def test_entity_scores_need_both_boundaries_and_stop_at_row_ends():
     from tunesmith.objectives.classification import SEQUENCE_END as END
 
-    obj = OBJECTIVES["token_classification"]
+    obj = OBJECTIVES["token_classification"]()
     names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     # Row 1: PER over two words, predicted one word short (wrong boundary: no credit); LOC right.
     # Rows 2-3: a LOC ending row 2 and an I-LOC opening row 3 are two entities, not one.
@@ -476,7 +476,7 @@ def test_causal_lm_on_text_packs_and_learns_every_token(tiny_model_dir, tiny_tok
     run = load_config(cfg)
     assert run.packing_enabled
     bundle = build_data(run.data, tokenizer_of(tiny_model_dir), seed=0, packing=True,
-                        objective=OBJECTIVES["causal_lm"], objective_cfg=run.objective)
+                        objective=OBJECTIVES["causal_lm"](), objective_cfg=run.objective)
     assert bundle.stats.format == "text" and bundle.stats.train_examples == len(texts)
     assert bundle.stats.train_rows < len(texts) and all("position_ids" in r for r in bundle.train)
     lengths = [len(tiny_tokenizer(t)["input_ids"]) + 1 for t in texts]  # + the end-of-text token

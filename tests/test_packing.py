@@ -8,9 +8,9 @@ import torch
 from tunesmith.data.collate import Collator
 from tunesmith.data.packing import pack, unpacked_rows
 from tunesmith.data.templates import IGNORE, Encoded
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import OBJECTIVES, StepContext
 
-SFT = OBJECTIVES["sft"]
+SFT = OBJECTIVES["sft"]()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ EXAMPLES = [_example(0, 9, 3), _example(1, 17, 5), _example(2, 5, 1)]
 
 def _loss(model, batch) -> tuple[float, int]:
     with torch.no_grad():
-        out = SFT.loss(model, batch)
+        out = SFT.loss(StepContext(model), batch)
     return out.loss_sum.item(), out.n_tokens
 
 

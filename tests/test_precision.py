@@ -149,7 +149,7 @@ def test_proxy_times_the_longest_training_row_that_fits(run_config, tiny_tokeniz
     from tunesmith.objectives import OBJECTIVES
 
     cfg = load_config(run_config(data={"packing": True}))
-    objective = OBJECTIVES["sft"]
+    objective = OBJECTIVES["sft"]()
     data = build_data(cfg.data, tiny_tokenizer, seed=0, packing=True, objective=objective)
     batch = _proxy_batch(cfg, objective, tiny_tokenizer, data)
     longest = max(len(r["input_ids"]) for r in data.train)

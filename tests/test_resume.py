@@ -37,15 +37,19 @@ class CrashesAt(SFT):
     packs = True
 
     def __init__(self, step: int, micro: int = 0):
-        self.inner, self.step, self.micro = OBJECTIVES["sft"], step, micro
+        super().__init__()
+        self.inner, self.step, self.micro = OBJECTIVES["sft"](), step, micro
         self.steps_done = self.seen = 0
+
+    def __call__(self, cfg=None):  # stands in for the registry's class: the run gets this instance
+        return self
 
     def on_step(self, *_):
         self.steps_done += 1
 
-    def loss(self, model, batch):
-        out = self.inner.loss(model, batch)
-        if model.training and self.steps_done == self.step - 1:
+    def loss(self, ctx, batch):
+        out = self.inner.loss(ctx, batch)
+        if ctx.policy.training and self.steps_done == self.step - 1:
             if self.seen == self.micro:
                 raise SimulatedCrash(f"killed in step {self.step}, micro-batch {self.micro}")
             self.seen += 1

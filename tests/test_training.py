@@ -93,17 +93,21 @@ class RecordsBatches(SFT):
     packs = True
 
     def __init__(self, pad_id: int):
-        self.inner, self.pad_id, self.seen = OBJECTIVES["sft"], pad_id, []
+        super().__init__()
+        self.inner, self.pad_id, self.seen = OBJECTIVES["sft"](), pad_id, []
 
-    def loss(self, model, batch):
-        if model.training:
+    def __call__(self, cfg=None):  # stands in for the registry's class: the run gets this instance
+        return self
+
+    def loss(self, ctx, batch):
+        if ctx.policy.training:
             rows = []
             for ids in batch["input_ids"].tolist():
                 while ids and ids[-1] == self.pad_id:
                     ids.pop()
                 rows.append(tuple(ids))
             self.seen.append(rows)
-        return self.inner.loss(model, batch)
+        return self.inner.loss(ctx, batch)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -248,12 +252,16 @@ class BreaksAtStep(SFT):
     packs = True
 
     def __init__(self, step: int, kind: str, grad_accum: int = 1):
-        self.inner, self.step, self.kind, self.grad_accum = OBJECTIVES["sft"], step, kind, grad_accum
+        super().__init__()
+        self.inner, self.step, self.kind, self.grad_accum = OBJECTIVES["sft"](), step, kind, grad_accum
         self.calls = 0
 
-    def loss(self, model, batch):
-        out = self.inner.loss(model, batch)
-        if not model.training:
+    def __call__(self, cfg=None):  # stands in for the registry's class: the run gets this instance
+        return self
+
+    def loss(self, ctx, batch):
+        out = self.inner.loss(ctx, batch)
+        if not ctx.policy.training:
             return out
         self.calls += 1
         if (self.calls - 1) // self.grad_accum + 1 == self.step:

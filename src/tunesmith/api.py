@@ -94,7 +94,7 @@ def train(
     from .artifacts import write_manifest
     from .methods import METHODS, MethodContext, trainable_summary
     from .models import load_model, load_tokenizer, materialize
-    from .objectives import OBJECTIVES
+    from .objectives import build_objective
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_of(cfg)
@@ -103,7 +103,7 @@ def train(
         run_dir = resume_from.parent.parent
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
-    method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
+    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
 
@@ -168,7 +168,7 @@ def train(
                   if reference_before is not None and cfg.eval.reference_every_eval else None)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
-                 extra_eval=extra_eval)
+                 extra_eval=extra_eval, tokenizer=tokenizer)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)
@@ -237,7 +237,9 @@ def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model
     import transformers
 
     from .attention import use_segment_attention
+    from .engine.loop import reference_policy
     from .engine.optim import build_optimizer
+    from .objectives import StepContext
     from .methods import MethodContext
     from .precision import PROXY_MAX_TOKENS, proxy_config
 
@@ -255,18 +257,24 @@ def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     model.train()
     optimizer = build_optimizer(model, cfg.training)
+    # A collated training row gets the objective's own loss; random tokens get it when it is a
+    # token loss (preference objectives need pairs, so they time a plain forward instead).
+    own_loss = batch is not None or (causal and not objective.needs_reference)
     if batch is None:  # no training row to borrow: random tokens of the run's length
         n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
         ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if getattr(config, "is_encoder_decoder", False):
             batch["decoder_input_ids"] = ids[:, : max(1, n // 4)]
-        if causal:
+        if causal and own_loss:
             batch["labels"] = ids
 
+    ctx = StepContext(policy=model, tokenizer=tokenizer,
+                      reference=reference_policy(model, method) if objective.needs_reference else None)
+
     def step() -> None:
-        if "labels" in batch:
-            out = objective.loss(model, batch)
+        if own_loss:
+            out = objective.loss(ctx, batch)
             loss = out.loss_sum / max(out.n_tokens, 1)
         else:
             out = model(**batch)

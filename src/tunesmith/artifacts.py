@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import MethodConfig, ModelConfig, ObjectiveConfig, RunConfig
+from .config import MethodConfig, ModelConfig, RunConfig
 from .errors import ConfigError
 
 MANIFEST = "tunesmith.json"
@@ -76,6 +76,7 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
     """
     from .methods import METHODS, MethodContext
     from .models import load_model, load_tokenizer, materialize
+    from .objective_config import lenient_objective_config
     from .objectives import OBJECTIVES, TaskInfo
 
     dtype = dtype or torch.float32
@@ -83,10 +84,10 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
     found = _artifact_in(path) if path.is_dir() else None
     if found is not None:
         manifest = json.loads((found / MANIFEST).read_text())
-        objective = OBJECTIVES[manifest["objective"]]
+        objective = OBJECTIVES[manifest["objective"]](lenient_objective_config(manifest["objective_config"]))
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(found)), str(found))
         labels = manifest.get("labels") or []
-        kwargs = objective.model_kwargs(ObjectiveConfig(**manifest["objective_config"]), TaskInfo(labels),
+        kwargs = objective.model_kwargs(objective.cfg, TaskInfo(labels),
                                         tokenizer)
         if manifest["artifact"] == "model":
             model = load_model(ModelConfig(name_or_path=str(found)), dtype, str(found),

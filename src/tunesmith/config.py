@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .objective_config import SECTIONS as OBJECTIVE_SECTIONS
+from .objective_config import ObjectiveConfigUnion, ObjectiveSection, objective_config
 
 
 class Section(BaseModel):
@@ -97,17 +99,8 @@ class MethodConfig(Section):
     trainable_modules: list[str] = Field(default_factory=list)
 
 
-class ObjectiveConfig(Section):
-    type: str = "sft"
-    # masked_lm
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    # classification / token_classification
-    labels: list[str] | None = Field(
-        None, description="Label names in id order (default: sorted labels found in the data)."
-    )
-    class_weights: Literal["balanced"] | list[float] | None = None
-    # seq2seq
-    max_target_length: int = Field(128, gt=0)
+# Each objective owns its section (objective_config.py); `ObjectiveConfig(type=..., ...)` builds one.
+ObjectiveConfig = objective_config
 
 
 class TrainingConfig(Section):
@@ -173,11 +166,20 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfigUnion = Field(default_factory=objective_config)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_objective(cls, data: Any) -> Any:
+        section = data.get("objective") if isinstance(data, dict) else None
+        kind = section.get("type", "sft") if isinstance(section, dict) else None
+        if kind is not None and kind not in OBJECTIVE_SECTIONS:
+            raise ValueError(_unknown("objective.type", str(kind), OBJECTIVE_SECTIONS))
+        return data
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":
@@ -266,10 +268,14 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
+        section = None
+        if e["loc"][:1] == ("objective",) and len(e["loc"]) > 1 and e["loc"][1] in OBJECTIVE_SECTIONS:
+            section = OBJECTIVE_SECTIONS[e["loc"][1]]
+            e = {**e, "loc": ("objective", *e["loc"][2:])}  # the union's tag is not a key of the YAML
         loc = tuple(p for p in e["loc"] if not isinstance(p, int))
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            allowed = _fields_of(RunConfig, loc[:-1])
+            allowed = list(section.model_fields) if section and len(loc) == 2 else _fields_of(RunConfig, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"{path}: unknown key" + (f" — did you mean '{hint[0]}'?" if hint else "")
             if allowed:

@@ -14,7 +14,7 @@ from .sources import Row, columns_of, read_rows
 from .templates import ensure_chat_template
 
 if TYPE_CHECKING:
-    from ..config import ObjectiveConfig
+    from ..objective_config import ObjectiveSection
     from ..objectives.base import Objective, TaskInfo
 
 
@@ -41,7 +41,8 @@ class DataBundle:
     task: "TaskInfo | None" = None
 
 
-def load_records(cfg: DataConfig, sources: str | list[str] | None = None) -> tuple[list[dict], str, int, int]:
+def load_records(cfg: DataConfig, sources: str | list[str] | None = None,
+                 prefer: tuple[str, ...] = ()) -> tuple[list[dict], str, int, int]:
     """Read and normalize every source: (records, format, rows read, rows skipped)."""
     sources = sources if sources is not None else cfg.train
     sources = [sources] if isinstance(sources, str) else list(sources)
@@ -57,7 +58,7 @@ def load_records(cfg: DataConfig, sources: str | list[str] | None = None) -> tup
         raise DataError(f"no rows found in {', '.join(sources)}{unreadable}")
     fmt = cfg.format
     if fmt == "auto":
-        fmt = detect_format(columns_of(rows), cfg.columns)
+        fmt = detect_format(columns_of(rows), cfg.columns, prefer)
     records, bad = normalize_rows(rows, fmt, cfg.columns, skip_invalid=cfg.skip_invalid)
     skipped += bad
     if cfg.system_prompt:
@@ -112,17 +113,17 @@ def check_format(fmt: str, objective: "Objective", sources) -> None:
 
 
 def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objective: "Objective | None" = None,
-               objective_cfg: "ObjectiveConfig | None" = None) -> DataBundle:
-    from ..config import ObjectiveConfig
+               objective_cfg: "ObjectiveSection | None" = None) -> DataBundle:
     from ..objectives import OBJECTIVES
 
-    objective = objective or OBJECTIVES["sft"]
-    objective_cfg = objective_cfg or ObjectiveConfig(type=objective.name)
+    objective = objective or OBJECTIVES["sft"]()
+    objective_cfg = objective_cfg or objective.cfg
     stats = DataStats()
-    records, stats.format, stats.rows_read, stats.rows_skipped = load_records(cfg)
+    records, stats.format, stats.rows_read, stats.rows_skipped = load_records(cfg, prefer=objective.formats)
     check_format(stats.format, objective, cfg.train)
     stats.used_fallback_template = ensure_chat_template(tokenizer)
-    train_recs, val_recs = split_records(records, cfg, seed)
+    # A validation file reads in the training data's format, however that was found.
+    train_recs, val_recs = split_records(records, cfg.model_copy(update={"format": stats.format}), seed)
     # Labels come from the training split only: a label seen only in validation is a data error.
     task = objective.prepare(train_recs, objective_cfg)
     train = encode_all(train_recs, tokenizer, cfg, stats, objective, task)

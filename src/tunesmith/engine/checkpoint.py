@@ -1,7 +1,8 @@
 """Checkpoints that survive crashes: written to a temp folder, then renamed into place.
 
 A checkpoint holds only what learns (trainable parameters), plus optimizer, scheduler,
-RNG states and the loop position, which is everything needed to continue bit-for-bit.
+RNG states, the loop position and the objective's own state (adaptive coefficients, buffers),
+which is everything needed to continue bit-for-bit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
+                    objective=None) -> Path:
     target = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -52,6 +54,9 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
+    objective_state = objective.state_dict() if objective is not None else {}
+    if objective_state:
+        torch.save(objective_state, tmp / "objective.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if target.exists():
         shutil.rmtree(target)
@@ -59,7 +64,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
     return target
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, objective=None) -> dict:
     if not (path / "state.json").is_file():
         raise TrainingError(f"{path} is not a tunesmith checkpoint (no state.json)")
     weights = load_file(path / "trainable.safetensors")
@@ -77,6 +82,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    if objective is not None and (path / "objective.pt").is_file():
+        objective.load_state_dict(torch.load(path / "objective.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 

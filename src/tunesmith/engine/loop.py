@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,7 +16,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import TrainingError
-from ..objectives import Objective
+from ..objectives import Objective, StepContext
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
@@ -41,24 +43,28 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: 
 
 
 @torch.no_grad()
-def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator) -> dict:
-    """Mean loss over the rows, perplexity for token objectives, and the objective's metrics."""
+def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator,
+                  ctx: StepContext | None = None) -> dict:
+    """Mean loss over the rows, perplexity for token objectives, the objective's logs and metrics."""
+    ctx = StepContext(policy=model) if ctx is None else dataclasses.replace(ctx, policy=model)
     was_training = model.training
     model.eval()
     total, items = 0.0, 0
     predictions, references = [], []
+    logs: dict[str, list[float]] = {}
     for idx in range(0, len(rows), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(rows[idx : idx + batch_size]).items()}
         with accelerator.autocast():
-            out = objective.loss(model, batch)
+            out = objective.loss(ctx, batch)
         total += float(out.loss_sum)
         items += out.n_tokens
+        add_logs(logs, out.logs)
         if out.predictions is not None:
             predictions.append(out.predictions.detach().cpu())
             references.append(out.references.detach().cpu())
     model.train(was_training)
     loss = total / max(items, 1)
-    metrics = {"eval_loss": loss}
+    metrics = {"eval_loss": loss, **{f"eval_{k}": v for k, v in mean_logs(logs).items()}}
     if objective.reports_perplexity:
         metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
         metrics["eval_tokens"] = items
@@ -66,6 +72,33 @@ def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_
         scores = objective.metrics(torch.cat(predictions), torch.cat(references), _label_names(model))
         metrics.update({f"eval_{k}": v for k, v in scores.items()})
     return metrics
+
+
+def add_logs(into: dict[str, list[float]], logs: dict[str, tuple[float, float]]) -> None:
+    """Accumulate an objective's (sum, count) logs."""
+    for name, (value, count) in logs.items():
+        acc = into.setdefault(name, [0.0, 0.0])
+        acc[0] += float(value)
+        acc[1] += float(count)
+
+
+def mean_logs(logs: dict[str, list[float]]) -> dict[str, float]:
+    return {name: value / count for name, (value, count) in logs.items() if count}
+
+
+def reference_policy(model: nn.Module, method) -> Callable:
+    """The frozen reference policy: the method's base-only view of the model, else a frozen copy
+    of the model as it is now (before training, before a checkpoint is loaded)."""
+    scope = method.reference_scope(model) if method is not None else None
+    if scope is not None:
+        return scope
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @contextmanager
+    def copy_scope():
+        yield frozen
+
+    return copy_scope
 
 
 def _label_names(model) -> list[str] | None:
@@ -96,11 +129,13 @@ def fit(
     eval_collate: Callable | None = None,
     method=None,
     extra_eval: Callable[[nn.Module], dict] | None = None,
+    tokenizer=None,
 ) -> FitResult:
     """Train `model` on `train_rows`.
 
-    `method` may supply its own optimizer (LoRA+, LoRA-FA); `extra_eval` adds metrics at
-    every evaluation (reference sets for forgetting).
+    `method` may supply its own optimizer (LoRA+, LoRA-FA) and the reference policy an
+    objective asks for; `extra_eval` adds metrics at every evaluation (reference sets for
+    forgetting).
     """
     eval_collate = eval_collate or collate
     t = cfg.training
@@ -118,19 +153,26 @@ def fit(
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         target.config.use_cache = False
     model.train()
+    reference = reference_policy(model, method) if objective.needs_reference else None
     optimizer = (method.build_optimizer(model, t, cfg.method) if method is not None else None) or build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference)
 
     ckpt_dir = run_dir / "checkpoints"
     # log_loss / log_steps: the training loss summed over the steps since the last metrics
     # record. They are part of the state so that a run resumed between two records logs the
     # same averages as an uninterrupted one.
+    # log_extra: the objective's (sum, count) logs since the last record, for the same reason.
     state = {"step": 0, "epoch": 0, "micro": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-             "tokens_seen": 0, "log_loss": 0.0, "log_steps": 0}
+             "tokens_seen": 0, "log_loss": 0.0, "log_steps": 0, "log_extra": {}}
     if resume_from is not None:
-        state |= ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state |= ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                      objective)
+    objective.setup(ctx, train_rows, val_rows)
+    if not objective.needs_reference:
+        ctx.reference = None  # e.g. reference log-probs precomputed in setup: the copy can go
     # On resume, TensorBoard hides what the interrupted run logged after the checkpoint
     # (purge_step), as metrics.jsonl drops it below; otherwise those steps would show twice.
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None,
@@ -144,7 +186,7 @@ def fit(
 
     def checkpoint() -> Path:
         path = ckpt.save_checkpoint(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer,
-                                    scheduler, state)
+                                    scheduler, state, objective)
         ckpt.prune(ckpt_dir, t.keep_last, state["best_step"])
         return path
 
@@ -170,14 +212,14 @@ def fit(
                 step_start = time.perf_counter()
                 rows = [[train_rows[i] for i in b] for b in window]
                 # Collate the whole window first: the loss is normalised by its item count.
-                batches_now = [collate(r) for r in rows]
+                batches_now = objective.window(ctx, rows, collate)
                 n_loss = max(sum(objective.count(b) for b in batches_now), 1)
                 step_loss = 0.0
                 for k, (micro_rows, cpu_batch) in enumerate(zip(rows, batches_now)):
                     batch = {key: v.to(accelerator.device) for key, v in cpu_batch.items()}
                     sync = nullcontext() if k == len(rows) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        out = objective.loss(model, batch)
+                        out = objective.loss(ctx, batch)
                         loss = out.loss_sum / n_loss
                     if not torch.isfinite(loss):
                         raise TrainingError(
@@ -187,6 +229,7 @@ def fit(
                         )
                     accelerator.backward(loss)
                     step_loss += float(loss.detach())
+                    add_logs(state["log_extra"], out.logs)
                     n_tokens = sum(len(r["input_ids"]) for r in micro_rows)
                     window_tokens += n_tokens
                     train_tokens += n_tokens
@@ -217,6 +260,7 @@ def fit(
                         "loss": state["log_loss"] / state["log_steps"],
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens * world / max(window_seconds, 1e-9),
+                        **mean_logs(state["log_extra"]),
                     }
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
@@ -224,7 +268,7 @@ def fit(
                         log.log(record)
                     progress.update(record, total_steps)
                     result.metrics.update({k: record[k] for k in ("loss", "lr")})
-                    state["log_loss"], state["log_steps"] = 0.0, 0
+                    state["log_loss"], state["log_steps"], state["log_extra"] = 0.0, 0, {}
                     window_tokens, window_seconds = 0, 0.0
                 else:
                     progress.advance(step, total_steps)
@@ -239,7 +283,7 @@ def fit(
                 stop = False
                 saved_now = False
                 if ev.every and val_rows and step % ev.every == 0 and step != total_steps:
-                    metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator)
+                    metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
                     if extra_eval is not None:
                         metrics.update(extra_eval(accelerator.unwrap_model(model)))
                     metrics["step"] = step
@@ -288,7 +332,7 @@ def fit(
             ckpt.restore_weights(best, unwrapped)
             echo(f"restored the best weights (step {result.best_step})")
     if ev.at_end and val_rows:
-        metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator)
+        metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
         metrics["step"] = result.step
         if accelerator.is_main_process:
             MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})

@@ -20,6 +20,8 @@ their state-dict keys stay untouched.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(bottleneck, hidden)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.bypassed = False  # True while the base model alone is asked for (a reference policy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
@@ -58,6 +61,8 @@ class Bottleneck(nn.Module):
 
 def _residual_hook(adapter: Bottleneck):
     def hook(module, inputs, out):
+        if adapter.bypassed:
+            return out
         # The adapter keeps its own dtype (fp32 on a bf16 base) and hands back the base's.
         delta = adapter(out.to(adapter.up.weight.dtype))
         return out + delta.to(out.dtype)
@@ -149,6 +154,20 @@ class BottleneckAdapter(Method):
             "placements": [{"block": b, "projection": r, "kind": k} for b, r, k in placements],
         }
         return model
+
+    def reference_scope(self, model: nn.Module):
+        @contextmanager
+        def base_only():
+            adapters = [m for m in model.modules() if isinstance(m, Bottleneck)]
+            for a in adapters:
+                a.bypassed = True
+            try:
+                yield model
+            finally:
+                for a in adapters:
+                    a.bypassed = False
+
+        return base_only
 
     def save(self, model: nn.Module, out: Path) -> None:
         spec = getattr(model, "tunesmith_adapter_spec", None)

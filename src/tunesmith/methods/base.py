@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -56,6 +57,12 @@ class Method(ABC):
         """A method-specific optimizer (LoRA+, LoRA-FA); None means the engine's AdamW."""
         return None
 
+    def reference_scope(self, model: nn.Module) -> Callable[[], AbstractContextManager[nn.Module]] | None:
+        """How to run the frozen base inside the trained model (adapter switched off), so an
+        objective's reference policy needs no second copy; None when the method cannot, and
+        the engine keeps a frozen copy instead."""
+        return None
+
     def save(self, model: nn.Module, out: Path) -> None:
         model.save_pretrained(out)
 
@@ -73,6 +80,17 @@ class PeftMethod(Method):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, str(artifact))
+
+    def reference_scope(self, model: nn.Module) -> Callable[[], AbstractContextManager[nn.Module]] | None:
+        if not hasattr(model, "disable_adapter"):
+            return None
+
+        @contextmanager
+        def base_only():
+            with model.disable_adapter():
+                yield model
+
+        return base_only
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

@@ -1,16 +1,22 @@
-"""The objective registry: how a batch becomes a loss. One module per objective family."""
+"""The objective registry: name -> objective class; a run builds its own instance from its section."""
 
 from __future__ import annotations
 
-from .base import LossOutput, Objective, TaskInfo
+from ..objective_config import ObjectiveSection
+from .base import LossOutput, Objective, StepContext, TaskInfo
 from .causal_lm import SFT, CausalLM
 from .classification import SequenceClassification, TokenClassification
 from .masked_lm import MaskedLM
 from .seq2seq import Seq2Seq
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (SFT(), CausalLM(), MaskedLM(), Seq2Seq(), SequenceClassification(), TokenClassification())
+OBJECTIVES: dict[str, type[Objective]] = {
+    o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification)
 }
 
-__all__ = ["OBJECTIVES", "LossOutput", "Objective", "TaskInfo"]
+
+def build_objective(cfg: ObjectiveSection) -> Objective:
+    """The run's objective instance, configured by its own section."""
+    return OBJECTIVES[cfg.type](cfg)
+
+
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "StepContext", "TaskInfo", "build_objective"]

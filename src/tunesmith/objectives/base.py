@@ -1,13 +1,19 @@
 """What an objective is: how records become rows, which model head it trains, and its loss.
 
+An objective is a per-run instance built from its own config section (objective_config.py).
 The loss is a sum with the number of items it sums over; the engine divides by the count
 of the whole accumulation window, so every loss item weighs the same however the items
 fall into micro-batches and rows.
+
+What an objective may need besides the policy (a frozen reference, a teacher, the tokenizer,
+generation) it gets from the StepContext the engine lends to every call; it never calls
+backward or an optimizer step.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DataConfig, ObjectiveConfig
+from ..objective_config import ObjectiveSection, objective_config
 from ..data.templates import IGNORE
 
 
@@ -25,6 +32,26 @@ class LossOutput:
     # Optional per-item predictions and references, for metrics such as accuracy.
     predictions: torch.Tensor | None = None
     references: torch.Tensor | None = None
+    # name -> (sum, count): the engine sums both over a log window (or an evaluation) and
+    # reports sum / count, so a mean over pairs stays a mean however pairs fall into batches.
+    logs: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What the engine lends an objective for one call.
+
+    `reference()` is a context manager that yields the frozen reference policy: the policy
+    itself with its adapter switched off when the method can do that (no second copy in
+    memory), else a frozen copy made before training. It is None unless the objective
+    declared `needs_reference`.
+    """
+
+    policy: nn.Module
+    tokenizer: Any = None
+    reference: Callable[[], AbstractContextManager[nn.Module]] | None = None
+    teacher: nn.Module | None = None
+    generate: Callable | None = None  # the generation helper (online objectives)
 
 
 @dataclass
@@ -40,6 +67,8 @@ class TaskInfo:
 
 
 class Objective(ABC):
+    """One objective, configured for one run: `Objective(section)`; class attributes say what it needs."""
+
     name: str = ""
     # Whether packing several examples into one row makes sense for this objective.
     packs: bool = False
@@ -53,6 +82,26 @@ class Objective(ABC):
     generative: bool = False
     # Whether eval loss is a per-token NLL whose exp is a perplexity.
     reports_perplexity: bool = False
+    # Whether the step context must carry a frozen reference policy.
+    needs_reference: bool = False
+
+    def __init__(self, cfg: ObjectiveSection | None = None):
+        self.cfg = cfg if cfg is not None else objective_config(type=self.name)
+
+    def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
+        """Once before the first step (and again on resume): e.g. score every row with the reference."""
+
+    def window(self, ctx: StepContext, rows: list[list[dict]], collate: Callable) -> list[dict]:
+        """The batches of one optimizer step from its micro-batches of rows. Online objectives
+        generate and score here; offline ones collate."""
+        return [collate(r) for r in rows]
+
+    def state_dict(self) -> dict:
+        """What must survive a resume (adaptive coefficients, buffers); saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def prepare(self, records: list[dict], cfg: ObjectiveConfig) -> TaskInfo:
         """Inspect the training records once (e.g. collect label names)."""
@@ -75,8 +124,8 @@ class Objective(ABC):
         return {}
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """The loss summed over the batch and the number of items it sums over."""
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The loss summed over the batch, the number of items it sums over, and logs."""
 
     def metrics(self, predictions: torch.Tensor, references: torch.Tensor,
                 label_names: list[str] | None = None) -> dict[str, float]:

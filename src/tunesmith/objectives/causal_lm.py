@@ -9,7 +9,7 @@ from ..config import DataConfig, ObjectiveConfig
 from ..data.collate import Collator
 from ..data.templates import IGNORE, encode_record, truncate
 from ..scoring import labelled_nll
-from .base import LossOutput, Objective, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo
 
 
 class CausalLM(Objective):
@@ -40,9 +40,9 @@ class CausalLM(Objective):
         # labels[0] of a row is never predicted (nothing precedes it), so it is not counted.
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        nll = labelled_nll(model, inputs, batch["labels"])
+        nll = labelled_nll(ctx.policy, inputs, batch["labels"])
         return LossOutput(nll.sum(), int(nll.numel()))
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import DataConfig, ObjectiveConfig
 from ..data.templates import IGNORE
 from ..errors import ConfigError, DataError
-from .base import LossOutput, Objective, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo
 from .truncation import tokenize_truncated
 
 WEIGHTS_KEY = "class_weights"
@@ -201,8 +201,8 @@ class SequenceClassification(Objective):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].shape[0])
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logits = model_logits(model, batch)
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logits = model_logits(ctx.policy, batch)
         labels = batch["labels"]
         loss_sum = weighted_ce_sum(logits, labels, batch.get(WEIGHTS_KEY))
         return LossOutput(loss_sum, int(labels.shape[0]), logits.argmax(-1), labels)
@@ -278,8 +278,8 @@ class TokenClassification(Objective):
         weights = task.extra.get(WEIGHTS_KEY) if train else None
         return _Collator(_pad_id(tokenizer), IGNORE, weights, per_token=True)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logits = model_logits(model, batch)
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logits = model_logits(ctx.policy, batch)
         labels = batch["labels"]
         # Prompt methods may prepend virtual tokens to the logits; keep the real positions.
         logits = logits[:, -labels.shape[1]:]

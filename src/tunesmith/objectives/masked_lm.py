@@ -24,7 +24,7 @@ from torch import nn
 from ..config import DataConfig, ObjectiveConfig
 from ..errors import ConfigError
 from ..data.templates import IGNORE
-from .base import LossOutput, Objective, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo
 from .truncation import tokenize_truncated
 
 # Share of the picked tokens replaced by the mask token / by a random token (BERT's recipe).
@@ -88,7 +88,8 @@ class MaskedLM(Objective):
         )
         return inner if train else _SeededMasking(inner)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        model = ctx.policy
         labels = batch["labels"]
         mask = labels != IGNORE
         inputs = {k: v for k, v in batch.items() if k != "labels"}

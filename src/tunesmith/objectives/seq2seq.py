@@ -17,7 +17,7 @@ from torch import nn
 from ..config import DataConfig, ObjectiveConfig
 from ..data.templates import IGNORE
 from ..evaluation.generate import render_prompt
-from .base import LossOutput, Objective, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo
 from .truncation import tokenize_truncated
 
 
@@ -75,7 +75,8 @@ class Seq2Seq(Objective):
     def collator(self, tokenizer, cfg: ObjectiveConfig, task: TaskInfo, *, train: bool) -> Callable:
         return Seq2SeqCollator(tokenizer.pad_token_id)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        model = ctx.policy
         labels = batch["labels"]
         mask = labels != IGNORE
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits

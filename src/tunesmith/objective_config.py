@@ -1,0 +1,105 @@
+"""Each objective's own config section: a light pydantic class per objective, no torch.
+
+`RunConfig.objective` is the union of these, told apart by `type` (sft when absent), so a key
+that belongs to another objective is refused with the allowed keys of the chosen one. The
+objective classes (objectives/) take their section as a per-run instance; this module stays
+import-light so that validating a config never loads torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+
+
+class ObjectiveSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    type: str
+
+
+class SFTSection(ObjectiveSection):
+    type: Literal["sft"] = "sft"
+
+
+class CausalLMSection(ObjectiveSection):
+    type: Literal["causal_lm"] = "causal_lm"
+
+
+class MaskedLMSection(ObjectiveSection):
+    type: Literal["masked_lm"] = "masked_lm"
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+
+
+class Seq2SeqSection(ObjectiveSection):
+    type: Literal["seq2seq"] = "seq2seq"
+    max_target_length: int = Field(128, gt=0)
+
+
+class _Labelled(ObjectiveSection):
+    labels: list[str] | None = Field(
+        None, description="Label names in id order (default: sorted labels found in the data)."
+    )
+    class_weights: Literal["balanced"] | list[float] | None = None
+
+
+class ClassificationSection(_Labelled):
+    type: Literal["classification"] = "classification"
+
+
+class TokenClassificationSection(_Labelled):
+    type: Literal["token_classification"] = "token_classification"
+
+
+class DPOSection(ObjectiveSection):
+    """Direct preference optimisation against a frozen reference (TRL 1.16 definitions)."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference.")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust DPO's epsilon.")
+    precompute_ref_logps: bool = Field(
+        False, description="Score every pair with the reference once before training instead of every step."
+    )
+    sft_weight: float = Field(0.0, ge=0, description="Add this times the NLL of the chosen answer (RPO).")
+
+
+class RewardSection(ObjectiveSection):
+    """Bradley-Terry reward modelling on preference pairs (a scalar head)."""
+
+    type: Literal["reward"] = "reward"
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0, description="Adds c * mean((r_chosen + r_rejected)^2); 0.01 is the usual choice."
+    )
+
+
+SECTIONS: dict[str, type[ObjectiveSection]] = {
+    s.model_fields["type"].default: s
+    for s in (SFTSection, CausalLMSection, MaskedLMSection, Seq2SeqSection, ClassificationSection,
+              TokenClassificationSection, DPOSection, RewardSection)
+}
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("type", "sft")
+    return getattr(value, "type", "sft")
+
+
+ObjectiveConfigUnion = Annotated[
+    Union[tuple(Annotated[s, Tag(name)] for name, s in SECTIONS.items())],  # noqa: UP007
+    Discriminator(_tag),
+]
+_ADAPTER = TypeAdapter(ObjectiveConfigUnion)
+
+
+def objective_config(**fields: Any) -> ObjectiveSection:
+    """The section of `fields["type"]` (sft when absent), validated."""
+    return _ADAPTER.validate_python(fields)
+
+
+def lenient_objective_config(fields: dict[str, Any]) -> ObjectiveSection:
+    """A section from a saved manifest: keys of the older flat schema that this objective does not
+    have are dropped (artifacts written before the sections were split stay loadable)."""
+    section = SECTIONS[fields.get("type", "sft")]
+    return section(**{k: v for k, v in fields.items() if k in section.model_fields})
