@@ -5,6 +5,11 @@ Every format maps a raw row to one canonical record:
   {"text": str}                                                            (plain text)
   {"text": str, "label": str | int[, "text_pair": str]}                    (labelled text)
   {"tokens": [str, ...], "tags": [str, ...]}                               (one tag per word)
+  {"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...][, "margin": float]}
+                                                              (paired preference: DPO, reward model)
+  {"prompt": [msg, ...], "completion": [msg, ...], "label": bool}   (unpaired preference: KTO)
+In preference records `prompt` holds the turns before the answer (system/user/..., never empty)
+and `chosen`/`rejected`/`completion` the assistant continuation (starting with an assistant turn).
 A format is one small class and one registry line.
 
 A format may list column aliases: other names common datasets give a field (SST-2 calls
@@ -14,6 +19,8 @@ column (or the one data.columns maps it to) is absent from a row.
 
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +112,23 @@ class Alpaca(Format):
         return {"messages": messages}
 
 
+def _messages(raw: Any, field: str) -> list[dict]:
+    """A list of {role, content} messages (role aliases allowed) as canonical messages."""
+    if not isinstance(raw, list):
+        raise RowError(field, "a list of {role, content} messages", raw)
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"{field}[{i}]", "an object with 'role' and 'content'", m)
+        role = ROLE_ALIASES.get(str(m["role"]).lower())
+        if role is None:
+            raise RowError(f"{field}[{i}].role", "one of system/user/assistant", m["role"])
+        if not isinstance(m["content"], str):
+            raise RowError(f"{field}[{i}].content", "a string", m["content"])
+        out.append({"role": role, "content": m["content"]})
+    return out
+
+
 class Chat(Format):
     name = "chat"
     fields = ("messages",)
@@ -117,20 +141,7 @@ class Chat(Format):
         field = col("messages")
         if field not in row and "conversation" in row:
             field = "conversation"
-        raw = row.get(field)
-        if not isinstance(raw, list):
-            raise RowError(field, "a list of {role, content} messages", raw)
-        out = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise RowError(f"{field}[{i}]", "an object with 'role' and 'content'", m)
-            role = ROLE_ALIASES.get(str(m["role"]).lower())
-            if role is None:
-                raise RowError(f"{field}[{i}].role", "one of system/user/assistant", m["role"])
-            if not isinstance(m["content"], str):
-                raise RowError(f"{field}[{i}].content", "a string", m["content"])
-            out.append({"role": role, "content": m["content"]})
-        return {"messages": _check_conversation(out, field)}
+        return {"messages": _check_conversation(_messages(row.get(field), field), field)}
 
 
 class ShareGPT(Format):
@@ -250,18 +261,184 @@ class Tokens(Format):
         return {"tokens": tokens, "tags": tags}
 
 
-# Detection order matters: the most specific shapes first (labelled text before plain text).
+# --- preference data ---------------------------------------------------------------------------
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or (
+        isinstance(value, str) and not value.strip())
+
+
+def _prompt_messages(row: dict, field: str, *, required: bool) -> list[dict]:
+    """A prompt column as messages: a string is one user turn; absent or blank gives [] (or an error)."""
+    value = row.get(field)
+    if _missing(value) or value == []:
+        if required:
+            raise RowError(field, "a non-empty prompt (a string or a list of {role, content} messages)", value)
+        return []
+    if isinstance(value, list):
+        return _messages(value, field)
+    return [{"role": "user", "content": _text(row, field)}]
+
+
+def _completion_messages(row: dict, field: str) -> list[dict]:
+    """A completion column as messages: a string is one assistant turn."""
+    value = row.get(field)
+    if _missing(value) or value == []:
+        raise RowError(field, "a non-empty completion (a string or a list of {role, content} messages)", value)
+    if isinstance(value, list):
+        return _messages(value, field)
+    return [{"role": "assistant", "content": _text(row, field)}]
+
+
+def _check_completion(messages: list[dict], field: str) -> None:
+    if not messages:
+        raise RowError(field, "a non-empty completion (it is all shared with the prompt)", messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(field, "a completion with an assistant message", messages)
+    if messages[0]["role"] != "assistant":
+        raise RowError(field, "a completion that starts with an assistant turn", messages[0])
+    if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        raise RowError(field, "a non-empty completion", messages)
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def _hh_transcript(text: str) -> list[dict] | None:
+    """An Anthropic HH-RLHF transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...') as messages, else None."""
+    if not text.lstrip("\n").startswith("Human:") or "\n\nAssistant:" not in text:
+        return None
+    parts = _HH_TURN.split(text.lstrip("\n"))
+    if parts[0].strip():
+        return None
+    return [{"role": "user" if who == "Human" else "assistant", "content": what.strip()}
+            for who, what in zip(parts[1::2], parts[2::2])]
+
+
+def _starts_with(messages: list[dict], prefix: list[dict]) -> bool:
+    return len(messages) >= len(prefix) and messages[: len(prefix)] == prefix
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _margin(row: dict, field: str) -> float | None:
+    value = row.get(field)
+    if _missing(value):
+        return None
+    if isinstance(value, bool):
+        raise RowError(field, "a number", value)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RowError(field, "a number", value) from None
+    if not math.isfinite(number):
+        raise RowError(field, "a finite number", value)
+    return number
+
+
+class Preference(Format):
+    """Paired preference (DPO family, reward modelling): a prompt, a chosen and a rejected answer.
+
+    Each of prompt/chosen/rejected is a string or a list of messages. Without a prompt, chosen and
+    rejected are full conversations (Anthropic HH-RLHF, as messages or as its 'Human:/Assistant:'
+    transcript strings): their longest common prefix of turns is the prompt (TRL's extract_prompt).
+    A conversation that repeats the prompt column at its start (HuggingFaceH4/ultrafeedback_binarized)
+    has that repeat removed. An optional numeric `margin` column is kept (reward modelling).
+    """
+
+    name = "preference"
+    fields = ("prompt", "chosen", "rejected", "margin")
+    required = ("chosen", "rejected")
+
+    def normalize(self, row, col):
+        pf, cf, rf = col("prompt"), col("chosen"), col("rejected")
+        prompt = _prompt_messages(row, pf, required=False)
+        chosen, rejected = _completion_messages(row, cf), _completion_messages(row, rf)
+        if not prompt and isinstance(row.get(cf), str) and isinstance(row.get(rf), str):
+            hh_c, hh_r = _hh_transcript(row[cf]), _hh_transcript(row[rf])
+            if hh_c is not None and hh_r is not None:
+                chosen, rejected = hh_c, hh_r
+        if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
+            raise RowError(rf, f"a completion that differs from '{cf}' (the two are identical)", row.get(rf))
+        if prompt and _starts_with(chosen, prompt) and _starts_with(rejected, prompt):
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        if chosen and rejected and (chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant"):
+            # Full conversations: the turns both share are the prompt.
+            shared = _common_prefix(chosen, rejected)
+            prompt, chosen, rejected = prompt + chosen[:shared], chosen[shared:], rejected[shared:]
+        _check_completion(chosen, cf)
+        _check_completion(rejected, rf)
+        if not prompt:
+            raise RowError(pf, f"a prompt: a '{pf}' column, or '{cf}' and '{rf}' as full conversations "
+                               "that share their opening turns", row.get(pf))
+        record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        margin = _margin(row, col("margin"))
+        if margin is not None:
+            record["margin"] = margin
+        return record
+
+
+_LABELS = {"true": True, "false": False, "desirable": True, "undesirable": False, "1": True, "0": False}
+
+
+def _bool_label(row: dict, field: str) -> bool:
+    value = row.get(field)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise RowError(field, "true/false (a bool, 0/1, 'true'/'false' or 'desirable'/'undesirable')", value)
+
+
+class UnpairedPreference(Format):
+    """Unpaired preference (KTO): one completion per prompt, labelled desirable (true) or not (false)."""
+
+    name = "unpaired_preference"
+    fields = ("prompt", "completion", "label")
+    required = ("prompt", "completion", "label")
+
+    def normalize(self, row, col):
+        pf, cf = col("prompt"), col("completion")
+        prompt = _prompt_messages(row, pf, required=True)
+        completion = _completion_messages(row, cf)
+        if _starts_with(completion, prompt):
+            completion = completion[len(prompt):]
+        _check_completion(completion, cf)
+        return {"prompt": prompt, "completion": completion, "label": _bool_label(row, col("label"))}
+
+
+# Detection order matters: the most specific shapes first. The preference formats lead: chosen +
+# rejected columns mean paired preference even when a dataset also carries `messages` (as
+# HuggingFaceH4/ultrafeedback_binarized does), and prompt + completion + label is KTO's unpaired
+# preference, which prompt_completion (prompt + completion) would otherwise claim. Labelled text
+# comes before plain text.
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (Chat(), ShareGPT(), Alpaca(), PromptCompletion(), TextLabel(), Tokens(), Text())
+    # prompt + completion (+ label) reads as prompt_completion unless the objective learns from
+    # unpaired preferences (detect_format's `prefer`): the label alone does not say which.
+    f.name: f for f in (Preference(), Chat(), ShareGPT(), Alpaca(), PromptCompletion(), UnpairedPreference(),
+                        TextLabel(), Tokens(), Text())
 }
 
 
-def detect_format(columns: set[str], mapping: dict[str, str] | None = None) -> str:
-    """Name the format whose required columns are present (after column remapping)."""
+def detect_format(columns: set[str], mapping: dict[str, str] | None = None, prefer: tuple[str, ...] = ()) -> str:
+    """Name the format whose required columns are present (after column remapping); formats in
+    `prefer` (those the run's objective learns from) are tried first."""
     mapping = mapping or {}
     reverse = {v: k for k, v in mapping.items()}
     canonical = {reverse.get(c, c) for c in columns}
-    for name, fmt in FORMATS.items():
+    order = [n for n in prefer if n in FORMATS] + [n for n in FORMATS if n not in prefer]
+    for name in order:
+        fmt = FORMATS[name]
         if fmt.detect(canonical):
             return name
     expected = "; ".join(f"{n}: {', '.join(f.required)}" for n, f in FORMATS.items())
