@@ -156,3 +156,18 @@ def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torc
         return logits.new_zeros(0, dtype=torch.float32)
     return torch.cat([F.cross_entropy(logits[rows].float(), picked[rows], reduction="none")
                       for rows in _chunks(len(picked), logits.shape[-1])])
+
+
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's labelled tokens, their count per row).
+
+    The per-sequence form of `labelled_nll` that preference losses compare between the policy
+    and its reference: the same head, chunking and dtype rules, so a DPO log-prob and an SFT
+    loss are the same number for the same tokens.
+    """
+    nll = labelled_nll(model, inputs, labels)
+    mask = labels[:, 1:] != IGNORE
+    rows = mask.nonzero()[:, 0]  # row of every labelled token, in labelled_nll's (row-major) order
+    logps = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)
+    return logps, mask.sum(1)

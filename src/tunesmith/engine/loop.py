@@ -101,6 +101,13 @@ def reference_policy(model: nn.Module, method) -> Callable:
     return copy_scope
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding input tokens of a collated batch (rows of any objective: pairs, rollouts, ...)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
 def _label_names(model) -> list[str] | None:
     """Class names by id from the model's config (peft and probe wrappers expose it too)."""
     config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
@@ -230,7 +237,7 @@ def fit(
                     accelerator.backward(loss)
                     step_loss += float(loss.detach())
                     add_logs(state["log_extra"], out.logs)
-                    n_tokens = sum(len(r["input_ids"]) for r in micro_rows)
+                    n_tokens = batch_tokens(cpu_batch)
                     window_tokens += n_tokens
                     train_tokens += n_tokens
                 grad_norm = None

@@ -7,10 +7,11 @@ from .base import LossOutput, Objective, StepContext, TaskInfo
 from .causal_lm import SFT, CausalLM
 from .classification import SequenceClassification, TokenClassification
 from .masked_lm import MaskedLM
+from .preference import DPO
 from .seq2seq import Seq2Seq
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification)
+    o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO)
 }
 
 

@@ -1,0 +1,131 @@
+"""DPO in the one loop: invariants at step 1, learning, logs, reference handling, precompute, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import QA, write_jsonl
+
+WRONG = {"paris": "london", "blue": "green", "positive": "negative", "negative": "positive", "two": "three",
+         "blue water": "red water"}
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": q, "chosen": a, "rejected": WRONG[a]} for q, a in QA * 4]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def dpo_config(run_config, pairs_file, **objective):
+    return run_config(data={"train": str(pairs_file), "shuffle": False},
+                      objective={"type": "dpo", **objective},
+                      training={"batch_size": 4, "learning_rate": 5e-3, "max_grad_norm": None,
+                                "scheduler": "constant", "max_steps": 6})
+
+
+def records(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss, first", [("sigmoid", math.log(2)), ("ipo", 1 / (4 * 0.1 ** 2)), ("hinge", 1.0),
+                                         ("robust", math.log(2))])
+def test_step_one_loss_when_policy_is_the_reference(run_config, pairs_file, loss, first):
+    import tunesmith
+
+    extra = {"label_smoothing": 0.1} if loss == "robust" else {}
+    cfg = dpo_config(run_config, pairs_file, loss=loss, **extra)
+    cfg["training"]["max_steps"] = 1
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    step1 = records(result.run_dir)[0]
+    assert step1["loss"] == pytest.approx(first, rel=1e-5)
+    assert step1["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert step1["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lora_dpo_learns_the_preference_without_a_second_model(run_config, pairs_file, monkeypatch):
+    import copy
+
+    import tunesmith
+
+    copies = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copies.append(type(x).__name__) or real_deepcopy(x, *a))
+    cfg = dpo_config(run_config, pairs_file)
+    cfg["training"].update(max_steps=24, learning_rate=1e-2)
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    assert not [c for c in copies if "Model" in c], f"a model was copied for the reference: {copies}"
+    steps = [r for r in records(result.run_dir) if "rewards/accuracies" in r and "loss" in r]
+    first, last = steps[:6], steps[-6:]
+
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs)
+
+    assert mean(last, "loss") < mean(first, "loss") - 0.05
+    assert mean(last, "rewards/margins") > 0.15
+    assert mean(last, "rewards/accuracies") > 0.8
+    assert mean(last, "logps/rejected") < mean(first, "logps/rejected")
+    # The saved adapter loads with plain peft on its base and prefers the chosen answers.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"])
+    PeftModel.from_pretrained(base, str(result.artifact_dir))
+
+
+def test_full_fine_tuning_keeps_a_frozen_copy_and_precompute_gives_the_same_first_loss(run_config, pairs_file):
+    import tunesmith
+
+    losses = {}
+    for pre in (False, True):
+        cfg = dpo_config(run_config, pairs_file, precompute_ref_logps=pre)
+        cfg["method"] = {"type": "full"}
+        cfg["training"].update(max_steps=3, learning_rate=1e-3)
+        cfg["output"]["dir"] += f"-{pre}"
+        result = tunesmith.train(cfg, echo=lambda m: None)
+        losses[pre] = [r["loss"] for r in records(result.run_dir) if "loss" in r and "eval_loss" not in r]
+    assert losses[False][0] == pytest.approx(math.log(2), rel=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_eval_reports_reward_accuracy_and_margins(run_config, pairs_file):
+    import tunesmith
+
+    cfg = dpo_config(run_config, pairs_file)
+    cfg["data"]["split"] = {"validation_file": str(pairs_file)}
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"):
+        assert key in result.metrics
+    assert result.metrics["eval_rewards/margins"] > 0
+
+
+def test_sft_weight_adds_the_chosen_nll(run_config, pairs_file):
+    import tunesmith
+
+    cfg = dpo_config(run_config, pairs_file, sft_weight=1.0)
+    cfg["training"]["max_steps"] = 1
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    step1 = records(result.run_dir)[0]
+    assert step1["loss"] == pytest.approx(math.log(2) + step1["nll_loss"], rel=1e-5)
+
+
+def test_left_truncation_is_refused_before_the_model_loads(run_config, pairs_file):
+    import tunesmith
+    from tunesmith.errors import ConfigError
+
+    cfg = dpo_config(run_config, pairs_file)
+    cfg["data"]["truncation"] = "left"
+    with pytest.raises(ConfigError, match="data.truncation"):
+        tunesmith.train(cfg, echo=lambda m: None)
+
+
+def test_dpo_on_sft_data_is_refused_naming_the_format(run_config, alpaca_file):
+    import tunesmith
+    from tunesmith.errors import DataError
+
+    cfg = run_config(objective={"type": "dpo"})
+    with pytest.raises(DataError, match="preference"):
+        tunesmith.train(cfg, echo=lambda m: None)
