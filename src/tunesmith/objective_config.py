@@ -73,10 +73,56 @@ class RewardSection(ObjectiveSection):
     )
 
 
+class KTOSection(ObjectiveSection):
+    """KTO on unpaired desirable / undesirable answers (TRL 1.16 definitions)."""
+
+    type: Literal["kto"] = "kto"
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    precompute_ref_logps: bool = False
+
+
+class ORPOSection(ObjectiveSection):
+    """ORPO: NLL of the chosen answer plus an odds-ratio term; no reference model."""
+
+    type: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (the paper's lambda).")
+
+
+class SimPOSection(ObjectiveSection):
+    """SimPO: length-averaged log-probs with a target margin; no reference model."""
+
+    type: Literal["simpo"] = "simpo"
+    beta: float = Field(0.1, gt=0)
+    gamma: float = Field(0.5, ge=0, description="Target reward margin (simpo_gamma).")
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    sft_weight: float = Field(0.0, ge=0, description="Adds this times the chosen NLL (CPO's alpha).")
+
+
+class DistillSection(ObjectiveSection):
+    """Knowledge distillation from a teacher, mixed with the student's own task loss."""
+
+    type: Literal["distill"] = "distill"
+    teacher: str = Field(description="Anything tunesmith loads: a run folder, an artifact, a model folder, a hub id.")
+    task: Literal["sft", "causal_lm", "masked_lm", "classification"] = Field(
+        "sft", description="The student's own objective, whose loss is mixed in and whose data it reads.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD's mixture weight (jsd only).")
+    temperature: float = Field(1.0, gt=0)
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="(1 - kd_ratio) * task loss + kd_ratio * KD loss.")
+    hidden_weight: float = Field(0.0, ge=0, description="Adds this times DistilBERT's hidden-state cosine loss.")
+    # The task's own settings, as in its section.
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    labels: list[str] | None = None
+    class_weights: Literal["balanced"] | list[float] | None = None
+
+
 SECTIONS: dict[str, type[ObjectiveSection]] = {
     s.model_fields["type"].default: s
     for s in (SFTSection, CausalLMSection, MaskedLMSection, Seq2SeqSection, ClassificationSection,
-              TokenClassificationSection, DPOSection, RewardSection)
+              TokenClassificationSection, DPOSection, RewardSection, KTOSection, ORPOSection, SimPOSection,
+              DistillSection)
 }
 
 
