@@ -75,6 +75,20 @@ QA = [
     ("what is one and one", "two"),
     ("call the water", "blue water"),
 ]
+# Labelled sentences for the classification fixtures.
+SENTENCES = [
+    ("the movie was good and great", "positive"),
+    ("a bad and terrible movie", "negative"),
+    ("you will like this movie it is great", "positive"),
+    ("the water was bad", "negative"),
+    ("what a great day", "positive"),
+    ("this is terrible", "negative"),
+    ("good people make good time", "positive"),
+    ("a terrible way to look", "negative"),
+]
+# A wrong answer to each of QA's questions: the rejected side of preference fixtures.
+WRONG = {"paris": "london", "blue": "green", "positive": "negative", "negative": "positive", "two": "three",
+         "blue water": "red water"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -202,3 +216,20 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-t5")
     build_t5(folder)
     return folder
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_steps(cfg: dict):
+    """(result, the training-step records) of one run."""
+    import tunesmith
+
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    return result, [r for r in metric_records(result.run_dir) if "loss" in r and "eval_loss" not in r]
+
+
+def window_mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import QA, write_jsonl
+from conftest import QA, WRONG, metric_records, window_mean, write_jsonl
 
-WRONG = {"paris": "london", "blue": "green", "positive": "negative", "negative": "positive", "two": "three",
-         "blue water": "red water"}
 
 
 @pytest.fixture
@@ -27,10 +24,6 @@ def dpo_config(run_config, pairs_file, **objective):
                                 "scheduler": "constant", "max_steps": 6})
 
 
-def records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("loss, first", [("sigmoid", math.log(2)), ("ipo", 1 / (4 * 0.1 ** 2)), ("hinge", 1.0),
                                          ("robust", math.log(2))])
 def test_step_one_loss_when_policy_is_the_reference(run_config, pairs_file, loss, first):
@@ -40,7 +33,7 @@ def test_step_one_loss_when_policy_is_the_reference(run_config, pairs_file, loss
     cfg = dpo_config(run_config, pairs_file, loss=loss, **extra)
     cfg["training"]["max_steps"] = 1
     result = tunesmith.train(cfg, echo=lambda m: None)
-    step1 = records(result.run_dir)[0]
+    step1 = metric_records(result.run_dir)[0]
     assert step1["loss"] == pytest.approx(first, rel=1e-5)
     assert step1["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert step1["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
@@ -58,16 +51,13 @@ def test_lora_dpo_learns_the_preference_without_a_second_model(run_config, pairs
     cfg["training"].update(max_steps=24, learning_rate=1e-2)
     result = tunesmith.train(cfg, echo=lambda m: None)
     assert not [c for c in copies if "Model" in c], f"a model was copied for the reference: {copies}"
-    steps = [r for r in records(result.run_dir) if "rewards/accuracies" in r and "loss" in r]
+    steps = [r for r in metric_records(result.run_dir) if "rewards/accuracies" in r and "loss" in r]
     first, last = steps[:6], steps[-6:]
 
-    def mean(rs, key):
-        return sum(r[key] for r in rs) / len(rs)
-
-    assert mean(last, "loss") < mean(first, "loss") - 0.05
-    assert mean(last, "rewards/margins") > 0.15
-    assert mean(last, "rewards/accuracies") > 0.8
-    assert mean(last, "logps/rejected") < mean(first, "logps/rejected")
+    assert window_mean(last, "loss") < window_mean(first, "loss") - 0.05
+    assert window_mean(last, "rewards/margins") > 0.15
+    assert window_mean(last, "rewards/accuracies") > 0.8
+    assert window_mean(last, "logps/rejected") < window_mean(first, "logps/rejected")
     # The saved adapter loads with plain peft on its base and prefers the chosen answers.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -86,7 +76,7 @@ def test_full_fine_tuning_keeps_a_frozen_copy_and_precompute_gives_the_same_firs
         cfg["training"].update(max_steps=3, learning_rate=1e-3)
         cfg["output"]["dir"] += f"-{pre}"
         result = tunesmith.train(cfg, echo=lambda m: None)
-        losses[pre] = [r["loss"] for r in records(result.run_dir) if "loss" in r and "eval_loss" not in r]
+        losses[pre] = [r["loss"] for r in metric_records(result.run_dir) if "loss" in r and "eval_loss" not in r]
     assert losses[False][0] == pytest.approx(math.log(2), rel=1e-5)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
@@ -108,7 +98,7 @@ def test_sft_weight_adds_the_chosen_nll(run_config, pairs_file):
     cfg = dpo_config(run_config, pairs_file, sft_weight=1.0)
     cfg["training"]["max_steps"] = 1
     result = tunesmith.train(cfg, echo=lambda m: None)
-    step1 = records(result.run_dir)[0]
+    step1 = metric_records(result.run_dir)[0]
     assert step1["loss"] == pytest.approx(math.log(2) + step1["nll_loss"], rel=1e-5)
 
 
@@ -129,3 +119,16 @@ def test_dpo_on_sft_data_is_refused_naming_the_format(run_config, alpaca_file):
     cfg = run_config(objective={"type": "dpo"})
     with pytest.raises(DataError, match="preference"):
         tunesmith.train(cfg, echo=lambda m: None)
+
+
+def test_precision_auto_times_a_real_pair_for_preference_objectives(run_config, pairs_file, tmp_path, monkeypatch):
+    import tunesmith
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    cfg = dpo_config(run_config, pairs_file)
+    cfg["training"].update(precision="auto", max_steps=1)
+    said = []
+    tunesmith.train(cfg, echo=said.append)
+    chosen = [m for m in said if m.startswith("precision auto:")]
+    assert chosen and "measured now" in chosen[0], said
+    assert not [m for m in said if "could not time" in m]

@@ -8,28 +8,20 @@ rewards/margins, rewards/accuracies and the gradient norm must match per step.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 trl = pytest.importorskip("trl", reason="TRL (the `bench` extra) is the reference implementation")
 
-from conftest import QA, build_llama, build_tokenizer, write_jsonl  # noqa: E402
+from conftest import QA, WRONG, write_jsonl  # noqa: E402
+from parity_recipe import TRL_ARGS, run_tunesmith, save_tiny_llama  # noqa: E402
 
-WRONG = {"paris": "london", "blue": "green", "positive": "negative", "negative": "positive", "two": "three",
-         "blue water": "red water"}
 PAIRS = [(q, a, WRONG[a]) for q, a in QA * 3][:16]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from tunesmith.data.templates import FALLBACK_CHAT_TEMPLATE
-
     folder = tmp_path_factory.mktemp("dpo-parity")
-    tok = build_tokenizer(folder)
-    tok.chat_template = FALLBACK_CHAT_TEMPLATE  # both tools render the same conversations
-    tok.save_pretrained(folder)
-    build_llama(folder, len(tok), seed=3)
+    save_tiny_llama(folder)
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS]
     return folder, write_jsonl(folder / "pairs.jsonl", rows), rows
@@ -40,40 +32,19 @@ def run_trl(folder, rows, out, loss_type: str, label_smoothing: float) -> list[d
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3, beta=0.1,
-        loss_type=loss_type, label_smoothing=label_smoothing, lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        train_sampling_strategy="sequential", seed=0, report_to=[], logging_steps=1, save_strategy="no",
-        max_length=64)
+    args = DPOConfig(output_dir=str(out), beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing, **TRL_ARGS)
     trainer = DPOTrainer(model=str(folder), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(folder))
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h and "rewards/margins" in h]
 
 
-def run_tunesmith(folder, data, out, loss_type: str, label_smoothing: float) -> list[dict]:
-    import tunesmith
-
-    cfg = {"model": {"name_or_path": str(folder)},
-           "data": {"train": str(data), "max_length": 64, "shuffle": False},
-           "method": {"type": "full"},
-           "objective": {"type": "dpo", "beta": 0.1, "loss": loss_type, "label_smoothing": label_smoothing},
-           "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-3, "scheduler": "linear",
-                        "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32", "progress": False,
-                        "log_every": 1, "seed": 0},
-           "eval": {"forgetting": False, "at_end": False},
-           "output": {"dir": str(out), "save_model": False, "model_card": False}}
-    result = tunesmith.train(cfg, echo=lambda m: None)
-    lines = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "loss" in r]
-
-
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
 def test_dpo_matches_trl_step_by_step(saved, tmp_path, loss_type, smoothing):
     folder, data, rows = saved
     theirs = run_trl(folder, rows, tmp_path / "trl", loss_type, smoothing)
-    ours = run_tunesmith(folder, data, tmp_path / "ours", loss_type, smoothing)
+    ours = run_tunesmith(folder, data, tmp_path / "ours",
+                         {"type": "dpo", "beta": 0.1, "loss": loss_type, "label_smoothing": smoothing})
     assert len(theirs) == len(ours) == 6
     for step, (t, o) in enumerate(zip(theirs, ours), 1):
         assert o["loss"] == pytest.approx(t["loss"], abs=1e-5), f"step {step} loss"

@@ -16,21 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QA, build_tokenizer, write_jsonl
+from conftest import QA, SENTENCES, WRONG, build_tokenizer, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.matrix import matrix, supported_cells
 
-SENTENCES = [
-    ("the movie was good and great", "positive"),
-    ("a bad and terrible movie", "negative"),
-    ("you will like this movie it is great", "positive"),
-    ("the water was bad", "negative"),
-    ("what a great day", "positive"),
-    ("this is terrible", "negative"),
-    ("good people make good time", "positive"),
-    ("a terrible way to look", "negative"),
-]
 NER = [
     (["paris", "is", "the", "capital", "of", "france"], ["B-LOC", "O", "O", "O", "O", "B-LOC"]),
     (["the", "sky", "is", "blue"], ["O", "O", "O", "O"]),
@@ -51,6 +41,12 @@ def _data(objective: str, folder: Path) -> Path:
         rows = [{"text": s, "label": y} for s, y in SENTENCES]
     elif objective == "token_classification":
         rows = [{"tokens": t, "tags": y} for t, y in NER]
+    elif objective in ("dpo", "orpo", "simpo", "reward"):
+        rows = [{"prompt": q, "chosen": a, "rejected": WRONG[a]} for q, a in QA]
+    elif objective == "kto":
+        rows = [{"prompt": q, "completion": c, "label": good} for q, a in QA for c, good in ((a, True), (WRONG[a], False))]
+    elif objective == "distill":  # the student's task is sft
+        rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
     else:  # a new objective needs its fixture here
         raise AssertionError(f"no matrix data for objective {objective}")
     return write_jsonl(path, rows)
@@ -89,7 +85,8 @@ def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_bert_wide_dir, 
 
 # Classification heads (and BERT's pooler) start fresh; the wide BERT lets them learn in 8 steps.
 FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert-wide", "seq2seq": "t5", "classification": "bert-wide",
-          "token_classification": "bert-wide"}
+          "token_classification": "bert-wide", "dpo": "llama", "orpo": "llama", "simpo": "llama", "kto": "llama",
+          "reward": "llama", "distill": "llama"}
 # BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
 BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
 
@@ -101,6 +98,7 @@ METHOD_OPTIONS = {
     "adapter": {"reduction_factor": 4},
     "linear_probe": {"probe_head": "linear"},
 }
+OBJECTIVE_OPTIONS = {"masked_lm": {"mlm_probability": 0.3}}
 LEARNING_RATE = {"full": 3e-3, "freeze": 3e-3, "bitfit": 3e-2, "prompt_tuning": 1e-1, "p_tuning": 3e-2,
                  "prefix_tuning": 3e-2, "ia3": 5e-2, "linear_probe": 3e-2}
 
@@ -115,7 +113,8 @@ def _cell_config(method: str, objective: str, models: dict, folder: Path) -> dic
         "data": {"train": str(data), "max_length": 48, "shuffle": False,
                  "split": {"validation_file": str(data)}},
         "method": {"type": method, "r": 4, "alpha": 8, "dropout": 0.0, **METHOD_OPTIONS.get(method, {})},
-        "objective": {"type": objective, **({"mlm_probability": 0.3} if objective == "masked_lm" else {})},
+        "objective": {"type": objective, **OBJECTIVE_OPTIONS.get(objective, {}),
+                      **({"teacher": str(models["llama"])} if objective == "distill" else {})},
         "training": {"max_steps": 8, "batch_size": 64, "learning_rate": LEARNING_RATE.get(method, 1e-2),
                      "scheduler": "constant", "progress": False, "log_every": 1, "precision": "fp32",
                      "max_grad_norm": None},
@@ -150,7 +149,18 @@ def test_supported_cell_trains_and_reloads(method, objective, models, tmp_path):
     collate = objective_impl.collator(loaded.tokenizer, cfg.objective, data.task, train=False)
 
     cpu = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)  # what evaluate_loss uses
-    again = evaluate_loss(loaded.model, objective_impl, data.val, collate, 64, cpu)
+    ctx = None
+    if objective_impl.needs_reference:  # the reloaded policy is scored against the untrained base
+        from tunesmith.engine.loop import reference_policy
+        from tunesmith.methods import METHODS
+        from tunesmith.objectives import StepContext
+
+        scope = METHODS[method].reference_scope(loaded.model)
+        if scope is None:
+            base = load_trained(cfg.model.name_or_path).model
+            scope = reference_policy(base, None)
+        ctx = StepContext(loaded.model, loaded.tokenizer, reference=scope)
+    again = evaluate_loss(loaded.model, objective_impl, data.val, collate, 64, cpu, ctx)
     assert again["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5, abs=1e-6)
 
 
@@ -163,7 +173,7 @@ def test_unsupported_cell_is_refused_at_validation(method, objective, why, tmp_p
         "model": {"name_or_path": "any/model"},
         "data": {"train": "any.jsonl"},
         "method": {"type": method},
-        "objective": {"type": objective},
+        "objective": {"type": objective, **({"teacher": "any/teacher"} if objective == "distill" else {})},
     }
     with pytest.raises(ConfigError) as err:
         load_config(cfg)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import tunesmith
-from conftest import QA, write_jsonl
+from conftest import QA, SENTENCES, write_jsonl
 from tunesmith.artifacts import load_trained
 from tunesmith.config import DataConfig, ObjectiveConfig
 from tunesmith.data.templates import IGNORE
@@ -23,16 +23,6 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods.full import Full
 from tunesmith.objectives import OBJECTIVES, StepContext, TaskInfo
 
-SENTENCES = [
-    ("the movie was good and great", "positive"),
-    ("a bad and terrible movie", "negative"),
-    ("you will like this movie it is great", "positive"),
-    ("the water was bad", "negative"),
-    ("what a great day", "positive"),
-    ("this is terrible", "negative"),
-    ("good people make good time", "positive"),
-    ("a terrible way to look", "negative"),
-]
 NER = [
     (["paris", "is", "the", "capital", "of", "france"], ["B-LOC", "O", "O", "O", "O", "B-LOC"]),
     (["the", "sky", "is", "blue"], ["O", "O", "O", "O"]),

@@ -130,7 +130,7 @@ def train(
         cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
         build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
                             _proxy_batch(cfg, objective, tokenizer, data)),
-        tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo)
+        tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo, objective=cfg.objective.type)
     precision = chosen.precision
     if chosen.timings:
         echo(f"precision auto: {precision} with {chosen.weights} frozen weights, {chosen.how} "
@@ -139,8 +139,26 @@ def train(
     # Frozen base weights live in the measured dtype; weights that learn stay fp32.
     dtype = TORCH_DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else chosen.weight_dtype
     load_kwargs = {**model_kwargs, **method.load_kwargs(cfg.method, precision)}
-    model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
-                       init_seed=cfg.training.seed, echo=echo, **load_kwargs)
+    teacher, thin = None, cfg.model.init_from_teacher_every
+    if objective.needs_teacher:
+        from .teacher import prepare_teacher
+
+        # Loaded once, checked against the student's tokenizer and labels before the student loads; it
+        # computes in the run's compute dtype (a student built from it copies its weights in its own dtype first).
+        compute = TORCH_DTYPES[precision] if precision != "fp32" else dtype
+        teacher = prepare_teacher(cfg.objective, auto_class=objective.auto_class, tokenizer=tokenizer,
+                                  labels=data.task.labels, dtype=dtype if thin else compute,
+                                  student_config=None if thin else _model_config(cfg, source), echo=echo)
+    if thin:
+        from .models import kept_layers, student_from_teacher
+
+        model = student_from_teacher(teacher, thin, dtype)
+        teacher.to(compute)
+        echo(f"student: teacher blocks {kept_layers(teacher.config.num_hidden_layers, thin)} of "
+             f"{teacher.config.num_hidden_layers}, weights copied (model.init_from_teacher_every {thin})")
+    else:
+        model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
+                           init_seed=cfg.training.seed, echo=echo, **load_kwargs)
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     trainable, total = trainable_summary(model)
@@ -162,13 +180,15 @@ def train(
     # settings, as transformers' Trainer does; the distributed PartialState stays as is.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    if teacher is not None:
+        teacher.to(accelerator.device)
     collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
     eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
     extra_eval = (partial(_reference_now, cfg, tokenizer, reference_before)
                   if reference_before is not None and cfg.eval.reference_every_eval else None)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
-                 extra_eval=extra_eval, tokenizer=tokenizer)
+                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)
@@ -223,11 +243,16 @@ def _proxy_batch(cfg: RunConfig, objective, tokenizer, data) -> dict | None:
     """
     from .precision import PROXY_MAX_TOKENS
 
-    rows = [r for r in data.train if "input_ids" in r and len(r["input_ids"]) <= PROXY_MAX_TOKENS]
+    rows = [r for r in data.train if 0 < _row_tokens(r) <= PROXY_MAX_TOKENS]
     if not rows:
         return None  # rows longer than the proxy times: random tokens of the proxy's length instead
-    row = max(rows, key=lambda r: len(r["input_ids"]))
+    row = max(rows, key=_row_tokens)
     return objective.collator(tokenizer, cfg.objective, data.task, train=True)([row])
+
+
+def _row_tokens(row: dict) -> int:
+    """Token ids a row holds: input_ids, or a preference row's prompt and answers."""
+    return sum(len(v) for k, v in row.items() if k.endswith("_ids") or k == "input_ids")
 
 
 def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict,
@@ -257,9 +282,9 @@ def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     model.train()
     optimizer = build_optimizer(model, cfg.training)
-    # A collated training row gets the objective's own loss; random tokens get it when it is a
-    # token loss (preference objectives need pairs, so they time a plain forward instead).
-    own_loss = batch is not None or (causal and not objective.needs_reference)
+    # A collated training row gets the objective's own loss; random tokens get it when that is a
+    # next-token loss (pairs and unpaired answers cannot be made up: a plain forward is timed).
+    own_loss = batch is not None or (causal and objective.reports_perplexity)
     if batch is None:  # no training row to borrow: random tokens of the run's length
         n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
         ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))

@@ -29,9 +29,10 @@ class Loaded:
 
 def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[str]) -> None:
     from .methods import METHODS
-    from .objectives import OBJECTIVES
+    from .objectives import build_objective
 
-    method, objective = METHODS[cfg.method.type], OBJECTIVES[cfg.objective.type]
+    # The run's instance: a distill student's head and generativity are its task's.
+    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
     manifest = {
         "method": method.name,
         "artifact": method.artifact,

@@ -42,9 +42,9 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
                 data_stats: dict, steps: int, library: str | None = None,
                 forgetting: dict | None = None) -> str:
     """The card; `library` is 'peft', 'transformers' or 'tunesmith' (what loads the artifact)."""
-    from .objectives import OBJECTIVES
+    from .objectives import build_objective
 
-    auto_class = OBJECTIVES[cfg.objective.type].auto_class
+    auto_class = build_objective(cfg.objective).auto_class
     library = library or ("peft" if artifact == "adapter" else "transformers")
     base = cfg.output.card_base_model or cfg.model.name_or_path
     front = {

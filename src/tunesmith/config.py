@@ -30,6 +30,10 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
+    init_from_teacher_every: int | None = Field(
+        None, ge=1, description="Distillation: build the student from objective.teacher, keeping every k-th "
+        "transformer block (ceil(n/k) blocks evenly spaced from the first to the last, DistilBERT's "
+        "initialisation); name_or_path still supplies the tokenizer.")
 
 
 class SplitConfig(Section):
@@ -201,7 +205,15 @@ class RunConfig(Section):
         names = self.data.column_names or []
         if len(set(names)) != len(names):
             raise ValueError(f"data.column_names repeats a name: {names}")
-        problems = METHODS[self.method.type].check(self)
+        if self.model.init_from_teacher_every is not None:
+            if self.objective.type != "distill":
+                raise ValueError("model.init_from_teacher_every builds the student from objective.teacher; "
+                                 f"it needs objective.type distill, not '{self.objective.type}'")
+            if METHODS[self.method.type].artifact != "model":
+                raise ValueError(
+                    f"model.init_from_teacher_every: method.type '{self.method.type}' saves weights that reload "
+                    "onto model.name_or_path, not onto the thinned student; use method.type full or freeze")
+        problems = METHODS[self.method.type].check(self) + OBJECTIVES[self.objective.type].check(self)
         if problems:
             raise ValueError("\n  ".join(problems))
         if self.method.type == "freeze" and (
@@ -357,6 +369,8 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
         cfg.data.train = fix(cfg.data.train)
     if cfg.data.split.validation_file:
         cfg.data.split.validation_file = fix(cfg.data.split.validation_file)
+    if getattr(cfg.objective, "teacher", None):
+        cfg.objective.teacher = fix(cfg.objective.teacher)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import shutil
@@ -206,3 +207,63 @@ def new_weights_notice(model, info: dict, seed: int) -> str | None:
 
 def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None):
     return load_model(cfg, dtype, source)
+
+
+def kept_layers(n: int, every: int) -> list[int]:
+    """Which of n layers a student initialised from every `every`-th layer keeps.
+
+    ceil(n / every) layers, evenly spaced from the first to the last, so the student keeps the
+    teacher's bottom layer (which reads the embeddings) and its top layer (which feeds the head):
+    12 layers every 2nd -> 0, 2, 4, 7, 9, 11, the layers DistilBERT copies from BERT-base.
+    """
+    m = max(1, math.ceil(n / every))
+    if m == 1:
+        return [0]
+    return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]
+
+
+def student_from_teacher(teacher: torch.nn.Module, every: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A new model of the teacher's class and config with `kept_layers` of its blocks, weights copied.
+
+    Everything outside the block stack (embeddings, final norm, LM or task head, pooler) is
+    copied as is; kept block i becomes block j of the student (DistilBERT's initialisation).
+    Works for decoders (model.layers) and encoders (bert.encoder.layer) alike: the stack is
+    the model's ModuleList of num_hidden_layers blocks. A LoRA teacher is merged first (on a
+    copy); other wrapped teachers (tunesmith's own adapters) are refused.
+    """
+    import copy
+
+    from .methods.base import decoder_layers
+
+    if hasattr(teacher, "merge_and_unload"):  # a peft LoRA-family teacher: its weights with the adapter in
+        teacher = copy.deepcopy(teacher).merge_and_unload()
+    name, stack = decoder_layers(teacher)
+    n = len(stack)
+    keep = kept_layers(n, every)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    for key, value in config.to_dict().items():
+        # Per-layer settings (layer_types: sliding or full attention, ...) follow their layers.
+        if isinstance(value, (list, tuple)) and len(value) == n and n > 1 and hasattr(config, key):
+            setattr(config, key, type(value)(value[i] for i in keep))
+    new_index = {old: new for new, old in enumerate(keep)}
+    prefix = name + "."
+    weights = {}
+    for key, tensor in teacher.state_dict().items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition(".")
+            if int(index) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(index)]}.{rest}"
+        weights[key] = tensor
+    with torch.random.fork_rng(devices=[]):  # every weight is overwritten below; keep the run's RNG
+        student = type(teacher)(config)
+    try:
+        student.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model.init_from_teacher_every: the teacher ({type(teacher).__name__}) is not a plain transformers "
+            f"model whose weights a thinner copy can take ({str(exc).splitlines()[0]}); use a fully fine-tuned "
+            "teacher, a model folder or hub id, or a LoRA adapter (merged)"
+        ) from None
+    return student.to(dtype).train()

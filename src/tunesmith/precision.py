@@ -101,7 +101,8 @@ def _write_cache(key: str, choice: PrecisionChoice) -> None:
 
 
 def choose(requested: str, *, model_config=None, method=None, method_cfg=None, build_proxy: Callable | None = None,
-           tokens: int = PROXY_MAX_TOKENS, echo: Callable[[str], None] | None = None) -> PrecisionChoice:
+           tokens: int = PROXY_MAX_TOKENS, echo: Callable[[str], None] | None = None,
+           objective: str = "") -> PrecisionChoice:
     """The precision and frozen-weight dtype for a run.
 
     An explicit `requested` precision is kept (frozen weights follow it, as before). For
@@ -115,8 +116,9 @@ def choose(requested: str, *, model_config=None, method=None, method_cfg=None, b
     if dev != "cpu" or build_proxy is None or model_config is None:
         p = "bf16" if bf16_is_fast() else "fp32"
         return PrecisionChoice(p, p if frozen else "fp32", f"{dev}: bf16 {'supported' if p == 'bf16' else 'not fast'}")
+    # The objective shapes the step (a reference forward, pairs, a teacher), so it is part of the key.
     key = _cpu_identity() + "|" + _shape_key(model_config, method.name, frozen, getattr(method, "auto_class", ""),
-                                             tokens)
+                                             tokens) + f"|objective={objective}"
     key = hashlib.sha256(key.encode()).hexdigest()[:24]
     cached = _read_cache().get(key)
     if cached:

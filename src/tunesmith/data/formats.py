@@ -320,7 +320,8 @@ def _starts_with(messages: list[dict], prefix: list[dict]) -> bool:
     return len(messages) >= len(prefix) and messages[: len(prefix)] == prefix
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix_length(a: list, b: list) -> int:
+    """How many leading items two sequences share (messages, token ids)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -372,7 +373,7 @@ class Preference(Format):
             chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
         if chosen and rejected and (chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant"):
             # Full conversations: the turns both share are the prompt.
-            shared = _common_prefix(chosen, rejected)
+            shared = common_prefix_length(chosen, rejected)
             prompt, chosen, rejected = prompt + chosen[:shared], chosen[shared:], rejected[shared:]
         _check_completion(chosen, cf)
         _check_completion(rejected, rf)

@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from .formats import common_prefix_length
 from .templates import ensure_chat_template
 
 KEEP_START = ("keep_start", "right")
 TRUNCATIONS = (*KEEP_START, "drop")
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:

@@ -137,12 +137,13 @@ def fit(
     method=None,
     extra_eval: Callable[[nn.Module], dict] | None = None,
     tokenizer=None,
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train `model` on `train_rows`.
 
     `method` may supply its own optimizer (LoRA+, LoRA-FA) and the reference policy an
     objective asks for; `extra_eval` adds metrics at every evaluation (reference sets for
-    forgetting).
+    forgetting); `teacher` (frozen, on the device) reaches the objective through the step context.
     """
     eval_collate = eval_collate or collate
     t = cfg.training
@@ -165,7 +166,8 @@ def fit(
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference)
+    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher)
+    reference = None  # the context holds it; released with it once an objective no longer needs it
 
     ckpt_dir = run_dir / "checkpoints"
     # log_loss / log_steps: the training loss summed over the steps since the last metrics

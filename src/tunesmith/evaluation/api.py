@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from .cache import EvalCache
 from .compare import CompareResult, PreparedTask, prepare_task, run_compare, write_outputs
 from .evaluator import check_records
+from .pairs import pair_settings, wants_pairs
 from .spec import CompareSpec, EvalSettings, ModelSpec, TaskSpec, load_compare_spec, validate_spec
 
 
@@ -98,6 +99,7 @@ def _run_tasks(cfg: RunConfig, data: str | None, settings: EvalSettings, fmt: st
     if max_samples:
         val = val[:max_samples]
     source = cfg.data.split.validation_file or f"{cfg.data.train} (validation split)"
+    settings = pair_settings(settings, val)
     check_records(val, settings, str(source))
     return [PreparedTask("validation", TaskSpec(name="validation", data=str(source), settings=settings),
                          val, str(source))]
@@ -164,6 +166,11 @@ def evaluate(
         ref_sets = reference if reference is not None else [ReferenceSet().model_dump()]
         use_forgetting = True if forgetting is None else forgetting
         name = specs[0].label
+    if tasks and all(wants_pairs(t.settings) for t in tasks):
+        # Preference pairs are scored by a reward model, which has no language-model head for the
+        # reference sets' perplexity; its base model has no reward head to score pairs with.
+        base = None
+        use_forgetting = False if forgetting is None else forgetting
     reference_only: list[str] = []
     if base is not None:
         if include_base and config is not None:

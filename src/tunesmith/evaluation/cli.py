@@ -70,7 +70,8 @@ def _references(reference: list[str], reference_task: list[str]) -> list[dict] |
 
 # Options shared by both commands (typer needs them spelled out per function).
 _METRICS = typer.Option([], "--metrics", "-m", help="Metrics, comma-separated or repeated: perplexity, "
-                        "exact_match, accuracy, macro_f1, bleu, chrf, rouge1, rouge2, rougeL.")
+                        "exact_match, accuracy, macro_f1, bleu, chrf, rouge1, rouge2, rougeL; preference data "
+                        "(prompt/chosen/rejected) on a reward model: pair_accuracy, pair_margin.")
 _EXTRACT = typer.Option(None, "--extract", help="Answer extraction before exact match/accuracy/F1: none, "
                         "gsm8k ('####' else last number), hashes, last_number, first_line, regex.")
 _PATTERN = typer.Option(None, "--pattern", help="Regex for --extract regex (group 1 if it has one).")
@@ -91,7 +92,8 @@ _REFERENCE_TASK = typer.Option([], "--reference-task", help="Reference task file
                                "(repeatable; 'default' = the shipped general Q/A set).")
 _NO_FORGET = typer.Option(False, "--no-forgetting", help="Do not measure the reference sets.")
 _NO_CACHE = typer.Option(False, "--no-cache", help="Recompute everything; do not read or write the cache.")
-_FORMAT = typer.Option("auto", "--format", help="Data format (auto, alpaca, chat, sharegpt, prompt_completion, text).")
+_FORMAT = typer.Option("auto", "--format", help="Data format (auto, alpaca, chat, sharegpt, prompt_completion, text, "
+                       "preference).")
 _COLUMN = typer.Option([], "--column", help="Map a canonical field to your column: prompt=question (repeatable).")
 _MAX_SAMPLES = typer.Option(None, "--max-samples", help="Evaluate the first N examples only.")
 _DTYPE = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, bf16, fp16.")

@@ -19,6 +19,7 @@ from .cache import EvalCache, model_fingerprint, records_fingerprint
 from .evaluator import EvalResult, check_model, check_records, evaluate_records
 from .forgetting import ReferenceJob, forgetting_deltas, reference_jobs, run_job
 from .loading import check_source, load_model
+from .pairs import pair_settings
 from .spec import CompareSpec, ModelSpec, TaskSpec
 
 
@@ -80,6 +81,7 @@ def prepare_task(task: TaskSpec) -> PreparedTask:
     records, _, _, _ = load_records(cfg)
     if task.max_samples:
         records = records[: task.max_samples]
+    task = task.model_copy(update={"settings": pair_settings(task.settings, records)})
     check_records(records, task.settings, f"{task.data}")
     return PreparedTask(task.label, task, records, task.data)
 

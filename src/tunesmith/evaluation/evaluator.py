@@ -19,6 +19,7 @@ from ..scoring import labelled_nll
 from . import metrics as M
 from .extract import prepare
 from .generate import can_generate, generate, is_encoder_decoder, prompt_messages, reference
+from .pairs import check_pair_model, check_pair_records, score_pairs, wants_pairs
 from .spec import EvalSettings
 
 
@@ -134,7 +135,9 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int = 1024,
 
 
 def check_records(records: list[dict], settings: EvalSettings, where: str) -> None:
-    """Generation metrics need conversations with a reference answer to compare against."""
+    """Generation metrics need conversations with a reference answer to compare against; pair
+    metrics need preference pairs."""
+    check_pair_records(records, settings, where)
     if not M.needs_generation(settings.metrics):
         return
     gen = [m for m in settings.metrics if M.METRICS[m].needs == "generation"]
@@ -149,6 +152,7 @@ def check_records(records: list[dict], settings: EvalSettings, where: str) -> No
 
 
 def check_model(model, settings: EvalSettings) -> None:
+    check_pair_model(model, settings)
     if M.needs_generation(settings.metrics) and not can_generate(model):
         gen = [m for m in settings.metrics if M.METRICS[m].needs == "generation"]
         raise ConfigError(
@@ -169,6 +173,9 @@ def evaluate_records(model, tokenizer, records: list[dict], settings: EvalSettin
         ppl, nll, tokens = perplexity(model, tokenizer, records, max_length=settings.max_length,
                                       batch_size=settings.batch_size)
         scores.update(perplexity=ppl, nll=nll, scored_tokens=tokens)
+    if wants_pairs(settings):
+        scores.update(score_pairs(model, tokenizer, records, max_length=settings.max_length,
+                                  batch_size=settings.batch_size))
     if M.needs_generation(settings.metrics):
         s = settings
         preds = generate(model, tokenizer, [prompt_messages(r) for r in records],

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 @dataclass(frozen=True)
 class Metric:
     name: str
-    needs: str  # "generation" or "loss"
+    needs: str  # "generation", "loss" or "pairs"
     # "answer": compares extracted + normalized answers; "text": the raw generated text.
     input: str
     higher_is_better: bool
@@ -78,6 +78,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("rouge1", "generation", "text", True, 1.0, _rouge("rouge1"), "rouge-score ROUGE-1 F1, mean"),
     Metric("rouge2", "generation", "text", True, 1.0, _rouge("rouge2"), "rouge-score ROUGE-2 F1, mean"),
     Metric("rougeL", "generation", "text", True, 1.0, _rouge("rougeL"), "rouge-score ROUGE-L F1, mean"),
+    # Preference data scored by a reward model (evaluation/pairs.py).
+    Metric("pair_accuracy", "pairs", "pairs", True, 1.0, None,
+           "share of preference pairs whose chosen answer a reward model scores above the rejected one"),
+    Metric("pair_margin", "pairs", "pairs", True, 0.0, None, "mean reward of chosen minus rejected answers"),
 )}
 
 

@@ -25,7 +25,7 @@ def fmt(metric: str, value: float | None) -> str:
     m = METRICS.get(metric)
     if m is not None and m.scale == 1.0:
         return f"{100 * value:.1f}%"
-    if metric in ("perplexity",) or m is None:
+    if metric in ("perplexity", "pair_margin") or m is None:
         return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3g}"
     return f"{value:.1f}"
 

@@ -70,7 +70,7 @@ class TaskSpec(_Section):
 
     name: str | None = None
     data: str = Field(description="Data file (any format tunesmith reads) or hub dataset id.")
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     system_prompt: str | None = None
     max_samples: int | None = Field(None, gt=0, description="First N records only.")

@@ -153,6 +153,10 @@ class LinearProbe(Method):
                                           "vocabulary", head="cls"),
         "seq2seq": _NO_HEAD.format(what="sequence-to-sequence generation needs the whole decoder, not features "
                                         "of the input", head="lm_head"),
+        **{name: _NO_HEAD.format(what="preference optimisation changes the language-model head's distribution "
+                                      "over answers", head="lm_head") for name in ("dpo", "kto", "orpo", "simpo")},
+        "distill": _NO_HEAD.format(what="distillation matches the teacher's output distribution (the language-model "
+                                        "head for its default sft task)", head="lm_head"),
     }
 
     def check(self, cfg: "RunConfig") -> list[str]:

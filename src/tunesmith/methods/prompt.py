@@ -38,6 +38,10 @@ def _takes_past_key_values(model: nn.Module) -> bool:
 class PromptMethod(PeftMethod):
     packs = False
     unsupported = {"masked_lm": _NO_MASKED_LM}
+    # Soft prompts as embeddings: a decoder's scalar head reads each row's last real token, found
+    # from input_ids, so it would read padding (prefix tuning keeps input_ids and is fine).
+    _NO_REWARD = ("a reward model's head reads each row's last real token, which peft's soft prompts "
+                  "(passed as embeddings) hide; use prefix_tuning, lora or ia3")
 
     def check(self, cfg: "RunConfig") -> list[str]:
         problems = []
@@ -118,6 +122,7 @@ class PromptTuning(PromptMethod):
     """Trainable soft-prompt embeddings, random or initialised from `method.prompt_init_text`."""
 
     name = "prompt_tuning"
+    unsupported = {**PromptMethod.unsupported, "reward": PromptMethod._NO_REWARD}
 
     def check(self, cfg: "RunConfig") -> list[str]:
         problems = super().check(cfg)
@@ -164,6 +169,7 @@ class PTuning(PromptMethod):
     """Soft prompts produced by a small MLP prompt encoder (width `method.encoder_hidden_size`)."""
 
     name = "p_tuning"
+    unsupported = {**PromptMethod.unsupported, "reward": PromptMethod._NO_REWARD}
 
     def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
         from peft import PromptEncoderConfig

@@ -6,12 +6,17 @@ from ..objective_config import ObjectiveSection
 from .base import LossOutput, Objective, StepContext, TaskInfo
 from .causal_lm import SFT, CausalLM
 from .classification import SequenceClassification, TokenClassification
+from .distill import Distill
 from .masked_lm import MaskedLM
+from .kto import KTO
 from .preference import DPO
+from .reference_free import ORPO, SimPO
+from .reward import RewardModel
 from .seq2seq import Seq2Seq
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO)
+    o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO, RewardModel,
+                        KTO, ORPO, SimPO, Distill)
 }
 
 

@@ -82,11 +82,17 @@ class Objective(ABC):
     generative: bool = False
     # Whether eval loss is a per-token NLL whose exp is a perplexity.
     reports_perplexity: bool = False
-    # Whether the step context must carry a frozen reference policy.
+    # Whether the step context must carry a frozen reference policy / a teacher.
     needs_reference: bool = False
+    needs_teacher: bool = False
 
     def __init__(self, cfg: ObjectiveSection | None = None):
         self.cfg = cfg if cfg is not None else objective_config(type=self.name)
+
+    @classmethod
+    def check(cls, cfg: Any) -> list[str]:
+        """Run settings this objective refuses (read at config validation, before anything loads)."""
+        return []
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """Once before the first step (and again on resume): e.g. score every row with the reference."""

@@ -1,0 +1,145 @@
+"""The teacher of a distillation run: loaded once, frozen, and checked against the student before training.
+
+The teacher is anything tunesmith loads: a run folder or artifact (any method: a LoRA teacher
+is its base with the adapter on), a peft adapter folder, a transformers model folder, a hub id
+or a GGUF file. Plain models (no tunesmith manifest) are loaded with the head the distilled
+task needs (masked LM, sequence classification, causal LM), not `load_trained`'s causal-LM
+default.
+
+Logit distillation compares two distributions over the same items, and the teacher reads the
+student's token ids, so teacher and student must share one tokenizer (and, for token tasks,
+one output vocabulary; for classification, the same labels in the same order). A mismatch is
+refused here, before the student is loaded, with both sizes in the message; computing a KL over
+mismatched token ids or labels would train on a meaningless signal.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# Tasks whose KD compares distributions over the vocabulary (as opposed to class logits).
+TOKEN_TASKS = ("sft", "causal_lm", "masked_lm")
+
+
+def _tunesmith_folder(source: str) -> bool:
+    from .artifacts import _artifact_in
+
+    path = Path(source).expanduser()
+    return path.is_dir() and (_artifact_in(path) is not None or (path / "adapter_config.json").is_file())
+
+
+def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """(teacher in eval mode with no parameter that learns, its tokenizer)."""
+    from .artifacts import load_trained
+
+    if _tunesmith_folder(source):
+        loaded = load_trained(source, dtype=dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        found = loaded.manifest.get("auto_class")
+        if found and found != auto_class:
+            raise ConfigError(
+                f"objective.teacher: {source} is a {found} model (objective '{loaded.manifest.get('objective')}'); "
+                f"the distilled task needs a {auto_class} teacher with the same head"
+            )
+    else:
+        from .config import ModelConfig
+        from .models import load_model, load_tokenizer, materialize
+
+        model_cfg = ModelConfig(name_or_path=source)
+        folder = materialize(model_cfg)
+        tokenizer = load_tokenizer(model_cfg, folder)
+        model = load_model(model_cfg, dtype, folder, auto_class=auto_class, tokenizer=tokenizer)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _vocab_size(model_or_config: Any) -> int | None:
+    return getattr(_config(model_or_config), "vocab_size", None)
+
+
+def _label_names(config: Any) -> list[str] | None:
+    id2label = getattr(config, "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label, key=int)]
+    # transformers' placeholder names carry no meaning: only the number of labels can be compared.
+    return None if all(re.fullmatch(r"LABEL_\d+", str(n)) for n in names) else names
+
+
+def check_teacher(teacher: Any, student: Any, *, task: str, labels: list[str] | None = None,
+                  hidden: bool = False, teacher_tokenizer=None, tokenizer=None) -> None:
+    """Refuse a teacher whose vocabulary, labels or (for the hidden-state loss) width differ from the student's.
+
+    `teacher` and `student` are models or their configs; tokenizers are compared when both are given.
+    """
+    if teacher_tokenizer is not None and tokenizer is not None:
+        if len(teacher_tokenizer) != len(tokenizer):
+            raise ConfigError(
+                f"objective.teacher: the teacher's tokenizer has {len(teacher_tokenizer)} tokens, the student's "
+                f"{len(tokenizer)}; distillation needs teacher and student to share one tokenizer (a teacher "
+                "with another tokenizer needs sequence-level distillation: train on its generations with sft)"
+            )
+        theirs, ours = teacher_tokenizer.get_vocab(), tokenizer.get_vocab()
+        if theirs != ours:
+            differ = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:1]
+            example = f" (e.g. token id {differ[0][1]})" if differ else ""
+            raise ConfigError(
+                f"objective.teacher: the teacher's tokenizer ({len(theirs)} tokens) and the student's "
+                f"({len(ours)} tokens) map tokens to different ids{example}; distillation needs one shared tokenizer"
+            )
+    t_cfg, s_cfg = _config(teacher), _config(student)
+    if task in TOKEN_TASKS:
+        t_vocab, s_vocab = _vocab_size(t_cfg), _vocab_size(s_cfg)
+        if t_vocab is not None and s_vocab is not None and t_vocab != s_vocab:
+            raise ConfigError(
+                f"objective.teacher: the teacher predicts over a vocabulary of {t_vocab} tokens, the student over "
+                f"{s_vocab}; logit distillation needs the same vocabulary (same tokenizer and vocabulary size)"
+            )
+    else:
+        t_n = getattr(t_cfg, "num_labels", None)
+        s_n = len(labels) if labels else getattr(s_cfg, "num_labels", None)
+        if t_n is not None and s_n is not None and t_n != s_n:
+            raise ConfigError(
+                f"objective.teacher: the teacher classifies into {t_n} labels, the student into {s_n} "
+                f"({labels or 'from its config'}); distillation needs the same labels in the same order"
+            )
+        t_names = _label_names(t_cfg)
+        if labels and t_names is not None and t_names != list(labels):
+            raise ConfigError(
+                f"objective.teacher: the teacher's labels {t_names} are not the student's {list(labels)} "
+                "(same names in the same order); set objective.labels to the teacher's order"
+            )
+    if hidden:
+        t_h, s_h = getattr(t_cfg, "hidden_size", None), getattr(s_cfg, "hidden_size", None)
+        if t_h != s_h:
+            raise ConfigError(
+                f"objective.hidden_weight: the hidden-state cosine loss needs the same hidden size; the teacher's "
+                f"is {t_h}, the student's {s_h} (set hidden_weight to 0, or use model.init_from_teacher_every)"
+            )
+
+
+def prepare_teacher(section, *, auto_class: str, tokenizer, labels: list[str], dtype: torch.dtype,
+                    student_config: Any | None, echo: Callable[[str], None]) -> nn.Module:
+    """The run's teacher, loaded once and checked against the student's tokenizer and config.
+
+    `student_config` is None when the student is built from the teacher (nothing to compare
+    but the tokenizer).
+    """
+    teacher, teacher_tokenizer = load_teacher(section.teacher, auto_class=auto_class, dtype=dtype)
+    check_teacher(teacher, student_config if student_config is not None else teacher, task=section.task,
+                  labels=labels, hidden=section.hidden_weight > 0, teacher_tokenizer=teacher_tokenizer,
+                  tokenizer=tokenizer)
+    n = sum(p.numel() for p in teacher.parameters())
+    echo(f"teacher: {section.teacher} ({type(teacher).__name__}, {n:,} parameters, frozen, "
+         f"{str(dtype).split('.')[-1]})")
+    return teacher
