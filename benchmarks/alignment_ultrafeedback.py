@@ -65,7 +65,7 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
     result = tunesmith.train(cfg, echo=lambda m: print(f"  [{name}]", m, file=sys.stderr, flush=True))
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     return {"after": metrics, "before": before, "forgetting": result.forgetting,
-            "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.step,
+            "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.steps,
             "run_dir": str(result.run_dir)}
 
 
