@@ -168,6 +168,10 @@ def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: to
     """
     nll = labelled_nll(model, inputs, labels)
     mask = labels[:, 1:] != IGNORE
-    rows = mask.nonzero()[:, 0]  # row of every labelled token, in labelled_nll's (row-major) order
-    logps = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)
-    return logps, mask.sum(1)
+    return sum_by_row(-nll, mask), mask.sum(1)
+
+
+def sum_by_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of `values`, one value per True of `mask` in row-major order (labelled_nll's)."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)

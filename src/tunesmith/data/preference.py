@@ -20,8 +20,29 @@ import torch
 from .formats import common_prefix_length
 from .templates import ensure_chat_template
 
+from ..errors import ConfigError
+from .templates import IGNORE
+
 KEEP_START = ("keep_start", "right")
 TRUNCATIONS = (*KEEP_START, "drop")
+
+
+# data.truncation -> how a preference example is cut: its prompt must stay whole (it is shared
+# by both answers, or by an answer and its KL partner), so answers are cut at the end or dropped.
+_FROM_DATA_TRUNCATION = {"right": "keep_start", "drop": "drop"}
+
+
+def truncation_rule(truncation: str) -> str:
+    """The rule for a run's `data.truncation`; `left` is refused, naming the key."""
+    if truncation not in _FROM_DATA_TRUNCATION:
+        raise ConfigError(f"data.truncation: '{truncation}' cannot cut preference examples (the prompt must stay "
+                          f"whole); use 'right' (answers cut at the end) or 'drop'")
+    return _FROM_DATA_TRUNCATION[truncation]
+
+
+def answer_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Labels that score only the answer tokens of collated preference rows."""
+    return input_ids.masked_fill(completion_mask == 0, IGNORE)
 
 
 def _ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:

@@ -39,25 +39,18 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
-from ..data.preference import collate_unpaired, encode_unpaired
-from ..data.templates import IGNORE
+from ..data.preference import answer_labels, collate_unpaired, encode_unpaired, truncation_rule
 from ..errors import ConfigError
 from ..scoring import sequence_logps
 from .base import LossOutput, Objective, StepContext, TaskInfo
 from .losses import kto_kl_estimate, kto_loss
 
-# data.truncation -> how an example is cut: the prompt stays whole (TRL's keep_start) or it is dropped.
-_TRUNCATION = {"right": "keep_start", "drop": "drop"}
 
 
 def kl_completions(rows: list[dict]) -> list[list[int]]:
     """The mismatched completion of each row: row i gets row i − 1's (row 0 the last row's), TRL's rotation."""
     completions = [r["completion_ids"] for r in rows]
     return completions[-1:] + completions[:-1]
-
-
-def _labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    return input_ids.masked_fill(completion_mask == 0, IGNORE)
 
 
 class KTO(Objective):
@@ -79,11 +72,9 @@ class KTO(Objective):
     # ------------------------------------------------------------------ data
 
     def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
-        if data.truncation not in _TRUNCATION:
-            raise ConfigError(f"data.truncation: '{data.truncation}' cannot cut KTO examples (the prompt must "
-                              f"stay whole); use 'right' (completion cut at the end) or 'drop'")
+        rule = truncation_rule(data.truncation)
         self._max_length = data.max_length
-        row = encode_unpaired(tokenizer, record, max_length=data.max_length, truncation=_TRUNCATION[data.truncation])
+        row = encode_unpaired(tokenizer, record, max_length=data.max_length, truncation=rule)
         if row is None:
             return None, False
         truncated = row.pop("truncated")
@@ -118,7 +109,7 @@ class KTO(Objective):
     def _logps(model, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         ids = batch[f"{prefix}input_ids"]
         inputs = {"input_ids": ids, "attention_mask": batch[f"{prefix}attention_mask"]}
-        return sequence_logps(model, inputs, _labels(ids, batch[f"{prefix}completion_mask"]))[0]
+        return sequence_logps(model, inputs, answer_labels(ids, batch[f"{prefix}completion_mask"]))[0]
 
     @torch.no_grad()
     def _reference_logps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

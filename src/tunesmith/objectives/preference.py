@@ -13,24 +13,16 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
-from ..data.preference import collate_pairs, encode_pair
-from ..data.templates import IGNORE
-from ..errors import ConfigError
+from ..data.preference import answer_labels, collate_pairs, encode_pair, truncation_rule
 from ..scoring import sequence_logps
 from .base import LossOutput, Objective, StepContext, TaskInfo
 from .losses import dpo_loss
 
-# data.truncation -> how a pair is cut: the shared prompt must stay whole, so only the answers
-# are cut on the right (TRL's keep_start) or the pair is dropped.
-_TRUNCATION = {"right": "keep_start", "drop": "drop"}
 PRECOMPUTE_BATCH = 8
 
 
 def encode_preference_row(tokenizer, record: dict, data: DataConfig) -> tuple[dict | None, bool]:
-    if data.truncation not in _TRUNCATION:
-        raise ConfigError(f"data.truncation: '{data.truncation}' cannot cut preference pairs (their prompt is "
-                          f"shared by both answers); use 'right' (answers cut at the end) or 'drop'")
-    row = encode_pair(tokenizer, record, max_length=data.max_length, truncation=_TRUNCATION[data.truncation])
+    row = encode_pair(tokenizer, record, max_length=data.max_length, truncation=truncation_rule(data.truncation))
     if row is None:
         return None, False
     truncated = row.pop("truncated")
@@ -39,7 +31,7 @@ def encode_preference_row(tokenizer, record: dict, data: DataConfig) -> tuple[di
 
 def pair_inputs(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(model inputs, labels on answer tokens only) of a pair batch."""
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+    labels = answer_labels(batch["input_ids"], batch["completion_mask"])
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, labels
 
 

@@ -38,7 +38,7 @@ import torch
 from ..config import DataConfig
 from ..data.preference import collate_pairs
 from ..data.templates import IGNORE
-from ..scoring import labelled_nll
+from ..scoring import labelled_nll, sum_by_row
 from .base import LossOutput, Objective, StepContext, TaskInfo
 from .losses import orpo_loss, simpo_loss
 from .preference import encode_preference_row
@@ -61,14 +61,13 @@ def pair_scores(model, batch: dict[str, torch.Tensor], *, whole_chosen: bool = F
     labels = ids.masked_fill(~scored, IGNORE)
     nll = labelled_nll(model, {"input_ids": ids, "attention_mask": attention}, labels)
     positions = labels[:, 1:] != IGNORE
-    rows = positions.nonzero()[:, 0]  # row of every scored token, in labelled_nll's (row-major) order
     in_completion = completion[:, 1:][positions].bool()
-    sums = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(
-        0, rows[in_completion], -nll[in_completion])
+    sums = sum_by_row(-nll.masked_fill(~in_completion, 0.0), positions)
     counts = completion[:, 1:].sum(1)
     chosen_nll = None
     if whole_chosen:
-        chosen_nll = nll[rows < n].sum() / max(int((rows < n).sum()), 1)
+        chosen = positions[:n].sum()  # row-major: the chosen rows' tokens come first
+        chosen_nll = nll[:chosen].sum() / max(int(chosen), 1)
     return sums, counts, chosen_nll
 
 
