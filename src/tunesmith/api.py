@@ -81,14 +81,15 @@ def train(
 ) -> RunResult:
     """Fine-tune as the config says; returns where everything went and the final metrics."""
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    from .hardware import TORCH_DTYPES, device_type, ensure_threads, keep_freed_memory
 
     from .card import render_card
     from .data.pipeline import build_data
     from .engine import fit
-    from .hardware import TORCH_DTYPES, device_type, ensure_threads, keep_freed_memory
     from .precision import PROXY_MAX_TOKENS
     from .precision import choose as choose_precision
     from .artifacts import write_manifest
@@ -106,13 +107,22 @@ def train(
     method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
+    # Under torchrun every process runs this function: the process group starts here, and every
+    # process has checked the run folder before the main one creates or replaces it.
+    # On a machine without an accelerator, accelerate reads torchrun's variables only with cpu=True.
+    on_cpu = device_type() == "cpu"
+    dist = PartialState(cpu=on_cpu)
+    dist.wait_for_everyone()
+    if not dist.is_main_process:
+        echo = _silent  # one copy of the run log
 
     # Everything that can fail on bad input runs before the model is loaded.
     if cfg.eval.forgetting and objective.auto_class == "AutoModelForCausalLM":
         from .evaluation.forgetting import reference_jobs
 
         reference_jobs(cfg.eval.reference)  # a missing or malformed reference set fails now
-    source = materialize(cfg.model)
+    with dist.main_process_first():  # one process converts a GGUF into the shared cache
+        source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
                       objective=objective, objective_cfg=cfg.objective)
@@ -126,11 +136,15 @@ def train(
     # (and the thread count is part of its cache key).
     threads = ensure_threads()
     keep_freed_memory()
-    chosen = choose_precision(
-        cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
-        build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
-                            _proxy_batch(cfg, objective, tokenizer, data)),
-        tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo, objective=cfg.objective.type)
+    chosen = None
+    if dist.is_main_process:  # measured once; every process must train in the same precision
+        chosen = choose_precision(
+            cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
+            build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
+                                _proxy_batch(cfg, objective, tokenizer, data)),
+            tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo, objective=cfg.objective.type)
+    if dist.num_processes > 1:
+        chosen = broadcast_object_list([chosen], from_process=0)[0]
     precision = chosen.precision
     if chosen.timings:
         echo(f"precision auto: {precision} with {chosen.weights} frozen weights, {chosen.how} "
@@ -169,17 +183,19 @@ def train(
     # applied: a config the method rejects (a module pattern that matches nothing, say) must
     # not leave a folder behind that the corrected run then refuses as "already holds a run",
     # nor wipe the previous run.
-    _prepare_run_dir(run_dir, cfg, resuming)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if reference_before is not None and not resuming:
-        (run_dir / REFERENCE_BEFORE).write_text(json.dumps(reference_before, indent=1))
+    if dist.is_main_process:
+        _prepare_run_dir(run_dir, cfg, resuming)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if reference_before is not None and not resuming:
+            (run_dir / REFERENCE_BEFORE).write_text(json.dumps(reference_before, indent=1))
+    dist.wait_for_everyone()
 
     # accelerate keeps its settings (mixed precision among them) in a process-wide singleton
     # and refuses a second Accelerator with other settings; a Python caller may well run
     # several trainings in one process (sweeps, notebooks). Forget the previous run's
     # settings, as transformers' Trainer does; the distributed PartialState stays as is.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=on_cpu)
     if teacher is not None:
         teacher.to(accelerator.device)
     collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
@@ -226,6 +242,10 @@ def train(
 
 
 REFERENCE_BEFORE = "reference_base.json"
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _model_config(cfg: RunConfig, source: str):

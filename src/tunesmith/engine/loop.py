@@ -86,6 +86,38 @@ def mean_logs(logs: dict[str, list[float]]) -> dict[str, float]:
     return {name: value / count for name, (value, count) in logs.items() if count}
 
 
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches: every world-th one. The list is first padded with its own
+    first batches to a multiple of world (as torch's DistributedSampler pads), so that every
+    process takes the same number of steps and none waits for a collective that never comes."""
+    if world == 1:
+        return batches
+    batches = batches + batches[: -len(batches) % world]
+    return batches[rank::world]
+
+
+def reduce_sum(values: list[float], accelerator) -> list[float]:
+    """Sums over processes (as they are with one process)."""
+    if accelerator.num_processes == 1:
+        return values
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum")
+    return total.tolist()
+
+
+def merge_step(loss: float, tokens: int, logs: dict[str, list[float]], into: dict[str, list[float]],
+               accelerator) -> tuple[float, int]:
+    """One step's loss, token count and objective logs summed over processes (one collective);
+    the logs are added to `into`. The logged numbers of a multi-process run are then those of a
+    one-process run with the same global batch."""
+    names = sorted(logs)  # every process runs the same objective, hence the same names
+    flat = reduce_sum([loss, tokens, *(x for n in names for x in logs[n])], accelerator)
+    for i, name in enumerate(names):
+        acc = into.setdefault(name, [0.0, 0.0])
+        acc[0] += flat[2 + 2 * i]
+        acc[1] += flat[3 + 2 * i]
+    return flat[0], int(flat[1])
+
+
 def reference_policy(model: nn.Module, method) -> Callable:
     """The frozen reference policy: the method's base-only view of the model, else a frozen copy
     of the model as it is now (before training, before a checkpoint is loaded)."""
@@ -148,7 +180,9 @@ def fit(
     eval_collate = eval_collate or collate
     t = cfg.training
     ev = cfg.eval
-    micro_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # Each process takes every world-th micro-batch, so a process sees 1/world of an epoch.
+    micro_per_epoch = math.ceil(math.ceil(len(train_rows) / t.batch_size) / world)
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
@@ -191,7 +225,6 @@ def fit(
         echo(f"resumed from {resume_from} at step {state['step']}")
 
     eval_bs = ev.batch_size or t.batch_size
-    rank, world = accelerator.process_index, accelerator.num_processes
 
     def checkpoint() -> Path:
         path = ckpt.save_checkpoint(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer,
@@ -208,28 +241,29 @@ def fit(
     # tokens; it is measured per process session, so it is not part of the resumable state.
     window_tokens, window_seconds = 0, 0.0
     # Time spent in training steps only (no eval, no checkpoints) and the non-padding tokens
-    # they processed, for this process's part of the run.
+    # all processes processed in them.
     train_seconds, train_tokens = 0.0, 0
     result = FitResult(step=state["step"])
     try:
         while state["step"] < total_steps:
-            batches = epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle)
-            # Each process takes every world-th micro-batch (data parallelism without a sampler).
-            batches = batches[rank::world] if world > 1 else batches
+            batches = shard(epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle),
+                            rank, world)
             while state["micro"] < len(batches) and state["step"] < total_steps:
                 window = batches[state["micro"] : state["micro"] + t.grad_accum]
                 step_start = time.perf_counter()
                 rows = [[train_rows[i] for i in b] for b in window]
                 # Collate the whole window first: the loss is normalised by its item count.
                 batches_now = objective.window(ctx, rows, collate)
-                n_loss = max(sum(objective.count(b) for b in batches_now), 1)
-                step_loss = 0.0
+                # The loss is normalised by the item count of the whole window across processes;
+                # DDP averages gradients over processes, hence the factor world.
+                n_loss = max(int(reduce_sum([sum(objective.count(b) for b in batches_now)], accelerator)[0]), 1)
+                step_loss, step_tokens, step_logs = 0.0, 0, {}
                 for k, (micro_rows, cpu_batch) in enumerate(zip(rows, batches_now)):
                     batch = {key: v.to(accelerator.device) for key, v in cpu_batch.items()}
                     sync = nullcontext() if k == len(rows) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
                         out = objective.loss(ctx, batch)
-                        loss = out.loss_sum / n_loss
+                        loss = out.loss_sum * world / n_loss
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"loss became {float(loss.detach())} at step {state['step'] + 1} (epoch {state['epoch']}, "
@@ -237,11 +271,12 @@ def fit(
                             f"Try a lower training.learning_rate, training.max_grad_norm, or fp32/bf16 precision."
                         )
                     accelerator.backward(loss)
-                    step_loss += float(loss.detach())
-                    add_logs(state["log_extra"], out.logs)
-                    n_tokens = batch_tokens(cpu_batch)
-                    window_tokens += n_tokens
-                    train_tokens += n_tokens
+                    step_loss += float(loss.detach()) / world
+                    add_logs(step_logs, out.logs)
+                    step_tokens += batch_tokens(cpu_batch)
+                step_loss, step_tokens = merge_step(step_loss, step_tokens, step_logs, state["log_extra"], accelerator)
+                window_tokens += step_tokens
+                train_tokens += step_tokens
                 grad_norm = None
                 if t.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
@@ -268,7 +303,7 @@ def fit(
                         "epoch": round(state["epoch"] + state["micro"] / len(batches), 4),
                         "loss": state["log_loss"] / state["log_steps"],
                         "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens * world / max(window_seconds, 1e-9),
+                        "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
                         **mean_logs(state["log_extra"]),
                     }
                     if grad_norm is not None:
@@ -331,8 +366,8 @@ def fit(
 
     result.step = state["step"]
     # Kept apart from metrics: wall-clock numbers of this session, not results of the run.
-    result.throughput = {"train_runtime_s": train_seconds, "train_tokens": train_tokens * world,
-                         "train_tokens_per_s": train_tokens * world / max(train_seconds, 1e-9)}
+    result.throughput = {"train_runtime_s": train_seconds, "train_tokens": train_tokens,
+                         "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
     result.best_metric, result.best_step = state["best_metric"], state["best_step"]
     unwrapped = accelerator.unwrap_model(model)
     if result.stopped_early and result.best_step is not None:
