@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.method_config import SECTIONS as METHOD_SECTIONS
+
 WORDS = (
     "the a of and to in is you that it he was for on are as with his they at be this have from or "
     "one had by word but not what all were we when your can said there use an each which she do how "
@@ -102,6 +104,13 @@ def alpaca_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
+def method_keys(method: dict) -> dict:
+    """The keys of `method` its type has: tests share LoRA settings (r, alpha, dropout) across
+    methods, and each method's section refuses another method's keys."""
+    section = METHOD_SECTIONS.get(method.get("type", "lora"))
+    return {k: v for k, v in method.items() if section is None or k in section.model_fields}
+
+
 @pytest.fixture
 def run_config(tiny_model_dir, alpaca_file, tmp_path):
     """A small valid run config as a dict; tests change what they study."""
@@ -118,6 +127,8 @@ def run_config(tiny_model_dir, alpaca_file, tmp_path):
             "eval": {"forgetting": False},
         }
         for name, values in sections.items():
+            if name == "method":  # the LoRA defaults above stay where the chosen method has them
+                cfg["method"] = method_keys({**cfg["method"], "type": values.get("type", "lora")})
             cfg.setdefault(name, {}).update(values)
         return cfg
 

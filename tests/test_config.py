@@ -208,3 +208,52 @@ def test_cli_config_command_applies_set(tmp_path):
     result = CliRunner().invoke(app, ["config", str(path), "--set", "training.learning_rte=1"])
     assert result.exit_code == 2
     assert "did you mean 'learning_rate'" in " ".join(result.output.split())  # rich wraps lines
+
+
+def test_validation_imports_no_torch(tmp_path):
+    """Every method and objective section validates (and refuses) without loading torch."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError
+from tunesmith.method_config import SECTIONS as M
+from tunesmith.objective_config import SECTIONS as O
+ok = refused = 0
+for m in M:
+    for o in O:
+        objective = {"type": o, **({"teacher": "t"} if o == "distill" else {})}
+        method = {"type": m, **({"train_last_n_layers": 1} if m == "freeze" else {})}
+        try:
+            load_config({"model": {"name_or_path": "x"}, "data": {"train": "y.jsonl"}, "method": method,
+                         "objective": objective, "training": {"batch_size": 4}})
+            ok += 1
+        except ConfigError:
+            refused += 1
+print(ok, refused, sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "transformers", "peft")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    from tunesmith.methods.matrix import supported_cells
+
+    assert int(out[0]) == len(supported_cells()) and int(out[1]) > 0
+    assert out[2:] == ["[]"]
+
+
+def test_sections_match_the_registries():
+    from tunesmith.method_config import SECTIONS as M
+    from tunesmith.methods import METHODS
+    from tunesmith.objective_config import SECTIONS as O
+    from tunesmith.objectives import OBJECTIVES
+
+    assert set(M) == set(METHODS) and set(O) == set(OBJECTIVES)
+
+
+def test_a_key_of_another_method_names_the_methods_it_belongs_to():
+    msg = error_of(base(method={"type": "full", "r": 8}))
+    assert ("method.r: unknown key (allowed: type for method.type full); it is a setting of the LoRA family "
+            "(method.type lora, dora, rslora, lora_fa, qlora)") in msg
+    msg = error_of(base(objective={"type": "sft", "beta": 0.1}))
+    assert "objective.beta: unknown key (allowed: type for objective.type sft)" in msg
+    assert "it is a setting of objective.type dpo, kto, orpo, simpo, distill" in msg

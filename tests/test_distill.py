@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QA, SENTENCES, build_tokenizer, write_jsonl
+from conftest import QA, SENTENCES, build_tokenizer, method_keys, write_jsonl
 from tunesmith.errors import ConfigError
 
 
@@ -52,6 +52,8 @@ def config(model_dir: Path, train: Path, out: Path, objective: dict, **sections)
         "output": {"dir": str(out)},
     }
     for name, values in sections.items():
+        if name == "method":  # the LoRA defaults above stay where the chosen method has them
+            cfg["method"] = method_keys({**cfg["method"], "type": values.get("type", "lora")})
         cfg.setdefault(name, {}).update(values)
     return cfg
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QA, SENTENCES, WRONG, build_tokenizer, write_jsonl
+from conftest import QA, SENTENCES, WRONG, build_tokenizer, method_keys, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.matrix import matrix, supported_cells
@@ -112,7 +112,7 @@ def _cell_config(method: str, objective: str, models: dict, folder: Path) -> dic
         "model": {"name_or_path": str(models[family])},
         "data": {"train": str(data), "max_length": 48, "shuffle": False,
                  "split": {"validation_file": str(data)}},
-        "method": {"type": method, "r": 4, "alpha": 8, "dropout": 0.0, **METHOD_OPTIONS.get(method, {})},
+        "method": method_keys({"type": method, "r": 4, "alpha": 8, "dropout": 0.0, **METHOD_OPTIONS.get(method, {})}),
         "objective": {"type": objective, **OBJECTIVE_OPTIONS.get(objective, {}),
                       **({"teacher": str(models["llama"])} if objective == "distill" else {})},
         "training": {"max_steps": 8, "batch_size": 64, "learning_rate": LEARNING_RATE.get(method, 1e-2),

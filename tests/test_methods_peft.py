@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import method_keys
+
 import tunesmith
 from tunesmith.artifacts import load_trained
 from tunesmith.config import MethodConfig, TrainingConfig, load_config
@@ -59,7 +61,7 @@ def train_and_reload(run_config, monkeypatch, tokenizer, method: dict, **trainin
         real_save(self, model, out)
 
     monkeypatch.setattr(Method, "save", save)
-    cfg = run_config(method={"r": R, **method},
+    cfg = run_config(method=method_keys({"r": R, **method}),
                      training={"max_steps": 6, "learning_rate": 5e-2, **training}, eval={"forgetting": False})
     result = tunesmith.train(cfg, echo=quiet)
     loaded = load_trained(result.run_dir)
@@ -131,7 +133,7 @@ def applied(tiny_model_dir, method: dict, objective: str = "sft", tokenizer=None
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = MethodConfig(**{"r": R, "dropout": 0.0, **method})
+    cfg = MethodConfig(**method_keys({"r": R, "dropout": 0.0, **method}))
     return METHODS[cfg.type].apply(model, cfg, MethodContext(OBJECTIVES[objective], tokenizer, str(tiny_model_dir)))
 
 

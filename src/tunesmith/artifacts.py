@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import MethodConfig, ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig
 from .errors import ConfigError
 
 MANIFEST = "tunesmith.json"
@@ -77,6 +77,7 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
     """
     from .methods import METHODS, MethodContext
     from .models import load_model, load_tokenizer, materialize
+    from .method_config import lenient_method_config
     from .objective_config import lenient_objective_config
     from .objectives import OBJECTIVES, TaskInfo
 
@@ -95,7 +96,7 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
                                auto_class=manifest["auto_class"], tokenizer=tokenizer, **kwargs)
         else:
             method = METHODS[manifest["method"]]
-            method_cfg = MethodConfig(**manifest["method_config"])
+            method_cfg = lenient_method_config(manifest["method_config"])
             base_cfg = _base_config(manifest)
             base_kwargs = {**kwargs, **method.load_kwargs(method_cfg, "fp32")}
             base = load_model(base_cfg, dtype, materialize(base_cfg), auto_class=manifest["auto_class"],

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 from .objective_config import SECTIONS as OBJECTIVE_SECTIONS
 from .objective_config import ObjectiveConfigUnion, ObjectiveSection, objective_config
+from .method_config import SECTIONS as METHOD_SECTIONS
+from .method_config import MethodConfigUnion, MethodSection, method_config, support  # noqa: F401 (re-exported)
 
 
 class Section(BaseModel):
@@ -64,44 +66,8 @@ class DataConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
-class MethodConfig(Section):
-    type: str = "lora"
-    # LoRA family (lora, dora, rslora, lora_fa, qlora)
-    r: int = Field(16, gt=0)
-    alpha: float = 32
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear', 'attention', 'mlp', or module names."
-    )
-    layers_to_transform: list[int] | None = Field(None, description="Only these block indices get adapters.")
-    loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16)."
-    )
-    # qlora
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # prompt family (prefix_tuning, prompt_tuning, p_tuning)
-    num_virtual_tokens: int = Field(20, gt=0)
-    prompt_init: Literal["random", "text"] = "random"
-    prompt_init_text: str | None = None
-    encoder_hidden_size: int | None = Field(None, gt=0, description="p_tuning prompt encoder width.")
-    prefix_projection: bool = False
-    # ia3
-    feedforward_modules: list[str] | None = None
-    # adapter (bottleneck)
-    adapter_style: Literal["houlsby", "pfeiffer"] = "houlsby"
-    reduction_factor: int = Field(16, gt=0)
-    adapter_activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    # linear_probe
-    probe_head: Literal["linear", "mlp"] = "linear"
-    probe_hidden: int = Field(256, gt=0)
-    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
-    # freeze
-    train_last_n_layers: int | None = Field(None, ge=0)
-    trainable_modules: list[str] = Field(default_factory=list)
-
+# Each method owns its section (method_config.py); `MethodConfig(type=..., ...)` builds one.
+MethodConfig = method_config
 
 # Each objective owns its section (objective_config.py); `ObjectiveConfig(type=..., ...)` builds one.
 ObjectiveConfig = objective_config
@@ -169,7 +135,7 @@ class OutputConfig(Section):
 class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfigUnion = Field(default_factory=method_config)
     objective: ObjectiveConfigUnion = Field(default_factory=objective_config)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -178,24 +144,17 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _known_objective(cls, data: Any) -> Any:
-        section = data.get("objective") if isinstance(data, dict) else None
-        kind = section.get("type", "sft") if isinstance(section, dict) else None
-        if kind is not None and kind not in OBJECTIVE_SECTIONS:
-            raise ValueError(_unknown("objective.type", str(kind), OBJECTIVE_SECTIONS))
+    def _known_types(cls, data: Any) -> Any:
+        for name, known, default in (("method", METHOD_SECTIONS, "lora"), ("objective", OBJECTIVE_SECTIONS, "sft")):
+            section = data.get(name) if isinstance(data, dict) else None
+            kind = section.get("type", default) if isinstance(section, dict) else None
+            if kind is not None and kind not in known:
+                raise ValueError(_unknown(f"{name}.type", str(kind), known))
         return data
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":
-        from .methods import METHODS
-        from .objectives import OBJECTIVES
-
-        if self.method.type not in METHODS:
-            raise ValueError(_unknown("method.type", self.method.type, METHODS))
-        if self.objective.type not in OBJECTIVES:
-            raise ValueError(_unknown("objective.type", self.objective.type, OBJECTIVES))
-        from .methods.matrix import support
-
+        # Torch-free: the sections say what each method and objective refuses.
         why = support(self.method.type, self.objective.type)
         if why:
             raise ValueError(
@@ -209,19 +168,13 @@ class RunConfig(Section):
             if self.objective.type != "distill":
                 raise ValueError("model.init_from_teacher_every builds the student from objective.teacher; "
                                  f"it needs objective.type distill, not '{self.objective.type}'")
-            if METHODS[self.method.type].artifact != "model":
+            if self.method.artifact != "model":
                 raise ValueError(
                     f"model.init_from_teacher_every: method.type '{self.method.type}' saves weights that reload "
                     "onto model.name_or_path, not onto the thinned student; use method.type full or freeze")
-        problems = METHODS[self.method.type].check(self) + OBJECTIVES[self.objective.type].check(self)
+        problems = self.method.check(self) + self.objective.check(self)
         if problems:
             raise ValueError("\n  ".join(problems))
-        if self.method.type == "freeze" and (
-            self.method.train_last_n_layers is None and not self.method.trainable_modules
-        ):
-            raise ValueError(
-                "method: 'freeze' needs method.train_last_n_layers and/or method.trainable_modules"
-            )
         if self.eval.early_stopping_patience and not (self.eval.every and self.has_validation):
             raise ValueError(
                 "eval.early_stopping_patience needs eval.every and a validation split "
@@ -249,11 +202,7 @@ class RunConfig(Section):
     def packing_enabled(self) -> bool:
         if self.data.packing is not None:
             return self.data.packing
-        from .objectives import OBJECTIVES
-
-        from .methods import METHODS
-
-        return OBJECTIVES[self.objective.type].packs and METHODS[self.method.type].packs
+        return self.objective.packs and self.method.packs
 
 
 def _unknown(path: str, value: str, known: Any) -> str:
@@ -277,13 +226,25 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def _owned_by(head: str, key: str, sections: dict) -> str:
+    """Which types a misplaced key belongs to: 'loraplus_lr_ratio' under ia3 is a LoRA-family setting."""
+    types = [name for name, s in sections.items() if key in s.model_fields]
+    if not types:
+        return ""
+    families = sorted({getattr(sections[t], "family", "") for t in types} - {""})
+    where = f"{head}.type {', '.join(types)}"
+    return f"; it is a setting of {' and '.join(families)} ({where})" if families else f"; it is a setting of {where}"
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         section = None
-        if e["loc"][:1] == ("objective",) and len(e["loc"]) > 1 and e["loc"][1] in OBJECTIVE_SECTIONS:
-            section = OBJECTIVE_SECTIONS[e["loc"][1]]
-            e = {**e, "loc": ("objective", *e["loc"][2:])}  # the union's tag is not a key of the YAML
+        unions = {"objective": OBJECTIVE_SECTIONS, "method": METHOD_SECTIONS}
+        head = e["loc"][0] if e["loc"] else None
+        if head in unions and len(e["loc"]) > 1 and e["loc"][1] in unions[head]:
+            section = unions[head][e["loc"][1]]
+            e = {**e, "loc": (head, *e["loc"][2:])}  # the union's tag is not a key of the YAML
         loc = tuple(p for p in e["loc"] if not isinstance(p, int))
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
@@ -291,7 +252,10 @@ def _format_errors(err: ValidationError) -> str:
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"{path}: unknown key" + (f" — did you mean '{hint[0]}'?" if hint else "")
             if allowed:
-                msg += f" (allowed: {', '.join(allowed)})"
+                msg += f" (allowed: {', '.join(allowed)}"
+                msg += f" for {head}.type {section.model_fields['type'].default})" if section else ")"
+            if section is not None and len(loc) == 2:
+                msg += _owned_by(head, str(loc[-1]), unions[head])
         elif e["type"] == "value_error" and not e["loc"]:
             msg = str(e["msg"]).removeprefix("Value error, ")
         else:

@@ -8,22 +8,36 @@ import-light so that validating a config never loads torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 class ObjectiveSection(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     type: str
 
+    # Whether packing several examples into one row makes sense for this objective (the default
+    # of data.packing). Distillation: off, whatever its task, unless data.packing asks for it
+    # (packing a masked_lm or classification task would pack rows that must not be).
+    packs: ClassVar[bool] = False
+
+    def check(self, run: "RunConfig") -> list[str]:
+        """Run settings this objective refuses (read at config validation, before anything loads)."""
+        return []
+
 
 class SFTSection(ObjectiveSection):
     type: Literal["sft"] = "sft"
+    packs: ClassVar[bool] = True
 
 
 class CausalLMSection(ObjectiveSection):
     type: Literal["causal_lm"] = "causal_lm"
+    packs: ClassVar[bool] = True
 
 
 class MaskedLMSection(ObjectiveSection):
@@ -81,6 +95,14 @@ class KTOSection(ObjectiveSection):
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
     precompute_ref_logps: bool = False
+
+    def check(self, run: "RunConfig") -> list[str]:
+        if run.training.batch_size < 2:
+            return ["training.batch_size: objective 'kto' needs at least 2 examples per micro-batch: its reference "
+                    "point z pairs each prompt with another example's completion in the same micro-batch (a batch "
+                    "of one would make z its own reward; TRL refuses it too). Raise training.batch_size and lower "
+                    "training.grad_accum to keep the effective batch."]
+        return []
 
 
 class ORPOSection(ObjectiveSection):

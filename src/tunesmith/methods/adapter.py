@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .base import Method, MethodContext, task_heads
 from .lora import block_linears, is_attention
@@ -136,9 +136,8 @@ class BottleneckAdapter(Method):
     """Bottleneck adapters after attention and/or feed-forward outputs; the base stays frozen."""
 
     name = "adapter"
-    artifact = "adapter"
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         placements = find_placements(model, cfg.adapter_style)
         if not placements:
             raise ConfigError(
@@ -178,7 +177,7 @@ class BottleneckAdapter(Method):
         save_file(_trained_state(model), out / WEIGHTS, metadata={"format": "pt"})
         (out / SPEC).write_text(json.dumps(spec, indent=1))
 
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         spec = json.loads((artifact / SPEC).read_text())
         placements = [(p["block"], p["projection"], p["kind"]) for p in spec["placements"]]
         inject(base, placements, spec["reduction_factor"], spec["activation"])

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import SECTIONS as METHOD_SECTIONS
+from ..method_config import MethodSection
 
 if TYPE_CHECKING:
-    from ..config import RunConfig, TrainingConfig
+    from ..config import TrainingConfig
     from ..objectives.base import Objective
 
 
@@ -31,29 +32,35 @@ class Method(ABC):
     name: str = ""
     # True when the base weights stay frozen, so they may be loaded in a low-precision dtype.
     frozen_base: bool = True
-    # What the final artifact folder holds: "adapter" (weights that learned + config, loaded on
-    # top of the base) or "model" (a complete transformers model).
-    artifact: str = "model"
-    # objective name -> why this method cannot train it. Everything else is supported.
-    unsupported: dict[str, str] = {}
-    # Whether rows may hold several packed examples (prompt methods prepend virtual tokens
-    # to a row, which would be shared by every example packed into it).
-    packs: bool = True
+
+    # What config validation needs (artifact kind, packing, unsupported objectives, refused
+    # settings) lives in the method's torch-free section (method_config.py).
+    @property
+    def section(self) -> type[MethodSection]:
+        return METHOD_SECTIONS[self.name]
+
+    @property
+    def artifact(self) -> str:
+        return self.section.artifact
+
+    @property
+    def packs(self) -> bool:
+        return self.section.packs
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        return self.section.unsupported
 
     @abstractmethod
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         """Set requires_grad (or wrap the model) so that exactly the method's weights learn."""
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        """Config combinations this method refuses (engine features it cannot work with)."""
-        return []
-
-    def load_kwargs(self, cfg: MethodConfig, precision: str) -> dict:
+    def load_kwargs(self, cfg: MethodSection, precision: str) -> dict:
         """Extra from_pretrained arguments for the base model (quantization)."""
         return {}
 
     def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig",
-                        method_cfg: MethodConfig) -> torch.optim.Optimizer | None:
+                        method_cfg: MethodSection) -> torch.optim.Optimizer | None:
         """A method-specific optimizer (LoRA+, LoRA-FA); None means the engine's AdamW."""
         return None
 
@@ -66,7 +73,7 @@ class Method(ABC):
     def save(self, model: nn.Module, out: Path) -> None:
         model.save_pretrained(out)
 
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         """The trained model from its base and a saved artifact (artifact == 'adapter')."""
         raise NotImplementedError(f"method {self.name} saves complete models; load them directly")
 
@@ -74,9 +81,7 @@ class Method(ABC):
 class PeftMethod(Method):
     """A method peft implements: its artifact is a peft adapter folder (PeftModel.from_pretrained loads it)."""
 
-    artifact = "adapter"
-
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, str(artifact))

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .adapter import load_partial
 from .base import task_heads
@@ -44,9 +44,8 @@ class BitFit(Method):
     name = "bitfit"
     # The biases learn inside the base, so the base loads in fp32 like any learning weight.
     frozen_base = False
-    artifact = "adapter"  # a partial artifact: the trained biases and head, loaded onto the base
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         if _set_trainable(model) == 0:
             raise ConfigError(
                 f"method (bitfit): {type(model).__name__} has no bias terms to train "
@@ -61,7 +60,7 @@ class BitFit(Method):
                    if p.requires_grad}
         save_file(trained, out / WEIGHTS, metadata={"format": "pt"})
 
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         _set_trainable(base)
         load_partial(base, load_file(artifact / WEIGHTS), artifact / WEIGHTS)
         return base

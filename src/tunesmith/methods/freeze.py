@@ -4,7 +4,7 @@ import fnmatch
 
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .base import Method, MethodContext, decoder_layers, head_modules
 
@@ -15,7 +15,7 @@ class Freeze(Method):
     name = "freeze"
     frozen_base = False
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.train_last_n_layers:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from .base import Method, MethodContext
 
 
@@ -12,7 +12,7 @@ class Full(Method):
     name = "full"
     frozen_base = False
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -15,17 +15,12 @@ chosen layers that sit outside attention.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .base import MethodContext, PeftMethod
 from .lora import block_linears, check_layers, is_attention, modules_regex, preset_modules, resolve_targets
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
 
 
 def _peft_defaults(model: nn.Module) -> tuple[list[str], list[str]] | None:
@@ -44,7 +39,7 @@ def _matching(names: list[str], suffixes: list[str]) -> list[str]:
     return [n for n in names if any(n == f or n.endswith("." + f) for f in suffixes)]
 
 
-def ia3_modules(model: nn.Module, cfg: MethodConfig) -> tuple[str | list[str], str | list[str]]:
+def ia3_modules(model: nn.Module, cfg: MethodSection) -> tuple[str | list[str], str | list[str]]:
     """(target_modules, feedforward_modules) for peft's IA3Config.
 
     peft's IA3 has no layers_to_transform, so with `method.layers_to_transform` the chosen
@@ -82,12 +77,7 @@ class IA3(PeftMethod):
 
     name = "ia3"
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        if cfg.method.loraplus_lr_ratio is not None:
-            return ["method.loraplus_lr_ratio applies to the LoRA family, not ia3"]
-        return []
-
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import IA3Config, get_peft_model
 
         check_layers(model, cfg.layers_to_transform)

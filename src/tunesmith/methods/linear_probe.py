@@ -13,25 +13,18 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .adapter import load_partial
 from .base import Method, MethodContext
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
-
 WEIGHTS = "probe_head.safetensors"
 SPEC = "probe_head.json"
-_NO_HEAD = ("a linear probe trains a new head on frozen features; {what}, so there is no separate "
-            "head to put on them — use method.type freeze with method.trainable_modules: [{head}]")
 
 
 def is_decoder_only(config) -> bool:
@@ -143,29 +136,7 @@ class LinearProbe(Method):
     """A head on frozen features."""
 
     name = "linear_probe"
-    artifact = "adapter"  # the head only, rebuilt on a freshly loaded base
-    unsupported = {
-        "sft": _NO_HEAD.format(what="instruction tuning is generative (the output is the language-model head "
-                                    "over the vocabulary)", head="lm_head"),
-        "causal_lm": _NO_HEAD.format(what="next-token prediction is generative (the output is the language-model "
-                                          "head over the vocabulary)", head="lm_head"),
-        "masked_lm": _NO_HEAD.format(what="masked-token prediction trains the pretrained MLM head over the "
-                                          "vocabulary", head="cls"),
-        "seq2seq": _NO_HEAD.format(what="sequence-to-sequence generation needs the whole decoder, not features "
-                                        "of the input", head="lm_head"),
-        **{name: _NO_HEAD.format(what="preference optimisation changes the language-model head's distribution "
-                                      "over answers", head="lm_head") for name in ("dpo", "kto", "orpo", "simpo")},
-        "distill": _NO_HEAD.format(what="distillation matches the teacher's output distribution (the language-model "
-                                        "head for its default sft task)", head="lm_head"),
-    }
-
-    def check(self, cfg: "RunConfig") -> list[str]:
-        if cfg.training.gradient_checkpointing:
-            return ["training.gradient_checkpointing: linear_probe sends no gradient through the frozen backbone, "
-                    "so there is nothing to checkpoint; leave it off"]
-        return []
-
-    def spec(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> dict:
+    def spec(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> dict:
         per_token = ctx.objective.name == "token_classification"
         pooling = cfg.pooling
         if pooling == "auto":
@@ -173,7 +144,7 @@ class LinearProbe(Method):
         return {"head": cfg.probe_head, "probe_hidden": cfg.probe_hidden, "pooling": pooling,
                 "per_token": per_token, "num_labels": model.config.num_labels}
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         if not hasattr(model, "base_model") or model.base_model is model:
             raise ConfigError(f"method (linear_probe): {type(model).__name__} has no separate backbone to probe")
         return ProbedModel(model, self.spec(model, cfg, ctx))
@@ -186,7 +157,7 @@ class LinearProbe(Method):
         save_file(head, out / WEIGHTS, metadata={"format": "pt"})
         (out / SPEC).write_text(json.dumps(model.spec, indent=1))
 
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         probed = ProbedModel(base, json.loads((artifact / SPEC).read_text()))
         load_partial(probed.head, load_file(artifact / WEIGHTS), artifact / WEIGHTS)
         return probed

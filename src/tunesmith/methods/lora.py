@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .base import HEAD_NAMES, MethodContext, PeftMethod, task_heads
 
 if TYPE_CHECKING:
-    from ..config import RunConfig, TrainingConfig
+    from ..config import TrainingConfig
 
 PRESETS = ("all-linear", "attention", "mlp")
 # A path component naming an attention sub-module in transformers families:
@@ -116,7 +116,7 @@ class Lora(PeftMethod):
     # bases keep peft's own layers.
     fused = True
 
-    def peft_config(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext):
+    def peft_config(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext):
         from peft import LoraConfig
 
         targets = resolve_targets(model, cfg.target_modules, self.name, cfg.layers_to_transform)
@@ -139,7 +139,7 @@ class Lora(PeftMethod):
             config._register_custom_module({nn.Linear: FusedLoraLinear})
         return config
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
         check_layers(model, cfg.layers_to_transform)
@@ -153,7 +153,7 @@ class Lora(PeftMethod):
         return peft_model
 
     def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig",
-                        method_cfg: MethodConfig) -> torch.optim.Optimizer | None:
+                        method_cfg: MethodSection) -> torch.optim.Optimizer | None:
         if method_cfg.loraplus_lr_ratio is None:
             return None
         from peft.optimizers import create_loraplus_optimizer
@@ -188,13 +188,7 @@ class LoraFA(Lora):
 
     name = "lora_fa"
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        if cfg.method.loraplus_lr_ratio is not None:
-            return ["method.loraplus_lr_ratio: lora_fa brings its own optimizer (A frozen, B projected); "
-                    "LoRA+ learning-rate ratios do not apply — use method.type lora with loraplus_lr_ratio"]
-        return []
-
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         peft_model = super().apply(model, cfg, ctx)
         # Frozen here (the optimizer would do it too) so the trainable count printed is honest.
         for name, p in peft_model.named_parameters():
@@ -203,7 +197,7 @@ class LoraFA(Lora):
         return peft_model
 
     def build_optimizer(self, model: nn.Module, cfg: "TrainingConfig",
-                        method_cfg: MethodConfig) -> torch.optim.Optimizer | None:
+                        method_cfg: MethodSection) -> torch.optim.Optimizer | None:
         from peft.optimizers import create_lorafa_optimizer
 
         optimizer = create_lorafa_optimizer(model, r=method_cfg.r, lora_alpha=method_cfg.alpha,

@@ -1,22 +1,18 @@
 """Which method can train which objective: derived from the registries, printed by `tunesmith methods`.
 
-A method lists the objectives it cannot train, with the reason, in `Method.unsupported`;
-every other cell is supported and has a test (tests/test_matrix.py).
+A method's section lists the objectives it cannot train, with the reason (`unsupported` in
+method_config.py, where `support` is: config validation asks it without loading torch); every
+other cell is supported and has a test (tests/test_matrix.py).
 """
 
 from __future__ import annotations
 
-
-def support(method: str, objective: str) -> str | None:
-    """None when the method can train the objective, else the reason it cannot."""
-    from . import METHODS
-
-    return METHODS[method].unsupported.get(objective)
+from ..method_config import support
 
 
 def matrix() -> dict[str, dict[str, str | None]]:
-    from ..objectives import OBJECTIVES
-    from . import METHODS
+    from ..method_config import SECTIONS as METHODS
+    from ..objective_config import SECTIONS as OBJECTIVES
 
     return {m: {o: support(m, o) for o in OBJECTIVES} for m in METHODS}
 

@@ -15,20 +15,11 @@ from __future__ import annotations
 import inspect
 from abc import abstractmethod
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import NO_MASKED_LM, MethodSection
 from ..errors import ConfigError
 from .base import MethodContext, PeftMethod
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
-
-# peft builds prompt-learning models per task type; masked LM has none (peft raises KeyError).
-_NO_MASKED_LM = ("peft has no masked-LM task type, and prompt learning needs one to prepend virtual "
-                 "tokens; use lora, ia3 or another weight-based method for masked_lm")
 
 
 def _takes_past_key_values(model: nn.Module) -> bool:
@@ -36,34 +27,17 @@ def _takes_past_key_values(model: nn.Module) -> bool:
 
 
 class PromptMethod(PeftMethod):
-    packs = False
-    unsupported = {"masked_lm": _NO_MASKED_LM}
-    # Soft prompts as embeddings: a decoder's scalar head reads each row's last real token, found
-    # from input_ids, so it would read padding (prefix tuning keeps input_ids and is fine).
-    _NO_REWARD = ("a reward model's head reads each row's last real token, which peft's soft prompts "
-                  "(passed as embeddings) hide; use prefix_tuning, lora or ia3")
-
-    def check(self, cfg: "RunConfig") -> list[str]:
-        problems = []
-        if cfg.data.packing:
-            problems.append(
-                f"data.packing: true cannot be used with method.type {self.name}: its virtual tokens are "
-                f"prepended once per row and would be shared by every example packed into it; "
-                f"leave data.packing unset or false"
-            )
-        if cfg.method.loraplus_lr_ratio is not None:
-            problems.append(f"method.loraplus_lr_ratio applies to the LoRA family, not {self.name}")
-        return problems
+    """Virtual tokens prepended per row (so rows never pack: see PromptFamily in method_config)."""
 
     @abstractmethod
-    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+    def peft_config(self, cfg: MethodSection, ctx: MethodContext):
         """The peft config of this prompt method."""
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
         if ctx.objective.peft_task_type is None:
-            raise ConfigError(f"method {self.name} cannot train objective {ctx.objective.name}: {_NO_MASKED_LM}")
+            raise ConfigError(f"method {self.name} cannot train objective {ctx.objective.name}: {NO_MASKED_LM}")
         if self.name != "prefix_tuning" and ctx.objective.name == "classification" and hasattr(model, "score"):
             # Decoder heads ("score") read each row's last real token, found from input_ids; peft
             # feeds virtual tokens as embeddings only, so the head would read padding instead.
@@ -80,17 +54,7 @@ class PrefixTuning(PromptMethod):
 
     name = "prefix_tuning"
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        problems = super().check(cfg)
-        if cfg.training.gradient_checkpointing:
-            problems.append(
-                "training.gradient_checkpointing cannot be used with method.type prefix_tuning: the prefixes "
-                "enter every layer as a key/value cache, which checkpointed recomputation does not carry "
-                "(peft refuses the combination); turn it off or use prompt_tuning / p_tuning"
-            )
-        return problems
-
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         # peft hands the prefixes to the model (or, for classification heads, to its backbone)
         # as `past_key_values`; a model that does not take them would fail at the first step.
         if not any(_takes_past_key_values(m) for m in (model, getattr(model, "base_model", model))):
@@ -106,7 +70,7 @@ class PrefixTuning(PromptMethod):
             )
         return super().apply(model, cfg, ctx)
 
-    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+    def peft_config(self, cfg: MethodSection, ctx: MethodContext):
         from peft import PrefixTuningConfig
 
         return PrefixTuningConfig(
@@ -122,27 +86,20 @@ class PromptTuning(PromptMethod):
     """Trainable soft-prompt embeddings, random or initialised from `method.prompt_init_text`."""
 
     name = "prompt_tuning"
-    unsupported = {**PromptMethod.unsupported, "reward": PromptMethod._NO_REWARD}
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        problems = super().check(cfg)
-        if cfg.method.prompt_init == "text" and not cfg.method.prompt_init_text:
-            problems.append("method.prompt_init: text needs method.prompt_init_text (the words that seed the prompt)")
-        return problems
-
-    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+    def peft_config(self, cfg: MethodSection, ctx: MethodContext):
         from peft import PromptTuningConfig
 
         return PromptTuningConfig(task_type=ctx.objective.peft_task_type, num_virtual_tokens=cfg.num_virtual_tokens)
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         peft_model = super().apply(model, cfg, ctx)
         if cfg.prompt_init == "text":
             init_from_text(peft_model, cfg, ctx)
         return peft_model
 
 
-def init_from_text(peft_model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> None:
+def init_from_text(peft_model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> None:
     """Seed the soft prompt with the embeddings of `prompt_init_text`, repeated to fill every virtual token.
 
     Done here with the run's tokenizer rather than peft's TEXT init, which stores a tokenizer
@@ -169,9 +126,8 @@ class PTuning(PromptMethod):
     """Soft prompts produced by a small MLP prompt encoder (width `method.encoder_hidden_size`)."""
 
     name = "p_tuning"
-    unsupported = {**PromptMethod.unsupported, "reward": PromptMethod._NO_REWARD}
 
-    def peft_config(self, cfg: MethodConfig, ctx: MethodContext):
+    def peft_config(self, cfg: MethodSection, ctx: MethodContext):
         from peft import PromptEncoderConfig
 
         return PromptEncoderConfig(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from ..config import MethodConfig
+from ..method_config import MethodSection
 from ..errors import ConfigError
 from .base import HEAD_NAMES, MethodContext
 from .lora import Lora
@@ -23,9 +21,6 @@ from .lora import Lora
 # embeddings; a pooler a checkpoint lacks is created fresh. Naming any skip list replaces transformers' default (which skips only the
 # output embedding), so the LM heads must be listed too.
 SKIP_MODULES = [*HEAD_NAMES, "lm_head", "cls", "embed_out", "pooler", "pooler.dense"]
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
 
 _EXTRA = "pip install 'tunesmith[qlora]'"
 
@@ -64,13 +59,7 @@ class QLora(Lora):
     name = "qlora"
     fused = False  # bitsandbytes layers subclass nn.Linear; peft's bnb layers must wrap them
 
-    def check(self, cfg: "RunConfig") -> list[str]:
-        problems = []
-        if cfg.method.bits == 8 and ({"quant_type", "double_quant"} & cfg.method.model_fields_set):
-            problems.append("method.quant_type / method.double_quant apply to 4-bit QLoRA only (method.bits: 4)")
-        return problems
-
-    def load_kwargs(self, cfg: MethodConfig, precision: str) -> dict:
+    def load_kwargs(self, cfg: MethodSection, precision: str) -> dict:
         _need_bitsandbytes()
         import torch
         from transformers import BitsAndBytesConfig
@@ -90,7 +79,7 @@ class QLora(Lora):
             )
         return {"quantization_config": quant, "device_map": _device_map()}
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         # Freezes the base and keeps norms/embeddings in fp32 for stable k-bit training.
@@ -98,7 +87,7 @@ class QLora(Lora):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return keep_4bit_layers_differentiable(super().apply(model, cfg, ctx))
 
-    def load(self, base: nn.Module, artifact: Path, cfg: MethodConfig, ctx: MethodContext) -> nn.Module:
+    def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         _need_bitsandbytes()
         # A reloaded adapter must compute what the trained one did (and may be trained on).
         return keep_4bit_layers_differentiable(super().load(base, artifact, cfg, ctx))

@@ -70,8 +70,6 @@ class Objective(ABC):
     """One objective, configured for one run: `Objective(section)`; class attributes say what it needs."""
 
     name: str = ""
-    # Whether packing several examples into one row makes sense for this objective.
-    packs: bool = False
     # Which transformers Auto class carries the objective's head.
     auto_class: str = "AutoModelForCausalLM"
     # peft's task type for this head (None: peft has none, e.g. masked LM).
@@ -88,11 +86,6 @@ class Objective(ABC):
 
     def __init__(self, cfg: ObjectiveSection | None = None):
         self.cfg = cfg if cfg is not None else objective_config(type=self.name)
-
-    @classmethod
-    def check(cls, cfg: Any) -> list[str]:
-        """Run settings this objective refuses (read at config validation, before anything loads)."""
-        return []
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """Once before the first step (and again on resume): e.g. score every row with the reference."""

@@ -21,7 +21,6 @@ class CausalLM(Objective):
     """
 
     name = "causal_lm"
-    packs = True
     formats = ("text", "chat", "sharegpt", "alpaca", "prompt_completion")
     generative = True
     reports_perplexity = True

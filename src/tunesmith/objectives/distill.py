@@ -32,12 +32,11 @@ perplexity and accuracy compare with a run of the task alone, and a reloaded stu
 the same without its teacher), plus eval_kd_loss, eval_task_loss (and eval_hidden_loss).
 Training logs kd_loss and task_loss (sum, count over the task's items); `loss` is the mix.
 
-Class attributes (auto_class, generative, formats, peft_task_type, reports_perplexity, packs)
+Class attributes (auto_class, generative, formats, peft_task_type, reports_perplexity)
 follow the task on an instance. Code that reads them from the registry class, before a run
-has an instance, sees the default task's (sft) values, except `packs`: False on the class, so
-packing stays off unless data.packing asks for it (which works for sft / causal_lm: the teacher
-sees the same position ids); packing on by default for a masked_lm or classification task
-would pack rows that must not be.
+has an instance, sees the default task's (sft) values. Packing stays off unless data.packing
+asks for it (DistillSection.packs; it works for sft / causal_lm: the teacher sees the same
+position ids).
 """
 
 from __future__ import annotations
@@ -102,7 +101,6 @@ class Distill(Objective):
     formats = _FromTask(_default.formats)
     generative = _FromTask(_default.generative)
     reports_perplexity = _FromTask(_default.reports_perplexity)
-    packs = _FromTask(False)
     needs_teacher = True
 
     def __init__(self, cfg: DistillSection | None = None):

@@ -124,15 +124,6 @@ class KTO(Objective):
         # The scoring itself waits for the first window, which tells the batch size (see the module doc).
         self._rows = (train_rows, val_rows)
 
-    @classmethod
-    def check(cls, cfg) -> list[str]:
-        if cfg.training.batch_size < 2:
-            return ["training.batch_size: objective 'kto' needs at least 2 examples per micro-batch: its reference "
-                    "point z pairs each prompt with another example's completion in the same micro-batch (a batch "
-                    "of one would make z its own reward; TRL refuses it too). Raise training.batch_size and lower "
-                    "training.grad_accum to keep the effective batch."]
-        return []
-
     def window(self, ctx: StepContext, rows: list[list[dict]], collate) -> list[dict]:
         # The first window of a run tells the batch size; TRL refuses per-device batches of 1 (:844-847). A
         # later micro-batch of one (an epoch's remainder) is kept, as TRL keeps it: its z is its own log-ratio.
