@@ -3,8 +3,8 @@
 Workload: SmolLM2-135M-Instruct + LoRA (r 16, alpha 32, all linear layers), the first
 --train-rows pairs of ../shared/data/ultrafeedback_dpo_sample/train_clean.jsonl, scored on the
 first --eval-rows pairs of eval_clean.jsonl (pairs with identical or empty answers are skipped:
-`data.skip_invalid`), max length --max-length, batch 4 x accumulation 2, --epochs epochs,
-linear schedule, seed 42, precision auto. Each objective runs in its own process.
+`data.skip_invalid`), max length --max-length, batch 4 x accumulation --grad-accum (2), --epochs
+epochs, linear schedule, seed 42, precision auto, learning rate per objective (OBJECTIVES) or --lr. Each objective runs in its own process.
 
 Reported per objective: the eval metrics at step 0 (before training) and after, with TRL's
 names (reward models: pair accuracy and margin; DPO: implicit-reward accuracy and margins;
@@ -54,7 +54,8 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
                  "split": {"validation_file": str(heldout)}},
         "method": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "objective": objective,
-        "training": {"epochs": args.epochs, "batch_size": 4, "grad_accum": 2, "learning_rate": lr,
+        "training": {"epochs": args.epochs, "batch_size": 4, "grad_accum": args.grad_accum,
+                     "learning_rate": args.lr or lr,
                      "scheduler": "linear", "seed": 42, "log_every": 5, "progress": False},
         "eval": {"every": 10_000, "at_end": True, "batch_size": 8, "forgetting": name != "reward"},
         "output": {"dir": str(out / name), "overwrite": True, "model_card": False},
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=100)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches of 4 pairs per step")
+    ap.add_argument("--lr", type=float, help="one learning rate for every objective (default: per objective)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--files", nargs=3, help=argparse.SUPPRESS)
@@ -94,7 +97,8 @@ def main() -> None:
     for name in args.objectives:
         print(f"running {name} ...", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--files", str(train), str(heldout), str(work),
-               "--max-length", str(args.max_length), "--epochs", str(args.epochs)]
+               "--max-length", str(args.max_length), "--epochs", str(args.epochs),
+               "--grad-accum", str(args.grad_accum), *(["--lr", str(args.lr)] if args.lr else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
