@@ -106,7 +106,8 @@ def main() -> None:
             raise SystemExit(f"{name} failed (exit {proc.returncode})")
         results[name] = json.loads(lines[-1][len("RESULT "):])
     if "reward" in results:
-        results["reward"]["by_score_gap"] = score_gap_breakdown(Path(results["reward"]["run_dir"]), heldout)
+        results["reward"]["by_score_gap"] = score_gap_breakdown(Path(results["reward"]["run_dir"]), heldout,
+                                                                 args.max_length)
     print(f"\n{'objective':10} {'accuracy before':>16} {'after':>8} {'margin after':>13} {'tok/s':>7}  forgetting")
     for name, r in results.items():
         key = ACCURACY[name]
@@ -117,7 +118,7 @@ def main() -> None:
     print(json.dumps(results))
 
 
-def score_gap_breakdown(run_dir: Path, heldout: Path) -> dict:
+def score_gap_breakdown(run_dir: Path, heldout: Path, max_length: int) -> dict:
     """The reward model's pair accuracy by the data's score gap (small gaps are hard to call)."""
     import torch
 
@@ -135,7 +136,7 @@ def score_gap_breakdown(run_dir: Path, heldout: Path) -> dict:
             (record,), _ = normalize_rows([row], "preference", {}, skip_invalid=False)
         except Exception:
             continue
-        pair = encode_pair(tok, record, max_length=256)
+        pair = encode_pair(tok, record, max_length=max_length)
         if pair is None:
             continue
         batch = collate_pairs([pair], tok.pad_token_id)
