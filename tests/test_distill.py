@@ -211,6 +211,59 @@ def test_a_distilled_classifier_reloads_with_load_trained(classifier_teacher, ti
     assert load_trained(result.run_dir).manifest["auto_class"] == "AutoModelForSequenceClassification"
 
 
+def test_unlabeled_texts_get_the_kd_term_only(classifier_teacher, tiny_bert_wide_dir, labels_file, tmp_path):
+    """A transfer set: the same texts as unlabeled rows or as labelled rows give the same step-1 KD loss, and
+    as unlabeled rows they leave the task loss exactly that of the labelled file alone."""
+    import tunesmith
+
+    extra = [("a great movie you will like", "positive"), ("terrible and bad", "negative"),
+             ("good good good", "positive")]
+    unlabeled = write_jsonl(tmp_path / "unlabeled.jsonl", [{"sentence": t} for t, _ in extra])
+    together = write_jsonl(tmp_path / "together.jsonl",
+                           [{"text": t, "label": y} for t, y in SENTENCES + extra])
+
+    def first_step(train: Path, name: str, **objective) -> tuple[dict, list[str]]:
+        lines: list[str] = []
+        cfg = config(tiny_bert_wide_dir, train, tmp_path / name,
+                     {"type": "distill", "task": "classification", "teacher": str(classifier_teacher),
+                      "temperature": 2.0, **objective},
+                     model={"init_from_teacher_every": 2}, method={"type": "full"}, training={"batch_size": 64})
+        result = tunesmith.train(cfg, echo=lines.append)
+        return steps(result.run_dir)[0], lines
+
+    alone, _ = first_step(labels_file, "alone")
+    with_unlabeled, lines = first_step(labels_file, "transfer", unlabeled=str(unlabeled))
+    all_labelled, _ = first_step(together, "together")
+    assert any(f"{len(SENTENCES) + len(extra)} train (3 of them unlabeled" in line for line in lines), lines
+    assert with_unlabeled["task_loss"] == pytest.approx(alone["task_loss"], rel=1e-5)
+    assert with_unlabeled["kd_loss"] == pytest.approx(all_labelled["kd_loss"], rel=1e-5)
+    assert with_unlabeled["kd_loss"] != pytest.approx(alone["kd_loss"], rel=1e-3)
+    assert with_unlabeled["task_loss"] != pytest.approx(all_labelled["task_loss"], rel=1e-3)
+
+
+def test_unlabeled_texts_refused_where_they_have_no_target(tiny_model_dir, sft_file, tmp_path):
+    from tunesmith.config import load_config
+
+    base = config(tiny_model_dir, sft_file, tmp_path / "run",
+                  {"type": "distill", "teacher": str(tiny_model_dir), "unlabeled": "more.jsonl"})
+    with pytest.raises(ConfigError, match="objective.unlabeled: .*task 'sft' reads its targets from the text"):
+        load_config(base)
+    with pytest.raises(ConfigError, match="objective.unlabeled: with kd_ratio 0"):
+        load_config({**base, "objective": {**base["objective"], "task": "classification", "kd_ratio": 0.0}})
+
+
+def test_a_missing_unlabeled_file_is_named(classifier_teacher, tiny_bert_wide_dir, labels_file, tmp_path):
+    import tunesmith
+    from tunesmith.errors import DataError
+
+    missing = tmp_path / "nowhere" / "unlabeled.jsonl"
+    cfg = config(tiny_bert_wide_dir, labels_file, tmp_path / "run",
+                 {"type": "distill", "task": "classification", "teacher": str(classifier_teacher),
+                  "unlabeled": str(missing)}, method={"type": "full"})
+    with pytest.raises(DataError, match=f"objective.unlabeled: data file not found: {missing}"):
+        tunesmith.train(cfg, echo=quiet)
+
+
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_student_from_teacher_copies_exactly_the_chosen_layers(family):
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM

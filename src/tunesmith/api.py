@@ -128,7 +128,9 @@ def train(
                       objective=objective, objective_cfg=cfg.objective)
     st = data.stats
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
-         f"{st.train_examples} train / {st.val_examples} validation examples, {st.truncated} truncated, "
+         f"{st.train_examples} train"
+         f"{f' ({st.unlabeled_examples} of them unlabeled, for the KD term)' if st.unlabeled_examples else ''}"
+         f" / {st.val_examples} validation examples, {st.truncated} truncated, "
          f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
 
     model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)

@@ -327,14 +327,15 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
         candidate = base_dir / p
         return str(candidate) if not Path(p).exists() and candidate.exists() else p
 
-    if isinstance(cfg.data.train, list):
-        cfg.data.train = [fix(p) for p in cfg.data.train]
-    else:
-        cfg.data.train = fix(cfg.data.train)
+    def fix_all(value: str | list[str]) -> str | list[str]:
+        return [fix(p) for p in value] if isinstance(value, list) else fix(value)
+
+    cfg.data.train = fix_all(cfg.data.train)
     if cfg.data.split.validation_file:
         cfg.data.split.validation_file = fix(cfg.data.split.validation_file)
-    if getattr(cfg.objective, "teacher", None):
-        cfg.objective.teacher = fix(cfg.objective.teacher)
+    for key in ("teacher", "unlabeled"):
+        if getattr(cfg.objective, key, None):
+            setattr(cfg.objective, key, fix_all(getattr(cfg.objective, key)))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -134,10 +134,25 @@ class DistillSection(ObjectiveSection):
     temperature: float = Field(1.0, gt=0)
     kd_ratio: float = Field(0.5, ge=0, le=1, description="(1 - kd_ratio) * task loss + kd_ratio * KD loss.")
     hidden_weight: float = Field(0.0, ge=0, description="Adds this times DistilBERT's hidden-state cosine loss.")
+    unlabeled: str | list[str] | None = Field(
+        None, description="Texts without labels (files or hub ids of format text, read like data.train) added to "
+                          "the training rows with the teacher's distribution as their only target: a transfer set. "
+                          "Task classification only.")
     # The task's own settings, as in its section.
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     labels: list[str] | None = None
     class_weights: Literal["balanced"] | list[float] | None = None
+
+    def check(self, run: "RunConfig") -> list[str]:
+        if not self.unlabeled:
+            return []
+        if self.task != "classification":
+            return [f"objective.unlabeled: unlabeled texts are a transfer set for task classification; task "
+                    f"'{self.task}' reads its targets from the text itself, so add the texts to data.train"]
+        if self.kd_ratio == 0:
+            return ["objective.unlabeled: with kd_ratio 0 the unlabeled texts would have no target; "
+                    "raise objective.kd_ratio above 0"]
+        return []
 
 
 SECTIONS: dict[str, type[ObjectiveSection]] = {

@@ -28,6 +28,7 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     train_rows: int = 0
+    unlabeled_examples: int = 0  # of train_examples: the objective's own additions (objective.unlabeled)
     train_loss_tokens: int = 0
     used_fallback_template: bool = False
 
@@ -128,6 +129,9 @@ def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objectiv
     task = objective.prepare(train_recs, objective_cfg)
     train = encode_all(train_recs, tokenizer, cfg, stats, objective, task)
     val = encode_all(val_recs, tokenizer, cfg, stats, objective, task)
+    unlabeled = encode_all(objective.unlabeled_records(cfg), tokenizer, cfg, stats, objective, task)
+    stats.unlabeled_examples = len(unlabeled)
+    train += unlabeled
     if not train:
         raise DataError(
             f"no training examples left: {stats.dropped} dropped (too long for data.max_length="

@@ -106,6 +106,11 @@ class Objective(ABC):
         """Inspect the training records once (e.g. collect label names)."""
         return TaskInfo()
 
+    def unlabeled_records(self, data: DataConfig) -> list[dict]:
+        """Records beyond data.train that the objective adds to the training split (distillation's
+        transfer set); encoded by `encode` like the others."""
+        return []
+
     @abstractmethod
     def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
         """(row, truncated): one record as a training row; row None drops the record."""

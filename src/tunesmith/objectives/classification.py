@@ -122,6 +122,10 @@ def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy summed over the items; items labelled IGNORE (a distillation transfer set's) add nothing."""
+    keep = labels != IGNORE
+    if not bool(keep.all()):
+        logits, labels = logits[keep], labels[keep]
     per_item = F.cross_entropy(logits.float(), labels, reduction="none")
     if weights is not None:
         per_item = per_item * weights[labels]

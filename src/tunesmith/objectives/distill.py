@@ -22,6 +22,11 @@ teacher over the real (non-padding) tokens, for the encoder tasks (masked_lm, cl
 it needs the same hidden size (`model.init_from_teacher_every` gives that). Its batch mean is
 counted once per task item, so it keeps its weight next to the per-item terms.
 
+`unlabeled` (classification) adds texts without labels to the training rows — Hinton et al.'s
+transfer set: on them the teacher's distribution is the only target (their task term is 0, and
+task_loss is logged over the labelled rows), so a student can learn from far more in-domain
+text than was ever labelled. Every row still counts as one item, labelled or not.
+
 The teacher (`objective.teacher`, anything tunesmith loads) is loaded once by `api.train`
 (teacher.py), frozen, in the run's compute dtype, checked against the student's tokenizer and
 labels before training, and lent to every loss call through `StepContext.teacher`; its
@@ -50,7 +55,7 @@ from torch import nn
 
 from ..config import DataConfig, ObjectiveConfig
 from ..data.templates import IGNORE
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..objective_config import SECTIONS, DistillSection, ObjectiveSection, objective_config
 from ..scoring import labelled_logits
 from .base import LossOutput, Objective, StepContext, TaskInfo
@@ -92,6 +97,7 @@ class _Scored:
 
 
 _default = TASKS[DEFAULT_TASK]
+UNLABELED = "_unlabeled"  # marks a transfer-set record (objective.unlabeled)
 
 
 class Distill(Objective):
@@ -121,8 +127,25 @@ class Distill(Objective):
     def prepare(self, records: list[dict], cfg: ObjectiveConfig) -> TaskInfo:
         return self.task.prepare(records, self.task.cfg)
 
+    def unlabeled_records(self, data: DataConfig) -> list[dict]:
+        if not self.cfg.unlabeled:
+            return []
+        from ..data.pipeline import load_records
+
+        try:
+            records, _, _, _ = load_records(data.model_copy(update={"format": "text"}), self.cfg.unlabeled)
+        except DataError as e:
+            raise DataError(f"objective.unlabeled: {e}") from None
+        return [{"text": r["text"], UNLABELED: True} for r in records]
+
     def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
-        return self.task.encode(tokenizer, record, data, task)
+        if not record.get(UNLABELED):
+            return self.task.encode(tokenizer, record, data, task)
+        # Encoded as the task encodes a labelled text; the IGNORE label leaves the teacher as its only target.
+        row, truncated = self.task.encode(tokenizer, {**record, "label": task.labels[0]}, data, task)
+        if row is not None:
+            row["label"] = IGNORE
+        return row, truncated
 
     def collator(self, tokenizer, cfg: ObjectiveConfig, task: TaskInfo, *, train: bool) -> Callable:
         return self.task.collator(tokenizer, self.task.cfg, task, train=train)
@@ -195,7 +218,8 @@ class Distill(Objective):
         task_sum = self._task_sum(student, batch)
         kd_sum = distill_loss(student.logits, teacher.logits, temperature=cfg.temperature, kind=cfg.loss,
                               beta=cfg.beta, scale_by_t2=True).sum()
-        logs = {"kd_loss": (float(kd_sum.detach()), n), "task_loss": (float(task_sum.detach()), n)}
+        labelled = int((student.targets != IGNORE).sum())  # fewer than n when transfer-set rows are in the batch
+        logs = {"kd_loss": (float(kd_sum.detach()), n), "task_loss": (float(task_sum.detach()), labelled)}
         total = (1 - cfg.kd_ratio) * task_sum + cfg.kd_ratio * kd_sum
         if student.hidden is not None:
             real = batch.get("attention_mask")
