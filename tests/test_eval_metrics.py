@@ -92,6 +92,12 @@ def test_normalization_options_are_selectable():
     assert normalize(" An Apple ", []) == "An Apple"
 
 
+def test_boxed_extraction_takes_the_last_box_with_nested_braces():
+    assert extract_answer(r"first \boxed{3}, finally \boxed{\frac{1}{2}}.", "boxed") == r"\frac{1}{2}"
+    assert extract_answer(r"stopped inside \boxed{\frac{1", "boxed") == ""
+    assert extract_answer("no box, 42", "boxed") == ""
+
+
 def test_regex_and_first_line_extraction():
     assert extract_answer("Label: positive\nbecause", "regex", r"Label:\s*(\w+)") == "positive"
     assert extract_answer("\n positive \n more", "first_line") == "positive"

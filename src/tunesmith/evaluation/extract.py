@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation, localcontext
 
 from ..errors import ConfigError
 
-EXTRACTORS = ("none", "gsm8k", "hashes", "last_number", "first_line", "regex")
+EXTRACTORS = ("none", "gsm8k", "hashes", "last_number", "boxed", "first_line", "regex")
 NORMALIZERS = ("lowercase", "punctuation", "articles", "whitespace", "numbers")
 DEFAULT_NORMALIZE = ("lowercase", "punctuation", "articles", "whitespace", "numbers")
 
@@ -54,11 +54,25 @@ def after_hashes(text: str) -> str | None:
     return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (braces inside it balanced, as in \\boxed{\\frac{1}{2}}), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, at = 1, start + len("\\boxed{")
+    for i in range(at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[at:i].strip()
+    return None  # unclosed: the model stopped inside it
+
+
 def extract_answer(text: str, mode: str = "none", pattern: str | None = None) -> str:
     """The part of `text` that is the answer.
 
     gsm8k: the text after '####' when present, else the last number (models that were not
     taught the marker still usually end with the result). hashes: after '####' or nothing.
+    boxed: the content of the last \\boxed{} (math solutions), or nothing.
     regex: the first capture group (or whole match) of `pattern`'s last match.
     """
     if mode == "none":
@@ -74,6 +88,8 @@ def extract_answer(text: str, mode: str = "none", pattern: str | None = None) ->
         return after_hashes(text) or ""
     if mode == "last_number":
         return last_number(text)
+    if mode == "boxed":
+        return last_boxed(text) or ""
     if mode == "first_line":
         stripped = text.strip()
         return stripped.split("\n", 1)[0].strip() if stripped else ""
