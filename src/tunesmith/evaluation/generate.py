@@ -36,7 +36,6 @@ def render_prompt(tokenizer, conversation: list[dict], chat_template: bool) -> s
     return "\n\n".join(m["content"] for m in conversation)
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -54,42 +53,23 @@ def generate(
     """Answers to each conversation, decoded without special tokens.
 
     chat_template None: use it for decoder-only models, plain text for encoder-decoders.
-    The train/eval mode of the model is restored afterwards.
+    The train/eval mode of the model is restored afterwards (generation.generate_ids).
     """
+    from ..generation import generate_ids
+
     seq2seq = is_encoder_decoder(model)
     use_template = (not seq2seq) if chat_template is None else chat_template
     if use_template:
         from ..data.templates import ensure_chat_template
 
         ensure_chat_template(tokenizer)
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    # Decoder-only generation continues from the right edge, so prompts are padded on the left.
-    tokenizer.padding_side = "right" if seq2seq else "left"
-    outputs: list[str] = []
+    texts = [render_prompt(tokenizer, c, use_template) for c in conversations]
+    prompts = tokenizer(texts, add_special_tokens=seq2seq or not use_template)["input_ids"]
     if seed is not None and do_sample:
         torch.manual_seed(seed)
-    try:
-        for i in range(0, len(conversations), batch_size):
-            texts = [render_prompt(tokenizer, c, use_template) for c in conversations[i : i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True,
-                            add_special_tokens=seq2seq or not use_template)
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            kwargs = {"do_sample": do_sample}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-                if top_k is not None:
-                    kwargs["top_k"] = top_k
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
-            )
-            new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return outputs
+    out = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
+    return [t.strip() for t in tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)]
 
 
 def normalize_answer(text: str) -> str:
