@@ -127,3 +127,17 @@ def test_every_builtin_is_described_with_its_arguments():
     overlong = {a["name"]: a for a in described["overlong"]["args"]}
     assert overlong["max_length"]["default"] == "required"
     assert described["correctness"]["summary"].startswith("`reward` when the completion's extracted answer")
+
+
+def test_rewards_command_lists_every_builtin_and_its_arguments():
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    out = CliRunner().invoke(app, ["rewards"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0
+    for fn in describe_builtins():
+        assert f"{fn['name']}:" in out.output
+        for arg in fn["args"]:
+            assert arg["name"] in out.output
+    assert "my_module:my_function" in out.output

@@ -88,3 +88,36 @@ def test_labelled_nll_of_a_model_matches_full_logits(tiny_model_dir):
     torch.testing.assert_close(nll.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
     # Tied embeddings: the head's gradient and the input embedding's meet in one tensor.
     torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_temperature_and_entropy_match_on_the_fused_and_plain_paths(tiny_model_dir, monkeypatch):
+    """Online RL scores tokens under softmax(logits / T): both paths give the same log-probs, gradients and
+    entropies, and they equal a direct computation from the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.scoring import labelled_nll_and_entropy
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    labels[1, 7:] = IGNORE
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logits = model(**inputs).logits[:, :-1].float() / 0.7
+    mask = labels[:, 1:] != IGNORE
+    logp = torch.log_softmax(logits, -1)
+    expected_nll = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)[mask]
+    expected_entropy = -(logp.exp() * logp).sum(-1)[mask]
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        if not fused:  # the plain logits path, as for heads the fused function cannot take
+            monkeypatch.setattr(scoring, "head_and_backbone", lambda m: None)
+        nll, entropy = labelled_nll_and_entropy(model, inputs, labels, temperature=0.7, entropy=True)
+        torch.testing.assert_close(nll.detach(), expected_nll.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=1e-5, atol=1e-5)
+        assert not entropy.requires_grad
+        nll.sum().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

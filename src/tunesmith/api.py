@@ -265,6 +265,8 @@ def _proxy_batch(cfg: RunConfig, objective, tokenizer, data) -> dict | None:
     """
     from .precision import PROXY_MAX_TOKENS
 
+    if objective.online:
+        return None  # prompts alone: a step needs completions first; random tokens are timed instead
     rows = [r for r in data.train if 0 < _row_tokens(r) <= PROXY_MAX_TOKENS]
     if not rows:
         return None  # rows longer than the proxy times: random tokens of the proxy's length instead
@@ -306,7 +308,7 @@ def _proxy_step(cfg: RunConfig, method, objective, tokenizer, source: str, model
     optimizer = build_optimizer(model, cfg.training)
     # A collated training row gets the objective's own loss; random tokens get it when that is a
     # next-token loss (pairs and unpaired answers cannot be made up: a plain forward is timed).
-    own_loss = batch is not None or (causal and objective.reports_perplexity)
+    own_loss = (batch is not None or (causal and objective.reports_perplexity)) and not objective.online
     if batch is None:  # no training row to borrow: random tokens of the run's length
         n = min(cfg.data.max_length, PROXY_MAX_TOKENS)
         ids = torch.randint(0, min(len(tokenizer), config.vocab_size), (1, n))

@@ -123,6 +123,25 @@ def methods() -> None:
 
 
 @app.command()
+def rewards() -> None:
+    """The built-in reward functions of online RL (objective.rewards) and their arguments."""
+    from rich.table import Table
+
+    from .reward_functions import describe_builtins
+
+    for fn in describe_builtins():
+        table = Table(title=f"{fn['name']}: {fn['summary']}", title_justify="left", show_lines=False)
+        for column in ("argument", "type", "default", "meaning"):
+            table.add_column(column)
+        for arg in fn["args"]:
+            table.add_row(arg["name"], arg["type"], arg["default"], arg["description"])
+        console.print(table)
+    console.print("Your own: {function: 'my_module:my_function', weight: 1.0}, called as TRL calls reward "
+                  "functions: fn(prompts=..., completions=..., completion_ids=..., **columns) -> list of floats "
+                  "or None.", highlight=False)
+
+
+@app.command()
 def env() -> None:
     """Versions, device and dtype support."""
     from rich.table import Table

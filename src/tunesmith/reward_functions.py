@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -289,6 +289,19 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _type_name(annotation: Any) -> str:
+    """'gsm8k | last_number | ...' for a Literal, 'str or none' for an Optional, else the type's name."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{' or '.join(_type_name(a) for a in rest)} or none"
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def describe_builtins() -> list[dict]:
     """Each built-in with its summary and arguments (name, type, default, description): `tunesmith rewards`."""
     out = []
@@ -296,7 +309,7 @@ def describe_builtins() -> list[dict]:
         args = []
         for field_name, info in cls.Args.model_fields.items():
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            annotation = _type_name(info.annotation)
             args.append({"name": field_name, "type": annotation, "default": default,
                          "description": info.description or ""})
         out.append({"name": name, "summary": inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0], "args": args})

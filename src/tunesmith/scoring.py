@@ -68,22 +68,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                entropy: bool = False):
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if hidden.requires_grad else None
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # The distribution's entropy per row, while each chunk's log-probabilities exist (for logs; no gradient).
+        ent = torch.empty_like(nll) if entropy else nll.new_zeros(0)
         for rows in _chunks(hidden.shape[0], w.shape[0]):
             logp = torch.log_softmax(hidden[rows].to(dtype) @ w.T, dim=-1, dtype=torch.float32)
             nll[rows] = -logp.gather(1, targets[rows, None]).squeeze(1)
+            if entropy:
+                ent[rows] = -(logp.exp() * logp).sum(-1)
             if grad_hidden is not None:
                 grad_hidden[rows] = (_softmax_minus_onehot(logp, targets[rows]).to(dtype) @ w).float()
         ctx.dtype, ctx.hidden_dtype = dtype, hidden.dtype
         ctx.save_for_backward(grad_hidden, hidden if weight.requires_grad else None,
                               weight if weight.requires_grad else None, targets)
-        return nll
+        ctx.mark_non_differentiable(ent)
+        return nll, ent
 
     @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor):
+    def backward(ctx, grad_nll: torch.Tensor, _grad_entropy: torch.Tensor | None = None):
         grad_hidden, hidden, weight, targets = ctx.saved_tensors
         scale = grad_nll.float()[:, None]
         d_hidden = None
@@ -98,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = _softmax_minus_onehot(torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32), targets[rows])
                 d_weight += ((grad * scale[rows]).to(ctx.dtype).T @ h).float()
             d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, None, None
+        return d_hidden, d_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,9 +113,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Matches `F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")` with the
     matmul in autocast's dtype when autocast is on (tests/test_scoring.py holds the two equal).
     """
+    return linear_cross_entropy_and_entropy(hidden, weight, targets)[0]
+
+
+def linear_cross_entropy_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_cross_entropy` and, with `entropy`, each row's distribution entropy (no gradient; else empty)."""
     dtype = matmul_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, entropy)
 
 
 def _plain_head(head: nn.Module) -> bool:
@@ -147,15 +159,32 @@ def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torc
 
     labels[:, t] is predicted from position t - 1; IGNORE labels are not scored.
     """
+    return labelled_nll_and_entropy(model, inputs, labels)[0]
+
+
+def labelled_nll_and_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+                             temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`labelled_nll` of the distribution softmax(logits / temperature) (how online RL scores what it sampled
+    at that temperature) and, with `entropy`, that distribution's entropy per labelled token (no gradient;
+    else an empty tensor)."""
     parts = head_and_backbone(model)
     if parts is not None and _plain_head(parts[1]):
         hidden, targets = _labelled_hidden(parts[0], inputs, labels)
-        return linear_cross_entropy(hidden, parts[1].weight, targets)
+        if temperature != 1.0:
+            hidden = hidden / temperature  # (h / T) W^T = logits / T, without a scaled copy of the head
+        return linear_cross_entropy_and_entropy(hidden, parts[1].weight, targets, entropy)
     logits, picked = labelled_logits(model, inputs, labels)
     if not len(picked):
-        return logits.new_zeros(0, dtype=torch.float32)
-    return torch.cat([F.cross_entropy(logits[rows].float(), picked[rows], reduction="none")
-                      for rows in _chunks(len(picked), logits.shape[-1])])
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    nll, ent = [], []
+    for rows in _chunks(len(picked), logits.shape[-1]):
+        logp = torch.log_softmax(logits[rows].float() / temperature, dim=-1)
+        nll.append(-logp.gather(1, picked[rows, None]).squeeze(1))
+        if entropy:
+            with torch.no_grad():
+                ent.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(nll), (torch.cat(ent) if entropy else logits.new_zeros(0, dtype=torch.float32))
 
 
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor

@@ -8,6 +8,7 @@ Every format maps a raw row to one canonical record:
   {"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...][, "margin": float]}
                                                               (paired preference: DPO, reward model)
   {"prompt": [msg, ...], "completion": [msg, ...], "label": bool}   (unpaired preference: KTO)
+  {"prompt": [msg, ...], "raw_prompt": str | [msg, ...], "columns": {...}}  (prompts alone: online RL)
 In preference records `prompt` holds the turns before the answer (system/user/..., never empty)
 and `chosen`/`rejected`/`completion` the assistant continuation (starting with an assistant turn).
 A format is one small class and one registry line.
@@ -418,16 +419,34 @@ class UnpairedPreference(Format):
         return {"prompt": prompt, "completion": completion, "label": _bool_label(row, col("label"))}
 
 
+class Prompt(Format):
+    """Prompts alone (online RL): the model writes the completions. Every other column is kept as
+    `columns` for reward functions (e.g. `answer`); `raw_prompt` is the prompt as the data gave it
+    (a string, or messages), which is what reward functions receive, as in TRL."""
+
+    name = "prompt"
+    fields = ("prompt",)
+    required = ("prompt",)
+
+    def normalize(self, row, col):
+        pf = col("prompt")
+        messages = _prompt_messages(row, pf, required=True)
+        if messages[-1]["role"] == "assistant":
+            raise RowError(pf, "a prompt that ends with a user (or system) turn: the model writes the answer",
+                           messages[-1])
+        return {"prompt": messages, "raw_prompt": row[pf], "columns": {k: v for k, v in row.items() if k != pf}}
+
+
 # Detection order matters: the most specific shapes first. The preference formats lead: chosen +
 # rejected columns mean paired preference even when a dataset also carries `messages` (as
 # HuggingFaceH4/ultrafeedback_binarized does), and prompt + completion + label is KTO's unpaired
 # preference, which prompt_completion (prompt + completion) would otherwise claim. Labelled text
-# comes before plain text.
+# comes before plain text; a prompt column alone (online RL) comes last.
 FORMATS: dict[str, Format] = {
     # prompt + completion (+ label) reads as prompt_completion unless the objective learns from
     # unpaired preferences (detect_format's `prefer`): the label alone does not say which.
     f.name: f for f in (Preference(), Chat(), ShareGPT(), Alpaca(), PromptCompletion(), UnpairedPreference(),
-                        TextLabel(), Tokens(), Text())
+                        TextLabel(), Tokens(), Text(), Prompt())
 }
 
 

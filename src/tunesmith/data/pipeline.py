@@ -64,8 +64,10 @@ def load_records(cfg: DataConfig, sources: str | list[str] | None = None,
     skipped += bad
     if cfg.system_prompt:
         for r in records:
-            if "messages" in r and r["messages"][0]["role"] != "system":
-                r["messages"].insert(0, {"role": "system", "content": cfg.system_prompt})
+            # Conversations, and the prompt turns of preference and prompt-only records.
+            turns = r.get("messages") if "messages" in r else r.get("prompt")
+            if isinstance(turns, list) and turns and turns[0]["role"] != "system":
+                turns.insert(0, {"role": "system", "content": cfg.system_prompt})
     if not records:
         raise DataError(f"no usable rows left in {', '.join(sources)} after skipping {skipped} invalid rows")
     return records, fmt, len(rows), skipped

@@ -8,6 +8,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import TrainingError
+from ..generation import generate_ids
 from ..objectives import Objective, StepContext
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -72,6 +74,15 @@ def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_
         scores = objective.metrics(torch.cat(predictions), torch.cat(references), _label_names(model))
         metrics.update({f"eval_{k}": v for k, v in scores.items()})
     return metrics
+
+
+def evaluate(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator,
+             ctx: StepContext) -> dict:
+    """The objective's own evaluation when it has one (online RL: generate and score), else the loss-based one."""
+    own = objective.evaluate(dataclasses.replace(ctx, policy=model), rows, batch_size)
+    if own is not None:
+        return own
+    return evaluate_loss(model, objective, rows, collate, batch_size, accelerator, ctx)
 
 
 def add_logs(into: dict[str, list[float]], logs: dict[str, tuple[float, float]]) -> None:
@@ -200,7 +211,8 @@ def fit(
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher)
+    generate = partial(generate_ids, model, tokenizer) if tokenizer is not None else None
+    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher, generate=generate)
     reference = None  # the context holds it; released with it once an objective no longer needs it
 
     ckpt_dir = run_dir / "checkpoints"
@@ -327,7 +339,7 @@ def fit(
                 stop = False
                 saved_now = False
                 if ev.every and val_rows and step % ev.every == 0 and step != total_steps:
-                    metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
+                    metrics = evaluate(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
                     if extra_eval is not None:
                         metrics.update(extra_eval(accelerator.unwrap_model(model)))
                     metrics["step"] = step
@@ -376,7 +388,7 @@ def fit(
             ckpt.restore_weights(best, unwrapped)
             echo(f"restored the best weights (step {result.best_step})")
     if ev.at_end and val_rows:
-        metrics = evaluate_loss(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
+        metrics = evaluate(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
         metrics["step"] = result.step
         if accelerator.is_main_process:
             MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})

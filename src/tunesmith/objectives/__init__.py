@@ -7,6 +7,7 @@ from .base import LossOutput, Objective, StepContext, TaskInfo
 from .causal_lm import SFT, CausalLM
 from .classification import SequenceClassification, TokenClassification
 from .distill import Distill
+from .grpo import GRPO
 from .masked_lm import MaskedLM
 from .kto import KTO
 from .preference import DPO
@@ -16,7 +17,7 @@ from .seq2seq import Seq2Seq
 
 OBJECTIVES: dict[str, type[Objective]] = {
     o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO, RewardModel,
-                        KTO, ORPO, SimPO, Distill)
+                        KTO, ORPO, SimPO, Distill, GRPO)
 }
 
 

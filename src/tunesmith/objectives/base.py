@@ -83,6 +83,9 @@ class Objective(ABC):
     # Whether the step context must carry a frozen reference policy / a teacher.
     needs_reference: bool = False
     needs_teacher: bool = False
+    # Whether training rows are prompts whose completions the objective writes itself in `window`
+    # (online RL): no collated training row can stand in for a step.
+    online: bool = False
 
     def __init__(self, cfg: ObjectiveSection | None = None):
         self.cfg = cfg if cfg is not None else objective_config(type=self.name)
@@ -105,6 +108,10 @@ class Objective(ABC):
     def prepare(self, records: list[dict], cfg: ObjectiveConfig) -> TaskInfo:
         """Inspect the training records once (e.g. collect label names)."""
         return TaskInfo()
+
+    def evaluate(self, ctx: StepContext, rows: list[dict], batch_size: int) -> dict[str, float] | None:
+        """The objective's own evaluation ("eval_..." metrics), or None for the engine's loss-based one."""
+        return None
 
     def unlabeled_records(self, data: DataConfig) -> list[dict]:
         """Records beyond data.train that the objective adds to the training split (distillation's

@@ -1,0 +1,210 @@
+"""GRPO: sample a group of completions per prompt, score them with reward functions, and push the
+policy towards the completions that beat their group (TRL 1.16's GRPOTrainer definitions).
+
+One optimizer step (`window`): the step's prompts (batch_size per micro-batch × grad_accum)
+are each completed `num_generations` times by the generation helper (sampling at
+`temperature`, `top_p`, `top_k`, up to `max_completion_length` new tokens; the model in eval
+mode, restored after). Every reward function scores every completion before any loss
+(reward_functions.py); their weighted sum r gives advantages normalised within each prompt's
+group (`scale_rewards`, policy_gradient.group_advantages). Each micro-batch's completions then
+get the clipped surrogate per token, scored under the same temperature, with β·k3 KL to the
+reference when `beta` > 0, and reduced by `loss_type`'s normaliser (policy_gradient.py's table).
+One optimizer step per rollout (TRL's num_iterations = 1): the old policy is the policy, so the
+ratio is 1 in value and the clipping never acts; its logs say so (clip ratios 0).
+
+Logs (TRL's names): reward, reward_std, rewards/<fn>/mean, frac_reward_zero_std,
+completions/mean_length, completions/clipped_ratio (no end token), clip_ratio/low_mean,
+clip_ratio/high_mean, clip_ratio/region_mean, entropy, kl (β > 0).
+
+Evaluation (`evaluate`): one greedy completion per held-out prompt; eval_reward (the weighted sum),
+eval_rewards/<fn>/mean, eval_completions/mean_length, and eval_exact_match when a `correctness`
+reward is configured (the share of completions it finds correct).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import DataConfig, ObjectiveConfig
+from ..data.preference import _ids, _pad, answer_labels
+from ..data.templates import IGNORE
+from ..objective_config import GRPOSection, objective_config
+from ..reward_functions import RewardSpec, call_rewards, load_reward
+from ..scoring import labelled_nll_and_entropy
+from .base import LossOutput, Objective, StepContext, TaskInfo
+from .policy_gradient import clipped_policy_loss, group_advantages, grpo_loss_sum, nanstd
+
+
+def _load_rewards(specs: list[RewardSpec]) -> list[tuple[RewardSpec, Callable]]:
+    # A console script's sys.path starts at its own folder, not the user's: user reward modules
+    # (my_rewards:score) are looked up in the current directory too.
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    return [(spec, load_reward(spec)) for spec in specs]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class GRPO(Objective):
+    name = "grpo"
+    formats = ("prompt",)
+    generative = True
+    online = True
+
+    def __init__(self, cfg: GRPOSection | None = None):
+        super().__init__(cfg if cfg is not None else objective_config(type=self.name))
+        self.needs_reference = self.cfg.beta > 0
+        self.functions = _load_rewards(self.cfg.rewards)
+        self._pending: dict[str, tuple[float, float]] = {}
+
+    # ---------------------------------------------------------------- prompts
+
+    def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
+        ids = _ids(tokenizer, record["prompt"], generation_prompt=True)
+        if len(ids) + self.cfg.max_completion_length > data.max_length:
+            return None, False  # no room for a whole completion: dropped, and counted
+        return {"prompt_ids": ids, "raw_prompt": record["raw_prompt"], "columns": record["columns"]}, False
+
+    def collator(self, tokenizer, cfg: ObjectiveConfig, task: TaskInfo, *, train: bool) -> Callable:
+        pad = _pad_id(tokenizer)
+
+        def prompts(rows: list[dict]) -> dict[str, torch.Tensor]:
+            width = max(len(r["prompt_ids"]) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows])
+            mask = torch.tensor([[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows])
+            return {"input_ids": ids, "attention_mask": mask}
+
+        return prompts
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.cfg.loss_type == "dapo":
+            return int(batch["completion_mask"].sum())
+        return int(batch["completion_mask"].shape[0])
+
+    # ---------------------------------------------------------------- rollouts
+
+    def _complete(self, ctx: StepContext, prompts: list[dict], *, sample: bool, copies: int):
+        cfg = self.cfg
+        ids = [r["prompt_ids"] for r in prompts for _ in range(copies)]
+        if ctx.generate is None:
+            raise RuntimeError("objective 'grpo' generates completions: the step context must carry a generation "
+                               "helper (engine.fit sets one when it is given the tokenizer)")
+        out = ctx.generate(ids, max_new_tokens=cfg.max_completion_length, do_sample=sample,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           batch_size=cfg.generation_batch_size or len(ids))
+        texts = ctx.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        rows = [r for r in prompts for _ in range(copies)]
+        raw = [r["raw_prompt"] for r in rows]
+        # Chat prompts get chat completions, string prompts strings: what TRL hands reward functions.
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for t, p in zip(texts, raw)]
+        keys = sorted({k for r in rows for k in r["columns"]})
+        columns = {k: [r["columns"].get(k) for r in rows] for k in keys}
+        scores = call_rewards(self.functions, raw, completions, out.completion_ids, columns)
+        per_fn = torch.tensor([[math.nan if v is None else v for v in fn] for fn in scores],
+                              dtype=torch.float64).T  # (completions, functions)
+        weights = torch.tensor([spec.weight for spec, _ in self.functions], dtype=torch.float64)
+        rewards = (per_fn * weights).nansum(dim=1)
+        rewards[torch.isnan(per_fn).all(dim=1)] = math.nan
+        return out, per_fn, rewards
+
+    def window(self, ctx: StepContext, rows: list[list[dict]], collate: Callable) -> list[dict]:
+        cfg = self.cfg
+        g = cfg.num_generations
+        prompts = [r for micro in rows for r in micro]
+        out, per_fn, rewards = self._complete(ctx, prompts, sample=True, copies=g)
+        adv = group_advantages(rewards, g, cfg.scale_rewards)
+        lengths = [len(c) for c in out.completion_ids]
+        logs = {"reward": (float(torch.nansum(rewards)), int((~torch.isnan(rewards)).sum())),
+                "reward_std": (float(nanstd(rewards)) if rewards.numel() > 1 else 0.0, 1),
+                "frac_reward_zero_std": (float(adv.std_is_zero.sum()), len(lengths)),
+                "completions/mean_length": (float(sum(lengths)), len(lengths)),
+                "completions/clipped_ratio": (float(sum(out.truncated)), len(lengths))}
+        for j, (spec, _) in enumerate(self.functions):
+            scored = ~torch.isnan(per_fn[:, j])
+            logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
+        self._pending = logs
+        pad = _pad_id(ctx.tokenizer)
+        batches, at = [], 0
+        for micro in rows:
+            n = len(micro) * g
+            part = slice(at, at + n)
+            sequences = [p + c for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
+            masks = [[0] * len(p) + [1] * len(c) for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
+            if cfg.mask_truncated_completions:
+                masks = [[0] * len(m) if cut else m for m, cut in zip(masks, out.truncated[part])]
+            batch = _pad(sequences, masks, pad)
+            batch["advantages"] = adv.advantages[part]
+            if self.needs_reference:
+                batch["ref_logps"] = self._reference_logps(ctx, batch)
+            batches.append(batch)
+            at += n
+        return batches
+
+    def _token_logps(self, model, batch: dict[str, torch.Tensor], entropy: bool = False):
+        """(per-token log-probs (B, L-1) under the sampling temperature, entropies of the counted tokens, mask)."""
+        labels = answer_labels(batch["input_ids"], batch["completion_mask"])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        nll, ent = labelled_nll_and_entropy(model, inputs, labels, temperature=self.cfg.temperature,
+                                            entropy=entropy)
+        mask = labels[:, 1:] != IGNORE
+        logps = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, -nll)
+        return logps, ent, mask
+
+    @torch.no_grad()
+    def _reference_logps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = next(ctx.policy.parameters()).device
+        on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with ctx.reference() as reference:
+            logps, _, _ = self._token_logps(reference, on_device)
+        return logps.cpu()
+
+    # ---------------------------------------------------------------- loss
+
+    def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
+        cfg = self.cfg
+        logps, entropy, mask = self._token_logps(ctx.policy, batch, entropy=True)
+        out = clipped_policy_loss(logps, logps.detach(), batch["advantages"], epsilon_low=cfg.epsilon,
+                                  epsilon_high=cfg.epsilon_high, ref_logps=batch.get("ref_logps"), beta=cfg.beta,
+                                  delta=cfg.delta)
+        total, n = grpo_loss_sum(out.per_token, mask, cfg.loss_type, cfg.max_completion_length)
+        tokens = int(mask.sum())
+        logs: dict[str, tuple[float, float]] = {"entropy": (float(entropy.sum()), len(entropy))}
+        for name, flags in (("low_mean", out.low_clipped), ("high_mean", out.high_clipped),
+                            ("region_mean", out.low_clipped | out.high_clipped)):
+            logs[f"clip_ratio/{name}"] = (float((flags & mask).sum()), tokens)
+        if out.kl is not None:
+            logs["kl"] = (float((out.kl.detach() * mask).sum()), tokens)
+        if ctx.policy.training and self._pending:
+            logs.update(self._pending)  # the rollout's numbers, once per step
+            self._pending = {}
+        return LossOutput(total, n, logs=logs)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, ctx: StepContext, rows: list[dict], batch_size: int) -> dict[str, float] | None:
+        if not rows:
+            return {}
+        cfg = self.cfg
+        out, per_fn, rewards = self._complete(ctx, rows, sample=False, copies=1)
+        scored = ~torch.isnan(rewards)
+        metrics: dict[str, Any] = {
+            "eval_reward": float(rewards[scored].mean()) if scored.any() else math.nan,
+            "eval_completions/mean_length": sum(len(c) for c in out.completion_ids) / len(rows),
+            "eval_completions/clipped_ratio": sum(out.truncated) / len(rows),
+        }
+        for j, (spec, _) in enumerate(self.functions):
+            column = per_fn[:, j]
+            ok = ~torch.isnan(column)
+            metrics[f"eval_rewards/{spec.log_name}/mean"] = float(column[ok].mean()) if ok.any() else math.nan
+            if spec.function == "correctness" and "eval_exact_match" not in metrics:
+                full = float(spec.args.get("reward", 1.0))
+                metrics["eval_exact_match"] = float((column[ok] == full).float().mean()) if ok.any() else math.nan
+        return metrics

@@ -1,0 +1,126 @@
+"""GRPO in the one loop: a tiny policy learns a dense reward, TRL's log names, the reference KL, evaluation by
+generation, resume, and refusals before any loss."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import metric_records, write_jsonl
+from tunesmith.errors import ConfigError
+
+import tunesmith
+
+EVEN = "rl_rewards:even"  # tests/rl_rewards.py: the share of even token ids, dense enough for a tiny policy
+REWARDS = '''
+def explode(prompts, completions, completion_ids, answer, **kwargs):
+    return [1 / 0 if a == "8" else 0.0 for a in answer]
+'''
+
+
+@pytest.fixture
+def rewards_module(tmp_path, monkeypatch):
+    (tmp_path / "grpo_test_rewards.py").write_text(textwrap.dedent(REWARDS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "grpo_test_rewards"
+    sys.modules.pop("grpo_test_rewards", None)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    rows = [{"prompt": f"what is {i} plus {i}?", "answer": str(2 * i)} for i in range(12)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def grpo(run_config, prompts, tmp_path, objective: dict, **sections) -> dict:
+    sections.setdefault("method", {"type": "full"})
+    data = {"train": str(prompts), "max_length": 48, "split": {"validation_ratio": 0.25}, **sections.pop("data", {})}
+    cfg = run_config(data=data,
+                     objective={"type": "grpo", "num_generations": 4, "max_completion_length": 8, **objective},
+                     **sections)
+    cfg["training"].update({"max_steps": 12, "batch_size": 4, "learning_rate": 3e-2, "scheduler": "constant"})
+    cfg["training"].update(sections.get("training", {}))
+    cfg["output"] = {"dir": str(tmp_path / "run"), "overwrite": True}
+    return cfg
+
+
+def steps(run_dir) -> list[dict]:
+    return [r for r in metric_records(run_dir) if "lr" in r]
+
+
+def test_a_tiny_policy_learns_a_dense_reward(run_config, prompts, tmp_path):
+    cfg = grpo(run_config, prompts, tmp_path,
+               {"rewards": [{"function": EVEN}, {"function": "correctness", "weight": 0.0}]})
+    result = tunesmith.train(cfg, echo=lambda m: None)
+    log = steps(result.run_dir)
+    first = sum(r["reward"] for r in log[:3]) / 3
+    last = sum(r["reward"] for r in log[-3:]) / 3
+    assert first < 0.75 and last > first + 0.2, [r["reward"] for r in log]
+    assert log[-1]["entropy"] < log[0]["entropy"]
+    assert {"reward", "reward_std", "rewards/even/mean", "rewards/correctness/mean", "frac_reward_zero_std",
+            "completions/mean_length", "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+            "clip_ratio/region_mean", "entropy"} <= set(log[0])
+    # One optimizer step per rollout: the ratio is 1, nothing is clipped.
+    assert all(r["clip_ratio/region_mean"] == 0 for r in log)
+    assert "kl" not in log[0]  # beta 0: no reference kept
+    assert {"eval_reward", "eval_rewards/even/mean", "eval_exact_match", "eval_completions/mean_length"} \
+        <= set(result.metrics)
+
+
+def test_beta_adds_the_kl_to_the_reference_which_starts_at_zero(run_config, prompts, tmp_path):
+    cfg = grpo(run_config, prompts, tmp_path, {"beta": 0.1, "rewards": [{"function": EVEN}]},
+               method={"type": "lora"}, training={"max_steps": 4, "learning_rate": 5e-2})
+    log = steps(tunesmith.train(cfg, echo=lambda m: None).run_dir)
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the LoRA-off policy is the reference at step 1
+    assert log[-1]["kl"] > 1e-4
+
+
+def test_resumed_grpo_run_samples_and_trains_as_the_uninterrupted_one(run_config, prompts, tmp_path):
+    cfg = grpo(run_config, prompts, tmp_path, {"rewards": [{"function": EVEN}]},
+               training={"max_steps": 6, "save_every": 3, "keep_last": 10, "log_every": 2})
+    a = tunesmith.train(cfg, echo=lambda m: None)
+    b_dir = tmp_path / "b"
+    shutil.copytree(a.run_dir, b_dir)
+    shutil.rmtree(b_dir / "model")
+    for ckpt in (b_dir / "checkpoints").iterdir():
+        if ckpt.name != "step-0000003":
+            shutil.rmtree(ckpt)
+    b = tunesmith.train({**cfg, "output": {"dir": str(b_dir)}}, resume=True, echo=lambda m: None)
+    wa, wb = load_file(a.run_dir / "model" / "model.safetensors"), load_file(b.run_dir / "model" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+    la, lb = steps(a.run_dir), steps(b.run_dir)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [2, 4, 6]
+    for ra, rb in zip(la, lb):
+        for key in ("loss", "reward", "completions/mean_length", "entropy"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+def test_a_failing_reward_function_is_named_with_its_prompt(run_config, prompts, rewards_module, tmp_path):
+    cfg = grpo(run_config, prompts, tmp_path, {"rewards": [{"function": f"{rewards_module}:explode"}]},
+               data={"shuffle": False, "split": {"validation_ratio": 0.0}}, training={"max_steps": 2})
+    with pytest.raises(ConfigError, match=r"reward function 'grpo_test_rewards:explode' failed on completion \d+ "
+                                          r"\(prompt 'what is 4 plus 4\?'\): ZeroDivisionError"):
+        tunesmith.train(cfg, echo=lambda m: None)
+
+
+def test_grpo_settings_refused_at_validation(run_config, prompts, tmp_path):
+    from tunesmith.config import load_config
+
+    def refused(objective: dict, match: str, **sections) -> None:
+        with pytest.raises(ConfigError, match=match):
+            load_config(grpo(run_config, prompts, tmp_path, objective, **sections))
+
+    refused({}, "objective.rewards: grpo needs at least one reward function")
+    refused({"rewards": [{"function": "correctnes"}]}, "neither a built-in reward function")
+    refused({"rewards": [{"function": "correctness", "args": {"extract": "boxd"}}]}, "reward function 'correctness'")
+    refused({"rewards": [{"function": "correctness"}], "max_completion_length": 64},
+            r"data.max_length \(48\) must exceed objective.max_completion_length \(64\)")
+    refused({"rewards": [{"function": "correctness"}]}, "eval.metric: grpo evaluates by reward",
+            eval={"every": 5})
+    refused({"rewards": [{"function": "correctness"}], "num_generations": 1}, "num_generations")
