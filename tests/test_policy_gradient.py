@@ -149,3 +149,18 @@ def test_ppo_rewards_put_the_score_on_the_last_token_and_kl_everywhere():
     close(rewards, [[-0.05, 0, 2.0], [0, 0.05 - 1.0, 0]])
     zero, _ = kl_penalised_rewards(torch.zeros(2), logps, logps, mask, kl_coef=0.1, estimator="k3")
     assert zero.abs().sum().item() == 0
+
+
+def test_kl_bias_correction_keeps_the_value_and_adds_kl_times_the_score_to_the_gradient():
+    ref = torch.tensor([[math.log(2)]])
+    grads = {}
+    for corrected in (False, True):
+        logps = torch.zeros(1, 1, requires_grad=True)
+        out = clipped_policy_loss(logps, logps.detach(), torch.tensor([0.0]), ref_logps=ref, beta=1.0,
+                                  kl_bias_correction=corrected)
+        assert out.per_token.item() == pytest.approx(1 - math.log(2))  # ρ = 1 in value
+        out.per_token.sum().backward()
+        grads[corrected] = logps.grad.item()
+    # d k3 / d θ = 1 − e^(ref − θ) = −1 at θ = 0; the correction adds k3 · d ρ / d θ = k3.
+    assert grads[False] == pytest.approx(-1.0)
+    assert grads[True] == pytest.approx(-1.0 + (1 - math.log(2)))

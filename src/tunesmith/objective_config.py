@@ -168,6 +168,8 @@ class GRPOSection(ObjectiveSection):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0: no top-k cut.")
     beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the reference (0: no reference kept).")
+    kl_bias_correction: bool = Field(
+        True, description="Multiply the KL by the importance ratio (unbiased reverse-KL gradient; TRL's default).")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the importance ratio: 1 - epsilon.")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip 1 + epsilon_high (default epsilon).")
     delta: float | None = Field(None, gt=1, description="Caps the ratio from above as well (two-sided clipping).")

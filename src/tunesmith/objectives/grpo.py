@@ -14,7 +14,14 @@ ratio is 1 in value and the clipping never acts; its logs say so (clip ratios 0)
 
 Logs (TRL's names): reward, reward_std, rewards/<fn>/mean, frac_reward_zero_std,
 completions/mean_length, completions/clipped_ratio (no end token), clip_ratio/low_mean,
-clip_ratio/high_mean, clip_ratio/region_mean, entropy, kl (β > 0).
+clip_ratio/high_mean, clip_ratio/region_mean, entropy, kl (β > 0). The token means (entropy, kl,
+clip ratios) are over every counted token of the log window; TRL averages per-micro-batch means
+instead, which agrees with one micro-batch per step.
+
+Micro-batches hold whole prompt groups in data order. TRL shuffles a rollout's completions before
+splitting them into micro-batches, so `bnpo` (normalised by each micro-batch's tokens) matches
+TRL exactly with one micro-batch per step and differs by the partition otherwise; `grpo`,
+`dr_grpo` and `dapo` do not depend on the partition.
 
 Evaluation (`evaluate`): one greedy completion per held-out prompt; eval_reward (the weighted sum),
 eval_rewards/<fn>/mean, eval_completions/mean_length, and eval_exact_match when a `correctness`
@@ -173,7 +180,7 @@ class GRPO(Objective):
         logps, entropy, mask = self._token_logps(ctx.policy, batch, entropy=True)
         out = clipped_policy_loss(logps, logps.detach(), batch["advantages"], epsilon_low=cfg.epsilon,
                                   epsilon_high=cfg.epsilon_high, ref_logps=batch.get("ref_logps"), beta=cfg.beta,
-                                  delta=cfg.delta)
+                                  delta=cfg.delta, kl_bias_correction=cfg.kl_bias_correction)
         total, n = grpo_loss_sum(out.per_token, mask, cfg.loss_type, cfg.max_completion_length)
         tokens = int(mask.sum())
         logs: dict[str, tuple[float, float]] = {"entropy": (float(entropy.sum()), len(entropy))}

@@ -97,13 +97,15 @@ class ClippedLoss:
 
 def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *, epsilon_low: float = 0.2,
                         epsilon_high: float | None = None, ref_logps: Tensor | None = None, beta: float = 0.0,
-                        delta: float | None = None) -> ClippedLoss:
+                        delta: float | None = None, kl_bias_correction: bool = False) -> ClippedLoss:
     """PPO's clipped surrogate per token, as GRPO uses it (token-level importance sampling).
 
     `advantages` is (B,) (one per completion, GRPO) or (B, T) (per token, PPO). With one
     optimizer step per rollout `old_logps` is `logps.detach()`, so ρ = 1 in value and only its
     gradient acts. `delta` caps ρ from above as well (two-sided clipping, TRL's `delta`). With
-    `beta` > 0 and `ref_logps`, adds β·k3 KL per token.
+    `beta` > 0 and `ref_logps`, adds β·k3 KL per token; `kl_bias_correction` multiplies that KL by ρ
+    (DeepSeek-V3.2's unbiased reverse-KL gradient, TRL's `use_bias_correction_kl`): ρ = 1 in value, but
+    its gradient adds KL·∇log π.
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     if advantages.dim() == 1:
@@ -115,6 +117,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
     kl = None
     if ref_logps is not None and beta != 0.0:
         kl = k3_kl(logps, ref_logps)
+        if kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     return ClippedLoss(per_token, ratio, (ratio < 1 - epsilon_low) & (advantages < 0),
                        (ratio > 1 + epsilon_high) & (advantages > 0), kl)
