@@ -80,8 +80,10 @@ def test_beta_adds_the_kl_to_the_reference_which_starts_at_zero(run_config, prom
     assert log[-1]["kl"] > 1e-4
 
 
-def test_resumed_grpo_run_samples_and_trains_as_the_uninterrupted_one(run_config, prompts, tmp_path):
-    cfg = grpo(run_config, prompts, tmp_path, {"rewards": [{"function": EVEN}]},
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_resumed_grpo_run_samples_and_trains_as_the_uninterrupted_one(run_config, prompts, tmp_path, iterations):
+    # With two steps per rollout the step-3 checkpoint falls inside a rollout: step 4 reuses its saved batches.
+    cfg = grpo(run_config, prompts, tmp_path, {"rewards": [{"function": EVEN}], "num_iterations": iterations},
                training={"max_steps": 6, "save_every": 3, "keep_last": 10, "log_every": 2})
     a = tunesmith.train(cfg, echo=lambda m: None)
     b_dir = tmp_path / "b"
@@ -96,8 +98,10 @@ def test_resumed_grpo_run_samples_and_trains_as_the_uninterrupted_one(run_config
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
     la, lb = steps(a.run_dir), steps(b.run_dir)
     assert [r["step"] for r in la] == [r["step"] for r in lb] == [2, 4, 6]
+    if iterations > 1:
+        assert any(r["clip_ratio/region_mean"] > 0 for r in la)  # the reused rollout's ratio left 1
     for ra, rb in zip(la, lb):
-        for key in ("loss", "reward", "completions/mean_length", "entropy"):
+        for key in ("loss", "reward", "completions/mean_length", "entropy", "clip_ratio/region_mean"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
 
 

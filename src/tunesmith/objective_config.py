@@ -173,6 +173,8 @@ class GRPOSection(ObjectiveSection):
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the importance ratio: 1 - epsilon.")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip 1 + epsilon_high (default epsilon).")
     delta: float | None = Field(None, gt=1, description="Caps the ratio from above as well (two-sided clipping).")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps on each rollout (mu); above 1 the ratio "
+                                                     "departs from 1 and the clipping acts.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = Field(

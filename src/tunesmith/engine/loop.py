@@ -194,7 +194,7 @@ def fit(
     rank, world = accelerator.process_index, accelerator.num_processes
     # Each process takes every world-th micro-batch, so a process sees 1/world of an epoch.
     micro_per_epoch = math.ceil(math.ceil(len(train_rows) / t.batch_size) / world)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum) * objective.steps_per_window
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
     if t.gradient_checkpointing:
@@ -220,8 +220,9 @@ def fit(
     # record. They are part of the state so that a run resumed between two records logs the
     # same averages as an uninterrupted one.
     # log_extra: the objective's (sum, count) logs since the last record, for the same reason.
-    state = {"step": 0, "epoch": 0, "micro": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-             "tokens_seen": 0, "log_loss": 0.0, "log_steps": 0, "log_extra": {}}
+    # window_uses: optimizer steps already taken on the current window of rows (objectives that reuse one).
+    state = {"step": 0, "epoch": 0, "micro": 0, "window_uses": 0, "best_metric": None, "best_step": None,
+             "bad_evals": 0, "tokens_seen": 0, "log_loss": 0.0, "log_steps": 0, "log_extra": {}}
     if resume_from is not None:
         state |= ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
                                       objective)
@@ -303,7 +304,10 @@ def fit(
                 window_seconds += time.perf_counter() - step_start
                 train_seconds += time.perf_counter() - step_start
                 state["step"] += 1
-                state["micro"] += len(window)
+                state["window_uses"] += 1
+                if state["window_uses"] >= objective.steps_per_window:
+                    state["micro"] += len(window)
+                    state["window_uses"] = 0
                 state["tokens_seen"] += n_loss
                 state["log_loss"] += step_loss
                 state["log_steps"] += 1

@@ -93,6 +93,12 @@ class Objective(ABC):
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """Once before the first step (and again on resume): e.g. score every row with the reference."""
 
+    @property
+    def steps_per_window(self) -> int:
+        """Optimizer steps each window of rows serves (GRPO's num_iterations reuses a rollout); the engine
+        moves on to the next rows after that many calls of `window` with the same rows."""
+        return 1
+
     def window(self, ctx: StepContext, rows: list[list[dict]], collate: Callable) -> list[dict]:
         """The batches of one optimizer step from its micro-batches of rows. Online objectives
         generate and score here; offline ones collate."""

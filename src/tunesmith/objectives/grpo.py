@@ -9,8 +9,11 @@ mode, restored after). Every reward function scores every completion before any 
 group (`scale_rewards`, policy_gradient.group_advantages). Each micro-batch's completions then
 get the clipped surrogate per token, scored under the same temperature, with β·k3 KL to the
 reference when `beta` > 0, and reduced by `loss_type`'s normaliser (policy_gradient.py's table).
-One optimizer step per rollout (TRL's num_iterations = 1): the old policy is the policy, so the
-ratio is 1 in value and the clipping never acts; its logs say so (clip ratios 0).
+With `num_iterations` μ = 1 the old policy is the policy: the ratio is 1 in value and the clipping
+never acts (clip ratios 0). With μ > 1 a rollout serves μ optimizer steps (the engine keeps its
+rows for them, so an epoch takes μ times the steps, as TRL's repeat sampler does); the old
+policy's log-probs are scored once, right after the rollout, and the buffer of batches is part of
+the objective's checkpoint state, so a run resumed inside it reuses the same completions.
 
 Logs (TRL's names): reward, reward_std, rewards/<fn>/mean, frac_reward_zero_std,
 completions/mean_length, completions/clipped_ratio (no end token), clip_ratio/low_mean,
@@ -71,6 +74,20 @@ class GRPO(Objective):
         self.needs_reference = self.cfg.beta > 0
         self.functions = _load_rewards(self.cfg.rewards)
         self._pending: dict[str, tuple[float, float]] = {}
+        self._buffer: list[dict] = []  # the current rollout's batches, reused for num_iterations steps
+        self._uses = 0
+
+    @property
+    def steps_per_window(self) -> int:
+        return self.cfg.num_iterations
+
+    def state_dict(self) -> dict:
+        if self.cfg.num_iterations == 1:
+            return {}
+        return {"buffer": self._buffer, "uses": self._uses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._buffer, self._uses = state.get("buffer", []), state.get("uses", 0)
 
     # ---------------------------------------------------------------- prompts
 
@@ -123,6 +140,13 @@ class GRPO(Objective):
         return out, per_fn, rewards
 
     def window(self, ctx: StepContext, rows: list[list[dict]], collate: Callable) -> list[dict]:
+        if self._buffer and self._uses < self.cfg.num_iterations:
+            self._uses += 1
+            return self._buffer
+        self._buffer, self._uses = self._rollout(ctx, rows), 1
+        return self._buffer
+
+    def _rollout(self, ctx: StepContext, rows: list[list[dict]]) -> list[dict]:
         cfg = self.cfg
         g = cfg.num_generations
         prompts = [r for micro in rows for r in micro]
@@ -150,7 +174,9 @@ class GRPO(Objective):
             batch = _pad(sequences, masks, pad)
             batch["advantages"] = adv.advantages[part]
             if self.needs_reference:
-                batch["ref_logps"] = self._reference_logps(ctx, batch)
+                batch["ref_logps"] = self._frozen_logps(ctx, batch, reference=True)
+            if cfg.num_iterations > 1:  # the policy that sampled, before this rollout's first update
+                batch["old_logps"] = self._frozen_logps(ctx, batch, reference=False)
             batches.append(batch)
             at += n
         return batches
@@ -166,19 +192,23 @@ class GRPO(Objective):
         return logps, ent, mask
 
     @torch.no_grad()
-    def _reference_logps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _frozen_logps(self, ctx: StepContext, batch: dict[str, torch.Tensor], *, reference: bool) -> torch.Tensor:
+        """Per-token log-probs without gradient, of the reference or of the policy as it is now."""
         device = next(ctx.policy.parameters()).device
         on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with ctx.reference() as reference:
-            logps, _, _ = self._token_logps(reference, on_device)
-        return logps.cpu()
+        if not reference:
+            return self._token_logps(ctx.policy, on_device)[0].cpu()
+        with ctx.reference() as model:
+            return self._token_logps(model, on_device)[0].cpu()
 
     # ---------------------------------------------------------------- loss
 
     def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
         cfg = self.cfg
         logps, entropy, mask = self._token_logps(ctx.policy, batch, entropy=True)
-        out = clipped_policy_loss(logps, logps.detach(), batch["advantages"], epsilon_low=cfg.epsilon,
+        old = batch.get("old_logps")
+        out = clipped_policy_loss(logps, logps.detach() if old is None else old, batch["advantages"],
+                                  epsilon_low=cfg.epsilon,
                                   epsilon_high=cfg.epsilon_high, ref_logps=batch.get("ref_logps"), beta=cfg.beta,
                                   delta=cfg.delta, kl_bias_correction=cfg.kl_bias_correction)
         total, n = grpo_loss_sum(out.per_token, mask, cfg.loss_type, cfg.max_completion_length)
