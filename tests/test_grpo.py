@@ -128,3 +128,15 @@ def test_grpo_settings_refused_at_validation(run_config, prompts, tmp_path):
     refused({"rewards": [{"function": "correctness"}]}, "eval.metric: grpo evaluates by reward",
             eval={"every": 5})
     refused({"rewards": [{"function": "correctness"}], "num_generations": 1}, "num_generations")
+
+
+def test_rloo_learns_with_its_kl_penalty_in_the_reward(run_config, prompts, tmp_path):
+    cfg = grpo(run_config, prompts, tmp_path, {"type": "rloo", "rewards": [{"function": EVEN}]},
+               training={"max_steps": 16})
+    log = steps(tunesmith.train(cfg, echo=lambda m: None).run_dir)
+    first = sum(r["reward"] for r in log[:3]) / 3
+    last = sum(r["reward"] for r in log[-3:]) / 3
+    assert last > first + 0.1, [r["reward"] for r in log]
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[-1]["kl"] > 0.01  # beta 0.05 by default
+    # Leave-one-out advantages sum to zero in each group and the ratio is 1: the loss is 0 in value.
+    assert all(abs(r["loss"]) < 1e-6 for r in log)

@@ -47,7 +47,7 @@ def _data(objective: str, folder: Path) -> Path:
         rows = [{"prompt": q, "completion": c, "label": good} for q, a in QA for c, good in ((a, True), (WRONG[a], False))]
     elif objective == "distill":  # the student's task is sft
         rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
-    elif objective == "grpo":
+    elif objective in ("grpo", "rloo"):
         rows = [{"prompt": q, "answer": a} for q, a in QA]
     else:  # a new objective needs its fixture here
         raise AssertionError(f"no matrix data for objective {objective}")
@@ -88,7 +88,7 @@ def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_bert_wide_dir, 
 # Classification heads (and BERT's pooler) start fresh; the wide BERT lets them learn in 8 steps.
 FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert-wide", "seq2seq": "t5", "classification": "bert-wide",
           "token_classification": "bert-wide", "dpo": "llama", "orpo": "llama", "simpo": "llama", "kto": "llama",
-          "reward": "llama", "distill": "llama", "grpo": "llama"}
+          "reward": "llama", "distill": "llama", "grpo": "llama", "rloo": "llama"}
 # BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
 BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
 
@@ -102,8 +102,8 @@ METHOD_OPTIONS = {
 }
 OBJECTIVE_OPTIONS = {"masked_lm": {"mlm_probability": 0.3},
                      # tests/rl_rewards.py: a dense reward a tiny policy learns within the cell's steps
-                     "grpo": {"rewards": [{"function": "rl_rewards:even"}], "num_generations": 4,
-                              "max_completion_length": 8}}
+                     **{o: {"rewards": [{"function": "rl_rewards:even"}], "num_generations": 4,
+                            "max_completion_length": 8} for o in ("grpo", "rloo")}}
 LEARNING_RATE = {"full": 3e-3, "freeze": 3e-3, "bitfit": 3e-2, "prompt_tuning": 1e-1, "p_tuning": 3e-2,
                  "prefix_tuning": 3e-2, "ia3": 5e-2, "linear_probe": 3e-2}
 

@@ -72,8 +72,8 @@ class LinearProbeSection(MethodSection):
                                         "of the input", head="lm_head"),
         **{name: _NO_HEAD.format(what="preference optimisation changes the language-model head's distribution "
                                       "over answers", head="lm_head") for name in ("dpo", "kto", "orpo", "simpo")},
-        "grpo": _NO_HEAD.format(what="online RL samples answers from the language-model head and changes its "
-                                     "distribution", head="lm_head"),
+        **{name: _NO_HEAD.format(what="online RL samples answers from the language-model head and changes its "
+                                      "distribution", head="lm_head") for name in ("grpo", "rloo")},
         "distill": _NO_HEAD.format(what="distillation matches the teacher's output distribution (the language-model "
                                         "head for its default sft task)", head="lm_head"),
     }

@@ -157,26 +157,19 @@ class DistillSection(ObjectiveSection):
         return []
 
 
-class GRPOSection(ObjectiveSection):
-    """Group relative policy optimisation: sampled completions scored by reward functions (TRL 1.16 definitions)."""
+class _OnlineSection(ObjectiveSection):
+    """What every online objective shares: rollouts, reward functions, the clipped ratio."""
 
-    type: Literal["grpo"] = "grpo"
     rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions and their weights.")
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (a group).")
     max_completion_length: int = Field(256, ge=1, description="New tokens per completion at most.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are scored under it too.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0: no top-k cut.")
-    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the reference (0: no reference kept).")
-    kl_bias_correction: bool = Field(
-        True, description="Multiply the KL by the importance ratio (unbiased reverse-KL gradient; TRL's default).")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the importance ratio: 1 - epsilon.")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip 1 + epsilon_high (default epsilon).")
-    delta: float | None = Field(None, gt=1, description="Caps the ratio from above as well (two-sided clipping).")
     num_iterations: int = Field(1, ge=1, description="Optimizer steps on each rollout (mu); above 1 the ratio "
                                                      "departs from 1 and the clipping acts.")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = Field(
         False, description="Completions without an end token add nothing to the loss.")
     generation_batch_size: int | None = Field(
@@ -185,22 +178,43 @@ class GRPOSection(ObjectiveSection):
     def check(self, run: "RunConfig") -> list[str]:
         problems = []
         if not self.rewards:
-            problems.append("objective.rewards: grpo needs at least one reward function, e.g. "
+            problems.append(f"objective.rewards: {self.type} needs at least one reward function, e.g. "
                             "[{function: correctness}] (tunesmith rewards lists the built-ins)")
         if run.data.max_length <= self.max_completion_length:
             problems.append(f"data.max_length ({run.data.max_length}) must exceed objective.max_completion_length "
                             f"({self.max_completion_length}): a prompt and its completion share it")
         if run.eval.every and run.eval.metric == "eval_loss":
-            problems.append("eval.metric: grpo evaluates by reward, not loss; set eval.metric: eval_reward and "
-                            "eval.greater_is_better: true")
+            problems.append(f"eval.metric: {self.type} evaluates by reward, not loss; set eval.metric: eval_reward "
+                            "and eval.greater_is_better: true")
         return problems
+
+
+class GRPOSection(_OnlineSection):
+    """Group relative policy optimisation: sampled completions scored by reward functions (TRL 1.16 definitions)."""
+
+    type: Literal["grpo"] = "grpo"
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the reference (0: no reference kept).")
+    kl_bias_correction: bool = Field(
+        True, description="Multiply the KL by the importance ratio (unbiased reverse-KL gradient; TRL's default).")
+    delta: float | None = Field(None, gt=1, description="Caps the ratio from above as well (two-sided clipping).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+
+class RLOOSection(_OnlineSection):
+    """REINFORCE leave-one-out: each completion against the mean of its group's others (TRL 1.16 definitions)."""
+
+    type: Literal["rloo"] = "rloo"
+    beta: float = Field(0.05, ge=0, description="Weight of the sequence KL (k1) subtracted from the reward.")
+    normalize_advantages: bool = Field(False, description="Whiten the advantages over the rollout.")
+    reward_clip_range: tuple[float, float] | None = Field(None, description="Clip rewards to (min, max) first.")
 
 
 SECTIONS: dict[str, type[ObjectiveSection]] = {
     s.model_fields["type"].default: s
     for s in (SFTSection, CausalLMSection, MaskedLMSection, Seq2SeqSection, ClassificationSection,
               TokenClassificationSection, DPOSection, RewardSection, KTOSection, ORPOSection, SimPOSection,
-              DistillSection, GRPOSection)
+              DistillSection, GRPOSection, RLOOSection)
 }
 
 

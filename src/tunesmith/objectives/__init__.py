@@ -13,11 +13,12 @@ from .kto import KTO
 from .preference import DPO
 from .reference_free import ORPO, SimPO
 from .reward import RewardModel
+from .rloo import RLOO
 from .seq2seq import Seq2Seq
 
 OBJECTIVES: dict[str, type[Objective]] = {
     o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO, RewardModel,
-                        KTO, ORPO, SimPO, Distill, GRPO)
+                        KTO, ORPO, SimPO, Distill, GRPO, RLOO)
 }
 
 

@@ -151,35 +151,46 @@ class GRPO(Objective):
         g = cfg.num_generations
         prompts = [r for micro in rows for r in micro]
         out, per_fn, rewards = self._complete(ctx, prompts, sample=True, copies=g)
-        adv = group_advantages(rewards, g, cfg.scale_rewards)
-        lengths = [len(c) for c in out.completion_ids]
-        logs = {"reward": (float(torch.nansum(rewards)), int((~torch.isnan(rewards)).sum())),
-                "reward_std": (float(nanstd(rewards)) if rewards.numel() > 1 else 0.0, 1),
-                "frac_reward_zero_std": (float(adv.std_is_zero.sum()), len(lengths)),
-                "completions/mean_length": (float(sum(lengths)), len(lengths)),
-                "completions/clipped_ratio": (float(sum(out.truncated)), len(lengths))}
-        for j, (spec, _) in enumerate(self.functions):
-            scored = ~torch.isnan(per_fn[:, j])
-            logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
-        self._pending = logs
         pad = _pad_id(ctx.tokenizer)
         batches, at = [], 0
         for micro in rows:
-            n = len(micro) * g
-            part = slice(at, at + n)
+            part = slice(at, at + len(micro) * g)
             sequences = [p + c for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
             masks = [[0] * len(p) + [1] * len(c) for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
             if cfg.mask_truncated_completions:
                 masks = [[0] * len(m) if cut else m for m, cut in zip(masks, out.truncated[part])]
             batch = _pad(sequences, masks, pad)
-            batch["advantages"] = adv.advantages[part]
             if self.needs_reference:
                 batch["ref_logps"] = self._frozen_logps(ctx, batch, reference=True)
-            if cfg.num_iterations > 1:  # the policy that sampled, before this rollout's first update
+            if self._needs_old_logps():  # the policy that sampled, before this rollout's first update
                 batch["old_logps"] = self._frozen_logps(ctx, batch, reference=False)
             batches.append(batch)
+            at = part.stop
+        lengths = [len(c) for c in out.completion_ids]
+        logs = {"reward": (float(torch.nansum(rewards)), int((~torch.isnan(rewards)).sum())),
+                "reward_std": (float(nanstd(rewards)) if rewards.numel() > 1 else 0.0, 1),
+                "completions/mean_length": (float(sum(lengths)), len(lengths)),
+                "completions/clipped_ratio": (float(sum(out.truncated)), len(lengths))}
+        for j, (spec, _) in enumerate(self.functions):
+            scored = ~torch.isnan(per_fn[:, j])
+            logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
+        advantages = self._advantages(rewards, batches, logs)
+        at = 0
+        for batch in batches:
+            n = batch["input_ids"].shape[0]
+            batch["advantages"] = advantages[at:at + n]
             at += n
+        self._pending = logs
         return batches
+
+    def _needs_old_logps(self) -> bool:
+        return self.cfg.num_iterations > 1
+
+    def _advantages(self, rewards: torch.Tensor, batches: list[dict], logs: dict) -> torch.Tensor:
+        """One advantage per completion (in rollout order) from the weighted rewards; adds its own logs."""
+        adv = group_advantages(rewards, self.cfg.num_generations, self.cfg.scale_rewards)
+        logs["frac_reward_zero_std"] = (float(adv.std_is_zero.sum()), len(rewards))
+        return adv.advantages
 
     def _token_logps(self, model, batch: dict[str, torch.Tensor], entropy: bool = False):
         """(per-token log-probs (B, L-1) under the sampling temperature, entropies of the counted tokens, mask)."""

@@ -1,7 +1,8 @@
-"""GRPO parity with TRL 1.16's GRPOTrainer, step by step, with the completions injected.
+"""GRPO and RLOO parity with TRL 1.16's GRPOTrainer and RLOOTrainer, step by step, with the completions injected.
 
 Sampling is taken out of the comparison: both tools get the same completions for each (prompt,
-copy) — TRL through its `rollout_func` hook, tunesmith through its generation helper — so what
+copy) — TRL through GRPOTrainer's `rollout_func` hook (RLOOTrainer has none: the test replaces
+that trainer instance's sampling method), tunesmith through its generation helper — so what
 is compared is everything after the rollout: rewards and their NaN handling, group advantages,
 the per-token loss scored under the sampling temperature, each loss type's normaliser across an
 accumulation window, the reference KL, and the optimizer step (gradient norm, then the next
@@ -115,7 +116,7 @@ def run_ours(saved, out, objective: dict, accum: int, monkeypatch) -> list[dict]
            "data": {"train": str(data), "max_length": 64, "shuffle": False},
            "method": {"type": "full"},
            "objective": {"type": "grpo", "num_generations": G, "max_completion_length": MAX_COMPLETION,
-                         "temperature": TEMPERATURE, **objective,
+                         "temperature": TEMPERATURE, **objective,  # objective may name another type (rloo)
                          "rewards": [{"function": "grpo_parity_rewards:even"},
                                      {"function": "grpo_parity_rewards:long_answers"}]},
            "training": {"max_steps": STEPS, "batch_size": PROMPTS_PER_MICRO, "grad_accum": accum,
@@ -159,6 +160,61 @@ def test_grpo_matches_trl_step_by_step(saved, tmp_path, monkeypatch, case):
             if t.get(key) is None or math.isnan(t[key]):
                 # A function that scored nothing this step (TRL: NaN), or a step reusing a rollout (TRL logs no
                 # rollout numbers there): tunesmith logs nothing either.
+                assert key not in o, f"step {step} {key}"
+                continue
+            assert o[key] == pytest.approx(t[key], rel=1e-5, abs=1e-5), f"step {step} {key}: ours {o[key]}, TRL {t[key]}"
+
+
+# --------------------------------------------------------------------------- RLOO
+
+def run_trl_rloo(saved, out, objective: dict, accum: int) -> list[dict]:
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    folder, _, rows, prompt_ids, completions, tok = saved
+    by_ids = {tuple(p): i for i, p in enumerate(prompt_ids)}
+    args = RLOOConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS_PER_MICRO * G,
+                      gradient_accumulation_steps=accum, num_generations=G, max_completion_length=MAX_COMPLETION,
+                      temperature=TEMPERATURE, shuffle_dataset=False, max_steps=STEPS, learning_rate=1e-3,
+                      lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, use_cpu=True,
+                      bf16=False, seed=0, report_to=[], logging_steps=1, save_strategy="no",
+                      beta=objective.get("beta", 0.05), num_iterations=objective.get("num_iterations", 1),
+                      epsilon=objective.get("epsilon", 0.2),
+                      normalize_advantages=objective.get("normalize_advantages", False),
+                      mask_truncated_completions=objective.get("mask_truncated_completions", False))
+    trainer = RLOOTrainer(model=str(folder), reward_funcs=[even, long_answers], args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+    def injected(prompt_batch, images, multimodal_fields):
+        # RLOOTrainer has no rollout hook: the test replaces this instance's sampling with the fixed completions.
+        return [completions[by_ids[tuple(p)], k % G] for k, p in enumerate(prompt_batch)]
+
+    trainer._generate_single_turn = injected
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
+
+
+RLOO_CASES = {
+    "beta": ({"beta": 0.05}, 2),
+    "no-reference-normalised": ({"beta": 0.0, "normalize_advantages": True}, 2),
+    "two-iterations-masked": ({"beta": 0.05, "num_iterations": 2, "epsilon": 0.05,
+                               "mask_truncated_completions": True}, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(RLOO_CASES))
+def test_rloo_matches_trl_step_by_step(saved, tmp_path, monkeypatch, case):
+    objective, accum = RLOO_CASES[case]
+    theirs = run_trl_rloo(saved, tmp_path / "trl", objective, accum)
+    ours = run_ours(saved, tmp_path / "ours", {"type": "rloo", **objective}, accum, monkeypatch)
+    assert len(theirs) == len(ours) == STEPS
+    keys = ["loss", "grad_norm", "reward", "reward_std", "frac_reward_zero_std", "rewards/even/mean",
+            "completions/mean_length", "completions/clipped_ratio"] + (["kl"] if objective.get("beta") else [])
+    if accum == 1:
+        keys += ["entropy", "clip_ratio/region_mean"]
+    for step, (t, o) in enumerate(zip(theirs, ours), 1):
+        for key in keys:
+            if t.get(key) is None or math.isnan(t[key]):
                 assert key not in o, f"step {step} {key}"
                 continue
             assert o[key] == pytest.approx(t[key], rel=1e-5, abs=1e-5), f"step {step} {key}: ours {o[key]}, TRL {t[key]}"
