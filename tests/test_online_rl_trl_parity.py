@@ -129,6 +129,18 @@ def run_ours(saved, out, objective: dict, accum: int, monkeypatch) -> list[dict]
     return [r for r in lines if "loss" in r]
 
 
+def assert_steps_match(theirs: list[dict], ours: list[dict], keys: list[str]) -> None:
+    assert len(theirs) == len(ours) == STEPS
+    for step, (t, o) in enumerate(zip(theirs, ours), 1):
+        for key in keys:
+            if t.get(key) is None or math.isnan(t[key]):
+                # A function that scored nothing this step (TRL: NaN), or a step reusing a rollout (TRL logs no
+                # rollout numbers there): tunesmith logs nothing either.
+                assert key not in o, f"step {step} {key}"
+                continue
+            assert o[key] == pytest.approx(t[key], rel=1e-5, abs=1e-5), f"step {step} {key}: ours {o[key]}, TRL {t[key]}"
+
+
 # TRL shuffles a rollout's completions across its micro-batches (tunesmith keeps prompt groups together):
 # the numbers that depend on the partition (bnpo's per-micro-batch normaliser; TRL's entropy, KL and clip
 # ratio logs, means of per-micro-batch means) are compared with one micro-batch per step, the rest with two.
@@ -150,19 +162,11 @@ def test_grpo_matches_trl_step_by_step(saved, tmp_path, monkeypatch, case):
     objective, accum = CASES[case]
     theirs = run_trl(saved, tmp_path / "trl", objective, accum)
     ours = run_ours(saved, tmp_path / "ours", objective, accum, monkeypatch)
-    assert len(theirs) == len(ours) == STEPS
     keys = ["loss", "grad_norm", "reward", "reward_std", "frac_reward_zero_std", "rewards/even/mean",
             "rewards/long_answers/mean", "completions/mean_length", "completions/clipped_ratio"]
     if accum == 1:
         keys += ["entropy", "clip_ratio/region_mean"] + (["kl"] if objective.get("beta") else [])
-    for step, (t, o) in enumerate(zip(theirs, ours), 1):
-        for key in keys:
-            if t.get(key) is None or math.isnan(t[key]):
-                # A function that scored nothing this step (TRL: NaN), or a step reusing a rollout (TRL logs no
-                # rollout numbers there): tunesmith logs nothing either.
-                assert key not in o, f"step {step} {key}"
-                continue
-            assert o[key] == pytest.approx(t[key], rel=1e-5, abs=1e-5), f"step {step} {key}: ours {o[key]}, TRL {t[key]}"
+    assert_steps_match(theirs, ours, keys)
 
 
 # --------------------------------------------------------------------------- RLOO
@@ -207,14 +211,8 @@ def test_rloo_matches_trl_step_by_step(saved, tmp_path, monkeypatch, case):
     objective, accum = RLOO_CASES[case]
     theirs = run_trl_rloo(saved, tmp_path / "trl", objective, accum)
     ours = run_ours(saved, tmp_path / "ours", {"type": "rloo", **objective}, accum, monkeypatch)
-    assert len(theirs) == len(ours) == STEPS
     keys = ["loss", "grad_norm", "reward", "reward_std", "frac_reward_zero_std", "rewards/even/mean",
             "completions/mean_length", "completions/clipped_ratio"] + (["kl"] if objective.get("beta") else [])
     if accum == 1:
         keys += ["entropy", "clip_ratio/region_mean"]
-    for step, (t, o) in enumerate(zip(theirs, ours), 1):
-        for key in keys:
-            if t.get(key) is None or math.isnan(t[key]):
-                assert key not in o, f"step {step} {key}"
-                continue
-            assert o[key] == pytest.approx(t[key], rel=1e-5, abs=1e-5), f"step {step} {key}: ours {o[key]}, TRL {t[key]}"
+    assert_steps_match(theirs, ours, keys)

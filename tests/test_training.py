@@ -327,6 +327,22 @@ def test_early_stopping_restores_best_weights(run_config):
         assert torch.equal(saved[name], weight), name
 
 
+def test_a_time_budget_stops_after_the_step_that_spends_it(run_config):
+    import tunesmith
+
+    cfg = run_config(data={"split": {"validation_ratio": 0.25}},
+                     training={"max_steps": 50, "max_minutes": 1e-6, "scheduler": "constant"})
+    lines = []
+    result = tunesmith.train(cfg, echo=lines.append)
+    assert result.steps == 1
+    assert any("time budget spent: stopping after step 1 of 50 (training.max_minutes 1e-06)" in line
+               for line in lines), lines
+    records = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "lr" in r] == [1]
+    assert any(r.get("final") for r in records)  # the run still ends with its evaluation and saved model
+    assert (result.run_dir / "adapter").is_dir()
+
+
 # ---------------------------------------------------------------------------- tracking
 
 

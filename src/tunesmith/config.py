@@ -76,6 +76,10 @@ ObjectiveConfig = objective_config
 class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
+    max_minutes: float | None = Field(
+        None, gt=0, description="A wall-clock budget (training and evaluation): the run stops after the step that "
+                                "spends it, then ends as usual (final evaluation, saved model). The schedule still "
+                                "spans max_steps / epochs; a resumed run gets a new budget.")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)

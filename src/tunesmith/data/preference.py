@@ -45,7 +45,8 @@ def answer_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> tor
     return input_ids.masked_fill(completion_mask == 0, IGNORE)
 
 
-def _ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+    """Token ids of messages through the chat template (with the assistant's opening when generation_prompt)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -81,9 +82,9 @@ def encode_pair(tokenizer, record: dict, *, max_length: int, truncation: str = "
     """
     _check_truncation(truncation)
     ensure_chat_template(tokenizer)
-    prompt = _ids(tokenizer, record["prompt"], generation_prompt=True)
-    full_c = _ids(tokenizer, record["prompt"] + record["chosen"], generation_prompt=False)
-    full_r = _ids(tokenizer, record["prompt"] + record["rejected"], generation_prompt=False)
+    prompt = chat_ids(tokenizer, record["prompt"], generation_prompt=True)
+    full_c = chat_ids(tokenizer, record["prompt"] + record["chosen"], generation_prompt=False)
+    full_r = chat_ids(tokenizer, record["prompt"] + record["rejected"], generation_prompt=False)
     cut = min(common_prefix_length(prompt, full_c), common_prefix_length(prompt, full_r))
     fitted = _fit(prompt[:cut], [full_c[cut:], full_r[cut:]], max_length, truncation)
     if fitted is None:
@@ -99,8 +100,8 @@ def encode_unpaired(tokenizer, record: dict, *, max_length: int, truncation: str
     """An `unpaired_preference` record as {"prompt_ids", "completion_ids", "label", "truncated"}; None: dropped."""
     _check_truncation(truncation)
     ensure_chat_template(tokenizer)
-    prompt = _ids(tokenizer, record["prompt"], generation_prompt=True)
-    full = _ids(tokenizer, record["prompt"] + record["completion"], generation_prompt=False)
+    prompt = chat_ids(tokenizer, record["prompt"], generation_prompt=True)
+    full = chat_ids(tokenizer, record["prompt"] + record["completion"], generation_prompt=False)
     cut = common_prefix_length(prompt, full)
     fitted = _fit(prompt[:cut], [full[cut:]], max_length, truncation)
     if fitted is None:
@@ -110,7 +111,8 @@ def encode_unpaired(tokenizer, record: dict, *, max_length: int, truncation: str
             "truncated": truncated}
 
 
-def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_completions(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt+completion sequences right-padded: input_ids, attention_mask, completion_mask (1 on `masks`' ones)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -133,7 +135,7 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         for r in rows:
             sequences.append(r["prompt_ids"] + r[key])
             masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[key]))
-    batch = _pad(sequences, masks, pad_id)
+    batch = pad_completions(sequences, masks, pad_id)
     if rows and all(r.get("margin") is not None for r in rows):
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
     return batch
@@ -143,6 +145,6 @@ def collate_unpaired(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Encoded unpaired rows: input_ids/attention_mask/completion_mask (B, L) and label (bool, B)."""
     sequences = [r["prompt_ids"] + r["completion_ids"] for r in rows]
     masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["completion_ids"]) for r in rows]
-    batch = _pad(sequences, masks, pad_id)
+    batch = pad_completions(sequences, masks, pad_id)
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
     return batch

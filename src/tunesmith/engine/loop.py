@@ -32,6 +32,7 @@ class FitResult:
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
+    out_of_time: bool = False  # training.max_minutes was spent
     throughput: dict = field(default_factory=dict)
 
 
@@ -257,6 +258,7 @@ def fit(
     # all processes processed in them.
     train_seconds, train_tokens = 0.0, 0
     result = FitResult(step=state["step"])
+    started = time.perf_counter()
     try:
         while state["step"] < total_steps:
             batches = shard(epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle),
@@ -369,12 +371,19 @@ def fit(
                             stop = result.stopped_early = True
                 if t.save_every and step % t.save_every == 0 and not saved_now and accelerator.is_main_process:
                     checkpoint()
+                if t.max_minutes and step < total_steps:
+                    spent = time.perf_counter() - started >= t.max_minutes * 60
+                    # Every process stops at the same step (their clocks differ): one collective decides.
+                    if reduce_sum([float(spent)], accelerator)[0] > 0:
+                        echo(f"time budget spent: stopping after step {step} of {total_steps} "
+                             f"(training.max_minutes {t.max_minutes:g})")
+                        stop = result.out_of_time = True
                 if stop or epoch_done:
                     # A new epoch needs its own shuffled order: leave this epoch's batch list
                     # (resetting `micro` alone would replay it, and a resumed run, which draws
                     # the order for its epoch afresh, would then diverge from the original).
                     break
-            if result.stopped_early:
+            if result.stopped_early or result.out_of_time:
                 break
     finally:
         progress.close()

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import DataConfig, ObjectiveConfig
-from ..data.preference import _ids, _pad, answer_labels
+from ..data.preference import answer_labels, chat_ids, pad_completions
 from ..data.templates import IGNORE
 from ..objective_config import GRPOSection, objective_config
 from ..reward_functions import RewardSpec, call_rewards, load_reward
@@ -92,7 +92,7 @@ class GRPO(Objective):
     # ---------------------------------------------------------------- prompts
 
     def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
-        ids = _ids(tokenizer, record["prompt"], generation_prompt=True)
+        ids = chat_ids(tokenizer, record["prompt"], generation_prompt=True)
         if len(ids) + self.cfg.max_completion_length > data.max_length:
             return None, False  # no room for a whole completion: dropped, and counted
         return {"prompt_ids": ids, "raw_prompt": record["raw_prompt"], "columns": record["columns"]}, False
@@ -115,15 +115,16 @@ class GRPO(Objective):
 
     # ---------------------------------------------------------------- rollouts
 
-    def _complete(self, ctx: StepContext, prompts: list[dict], *, sample: bool, copies: int):
+    def _complete(self, ctx: StepContext, prompts: list[dict], *, sample: bool, copies: int,
+                  batch_size: int | None = None):
         cfg = self.cfg
         ids = [r["prompt_ids"] for r in prompts for _ in range(copies)]
         if ctx.generate is None:
-            raise RuntimeError("objective 'grpo' generates completions: the step context must carry a generation "
-                               "helper (engine.fit sets one when it is given the tokenizer)")
+            raise RuntimeError(f"objective '{self.name}' generates completions: the step context must carry a "
+                               "generation helper (engine.fit sets one when it is given the tokenizer)")
         out = ctx.generate(ids, max_new_tokens=cfg.max_completion_length, do_sample=sample,
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           batch_size=cfg.generation_batch_size or len(ids))
+                           batch_size=batch_size or cfg.generation_batch_size or len(ids))
         texts = ctx.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         rows = [r for r in prompts for _ in range(copies)]
         raw = [r["raw_prompt"] for r in rows]
@@ -159,7 +160,7 @@ class GRPO(Objective):
             masks = [[0] * len(p) + [1] * len(c) for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
             if cfg.mask_truncated_completions:
                 masks = [[0] * len(m) if cut else m for m, cut in zip(masks, out.truncated[part])]
-            batch = _pad(sequences, masks, pad)
+            batch = pad_completions(sequences, masks, pad)
             if self.needs_reference:
                 batch["ref_logps"] = self._frozen_logps(ctx, batch, reference=True)
             if self._needs_old_logps():  # the policy that sampled, before this rollout's first update
@@ -241,7 +242,7 @@ class GRPO(Objective):
         if not rows:
             return {}
         cfg = self.cfg
-        out, per_fn, rewards = self._complete(ctx, rows, sample=False, copies=1)
+        out, per_fn, rewards = self._complete(ctx, rows, sample=False, copies=1, batch_size=batch_size)
         scored = ~torch.isnan(rewards)
         metrics: dict[str, Any] = {
             "eval_reward": float(rewards[scored].mean()) if scored.any() else math.nan,
