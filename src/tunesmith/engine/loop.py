@@ -80,7 +80,8 @@ def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_
 def evaluate(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator,
              ctx: StepContext) -> dict:
     """The objective's own evaluation when it has one (online RL: generate and score), else the loss-based one."""
-    own = objective.evaluate(dataclasses.replace(ctx, policy=model), rows, batch_size)
+    with accelerator.autocast():
+        own = objective.evaluate(dataclasses.replace(ctx, policy=model), rows, batch_size)
     if own is not None:
         return own
     return evaluate_loss(model, objective, rows, collate, batch_size, accelerator, ctx)
@@ -268,7 +269,11 @@ def fit(
                 step_start = time.perf_counter()
                 rows = [[train_rows[i] for i in b] for b in window]
                 # Collate the whole window first: the loss is normalised by its item count.
-                batches_now = objective.window(ctx, rows, collate)
+                # Under the step's autocast: an online objective generates and scores the old / reference
+                # log-probs here, in the precision its loss will use (and bf16 frozen weights are not
+                # converted to fp32 for every generated token).
+                with accelerator.autocast():
+                    batches_now = objective.window(ctx, rows, collate)
                 # The loss is normalised by the item count of the whole window across processes;
                 # DDP averages gradients over processes, hence the factor world.
                 n_loss = max(int(reduce_sum([sum(objective.count(b) for b in batches_now)], accelerator)[0]), 1)
