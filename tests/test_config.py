@@ -225,7 +225,7 @@ ok = refused = 0
 for m in M:
     for o in O:
         objective = {"type": o, **({"teacher": "t"} if o == "distill" else {}),
-                     **({"rewards": [{"function": "correctness"}]} if o in ("grpo", "rloo") else {})}
+                     **({"rewards": [{"function": "correctness"}]} if o in ("grpo", "rloo", "ppo") else {})}
         method = {"type": m, **({"train_last_n_layers": 1} if m == "freeze" else {})}
         try:
             load_config({"model": {"name_or_path": "x"}, "data": {"train": "y.jsonl"}, "method": method,

@@ -47,7 +47,7 @@ def _data(objective: str, folder: Path) -> Path:
         rows = [{"prompt": q, "completion": c, "label": good} for q, a in QA for c, good in ((a, True), (WRONG[a], False))]
     elif objective == "distill":  # the student's task is sft
         rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
-    elif objective in ("grpo", "rloo"):
+    elif objective in ("grpo", "rloo", "ppo"):
         rows = [{"prompt": q, "answer": a} for q, a in QA]
     else:  # a new objective needs its fixture here
         raise AssertionError(f"no matrix data for objective {objective}")
@@ -88,7 +88,7 @@ def models(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_bert_wide_dir, 
 # Classification heads (and BERT's pooler) start fresh; the wide BERT lets them learn in 8 steps.
 FAMILY = {"sft": "llama", "causal_lm": "llama", "masked_lm": "bert-wide", "seq2seq": "t5", "classification": "bert-wide",
           "token_classification": "bert-wide", "dpo": "llama", "orpo": "llama", "simpo": "llama", "kto": "llama",
-          "reward": "llama", "distill": "llama", "grpo": "llama", "rloo": "llama"}
+          "reward": "llama", "distill": "llama", "grpo": "llama", "rloo": "llama", "ppo": "llama"}
 # BitFit needs bias terms, which the tiny Llama and T5 (like the real ones) do not have.
 BIAS_FAMILY = {"llama": "llama-bias", "t5": "bart"}
 
@@ -102,9 +102,9 @@ METHOD_OPTIONS = {
 }
 OBJECTIVE_OPTIONS = {"masked_lm": {"mlm_probability": 0.3},
                      **{o: {"rewards": [{"function": "rl_rewards:even"}], "num_generations": 2,
-                            "max_completion_length": 6} for o in ("grpo", "rloo")}}
+                            "max_completion_length": 6} for o in ("grpo", "rloo", "ppo")}}
 # Online cells generate every step and check no loss curve (tests/test_grpo.py shows learning): 3 steps.
-STEPS = {"grpo": 3, "rloo": 3}
+STEPS = {"grpo": 3, "rloo": 3, "ppo": 3}
 LEARNING_RATE = {"full": 3e-3, "freeze": 3e-3, "bitfit": 3e-2, "prompt_tuning": 1e-1, "p_tuning": 3e-2,
                  "prefix_tuning": 3e-2, "ia3": 5e-2, "linear_probe": 3e-2}
 

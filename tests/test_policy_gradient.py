@@ -149,6 +149,12 @@ def test_ppo_rewards_put_the_score_on_the_last_token_and_kl_everywhere():
     close(rewards, [[-0.05, 0, 2.0], [0, 0.05 - 1.0, 0]])
     zero, _ = kl_penalised_rewards(torch.zeros(2), logps, logps, mask, kl_coef=0.1, estimator="k3")
     assert zero.abs().sum().item() == 0
+    # Completions after their prompt's positions (the layout of a prompt + completion row): the score lands on
+    # each row's last counted position, not at index length - 1.
+    shifted = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0]])
+    placed, _ = kl_penalised_rewards(torch.tensor([2.0, -1.0]), torch.zeros(2, 4), torch.zeros(2, 4), shifted,
+                                     kl_coef=0.1)
+    close(placed, [[0, 0, 2.0, 0], [0, 0, -1.0, 0]])
 
 
 def test_kl_bias_correction_keeps_the_value_and_adds_kl_times_the_score_to_the_gradient():

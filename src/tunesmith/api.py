@@ -165,6 +165,12 @@ def train(
         teacher = prepare_teacher(cfg.objective, auto_class=objective.auto_class, tokenizer=tokenizer,
                                   labels=data.task.labels, dtype=dtype if thin else compute,
                                   student_config=None if thin else _model_config(cfg, source), echo=echo)
+    reward_model = None
+    if getattr(cfg.objective, "reward_model", None):
+        from .teacher import prepare_reward_model
+
+        compute = TORCH_DTYPES[precision] if precision != "fp32" else dtype
+        reward_model = prepare_reward_model(cfg.objective.reward_model, tokenizer=tokenizer, dtype=compute, echo=echo)
     if thin:
         from .models import kept_layers, student_from_teacher
 
@@ -198,15 +204,16 @@ def train(
     # settings, as transformers' Trainer does; the distributed PartialState stays as is.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=on_cpu)
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    for frozen in (teacher, reward_model):
+        if frozen is not None:
+            frozen.to(accelerator.device)
     collate = objective.collator(tokenizer, cfg.objective, data.task, train=True)
     eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
     extra_eval = (partial(_reference_now, cfg, tokenizer, reference_before)
                   if reference_before is not None and cfg.eval.reference_every_eval else None)
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
-                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher)
+                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)

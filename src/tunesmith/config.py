@@ -337,7 +337,7 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
     cfg.data.train = fix_all(cfg.data.train)
     if cfg.data.split.validation_file:
         cfg.data.split.validation_file = fix(cfg.data.split.validation_file)
-    for key in ("teacher", "unlabeled"):
+    for key in ("teacher", "unlabeled", "reward_model"):
         if getattr(cfg.objective, key, None):
             setattr(cfg.objective, key, fix_all(getattr(cfg.objective, key)))
 

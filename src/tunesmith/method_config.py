@@ -73,7 +73,7 @@ class LinearProbeSection(MethodSection):
         **{name: _NO_HEAD.format(what="preference optimisation changes the language-model head's distribution "
                                       "over answers", head="lm_head") for name in ("dpo", "kto", "orpo", "simpo")},
         **{name: _NO_HEAD.format(what="online RL samples answers from the language-model head and changes its "
-                                      "distribution", head="lm_head") for name in ("grpo", "rloo")},
+                                      "distribution", head="lm_head") for name in ("grpo", "rloo", "ppo")},
         "distill": _NO_HEAD.format(what="distillation matches the teacher's output distribution (the language-model "
                                         "head for its default sft task)", head="lm_head"),
     }

@@ -210,11 +210,62 @@ class RLOOSection(_OnlineSection):
     reward_clip_range: tuple[float, float] | None = Field(None, description="Clip rewards to (min, max) first.")
 
 
+class PPOSection(_OnlineSection):
+    """PPO with a reward model: per-token KL penalty, GAE, clipped policy and value losses over minibatches
+    (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"; TRL's former PPOTrainer defaults)."""
+
+    type: Literal["ppo"] = "ppo"
+    reward_model: str | None = Field(
+        None, description="A sequence-classification model with one label that scores prompt + completion on its "
+                          "last token: a `reward` run folder, an artifact, a model folder or a hub id. Shares the "
+                          "policy's tokenizer.")
+    num_generations: int = Field(1, ge=1, description="Completions sampled per prompt.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs are scored under it too.")
+    max_completion_length: int = Field(53, ge=1, description="New tokens per completion at most.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout.")
+    num_mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass: the rollout is shuffled and split.")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty in the reward (0: no reference).")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    target_kl: float | None = Field(
+        None, gt=0, description="Adaptive KL coefficient (Ziegler et al. 2019): kl_coef moves towards this KL per "
+                                "completion; None keeps kl_coef fixed.")
+    kl_horizon: int = Field(10000, ge=1, description="The adaptive controller's horizon, in completions.")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    cliprange_value: float = Field(0.2, gt=0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = Field(
+        None, description="Added to the score of a completion without an end token (e.g. -1.0).")
+    value_head_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the value head (default training.learning_rate).")
+
+    def check(self, run: "RunConfig") -> list[str]:
+        problems = []
+        if not self.rewards and not self.reward_model:
+            problems.append("objective: ppo needs a reward: objective.reward_model (a `reward` run or a model with "
+                            "one label) and/or objective.rewards (reward functions)")
+        if run.data.max_length <= self.max_completion_length:
+            problems.append(f"data.max_length ({run.data.max_length}) must exceed objective.max_completion_length "
+                            f"({self.max_completion_length}): a prompt and its completion share it")
+        if run.eval.every and run.eval.metric == "eval_loss":
+            problems.append("eval.metric: ppo evaluates by reward, not loss; set eval.metric: eval_reward "
+                            "and eval.greater_is_better: true")
+        if self.num_iterations != 1:
+            problems.append("objective.num_iterations: ppo reuses each rollout for ppo_epochs x num_mini_batches "
+                            "steps; set those instead")
+        completions = run.training.batch_size * run.training.grad_accum * self.num_generations
+        if completions % self.num_mini_batches:
+            problems.append(f"objective.num_mini_batches ({self.num_mini_batches}) must divide the completions of a "
+                            f"rollout (training.batch_size x grad_accum x num_generations = {completions})")
+        return problems
+
+
 SECTIONS: dict[str, type[ObjectiveSection]] = {
     s.model_fields["type"].default: s
     for s in (SFTSection, CausalLMSection, MaskedLMSection, Seq2SeqSection, ClassificationSection,
               TokenClassificationSection, DPOSection, RewardSection, KTOSection, ORPOSection, SimPOSection,
-              DistillSection, GRPOSection, RLOOSection)
+              DistillSection, GRPOSection, RLOOSection, PPOSection)
 }
 
 

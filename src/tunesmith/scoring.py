@@ -167,16 +167,34 @@ def labelled_nll_and_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], 
     """`labelled_nll` of the distribution softmax(logits / temperature) (how online RL scores what it sampled
     at that temperature) and, with `entropy`, that distribution's entropy per labelled token (no gradient;
     else an empty tensor)."""
+    nll, ent, _ = labelled_scores(model, inputs, labels, temperature=temperature, entropy=entropy)
+    return nll, ent
+
+
+def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+                    temperature: float = 1.0, entropy: bool = False, hidden: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`labelled_nll_and_entropy`, and with `hidden` the final hidden state of every labelled position
+    (flat, in the same order): what PPO's value head reads, from the same forward pass."""
     parts = head_and_backbone(model)
-    if parts is not None and _plain_head(parts[1]):
-        hidden, targets = _labelled_hidden(parts[0], inputs, labels)
-        if temperature != 1.0:
-            hidden = hidden / temperature  # (h / T) W^T = logits / T, without a scaled copy of the head
-        return linear_cross_entropy_and_entropy(hidden, parts[1].weight, targets, entropy)
-    logits, picked = labelled_logits(model, inputs, labels)
+    if parts is not None:
+        states, picked = _labelled_hidden(parts[0], inputs, labels)
+        if _plain_head(parts[1]):
+            scaled = states / temperature if temperature != 1.0 else states  # (h / T) W^T = logits / T
+            nll, ent = linear_cross_entropy_and_entropy(scaled, parts[1].weight, picked, entropy)
+            return nll, ent, (states if hidden else None)
+        logits = parts[1](states)
+    else:
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        out = model(**inputs, use_cache=False, output_hidden_states=hidden)
+        width = inputs["input_ids"].shape[1]  # prompt-style methods prepend virtual positions: keep the real ones
+        logits, picked = out.logits[:, -width:][:, :-1][mask], targets[mask]
+        states = out.hidden_states[-1][:, -width:][:, :-1][mask] if hidden else None
+    states = states if hidden else None
     if not len(picked):
         empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty, empty
+        return empty, empty, states
     nll, ent = [], []
     for rows in _chunks(len(picked), logits.shape[-1]):
         logp = torch.log_softmax(logits[rows].float() / temperature, dim=-1)
@@ -184,7 +202,7 @@ def labelled_nll_and_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], 
         if entropy:
             with torch.no_grad():
                 ent.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(nll), (torch.cat(ent) if entropy else logits.new_zeros(0, dtype=torch.float32))
+    return torch.cat(nll), (torch.cat(ent) if entropy else logits.new_zeros(0, dtype=torch.float32)), states
 
 
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor

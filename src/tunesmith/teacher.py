@@ -1,4 +1,5 @@
-"""The teacher of a distillation run: loaded once, frozen, and checked against the student before training.
+"""The second models of a run: a distillation teacher, PPO's reward model; loaded once, frozen, and
+checked against the trained model before training.
 
 The teacher is anything tunesmith loads: a run folder or artifact (any method: a LoRA teacher
 is its base with the adapter on), a peft adapter folder, a transformers model folder, a hub id
@@ -10,7 +11,8 @@ Logit distillation compares two distributions over the same items, and the teach
 student's token ids, so teacher and student must share one tokenizer (and, for token tasks,
 one output vocabulary; for classification, the same labels in the same order). A mismatch is
 refused here, before the student is loaded, with both sizes in the message; computing a KL over
-mismatched token ids or labels would train on a meaningless signal.
+mismatched token ids or labels would train on a meaningless signal. The same holds for a
+reward model, which scores the policy's token ids.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def _tunesmith_folder(source: str) -> bool:
     return path.is_dir() and (_artifact_in(path) is not None or (path / "adapter_config.json").is_file())
 
 
-def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """(teacher in eval mode with no parameter that learns, its tokenizer)."""
+def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype, field: str = "objective.teacher",
+                 kwargs: dict | None = None) -> tuple[nn.Module, Any]:
+    """(teacher in eval mode with no parameter that learns, its tokenizer); `field` names it in errors,
+    `kwargs` go to from_pretrained for a plain model."""
     from .artifacts import load_trained
 
     if _tunesmith_folder(source):
@@ -45,8 +49,9 @@ def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype) -> tuple[n
         found = loaded.manifest.get("auto_class")
         if found and found != auto_class:
             raise ConfigError(
-                f"objective.teacher: {source} is a {found} model (objective '{loaded.manifest.get('objective')}'); "
-                f"the distilled task needs a {auto_class} teacher with the same head"
+                f"{field}: {source} is a {found} model (objective '{loaded.manifest.get('objective')}'); "
+                f"{'the distilled task needs' if field == 'objective.teacher' else 'it must be'} a {auto_class} "
+                f"model{' with the same head' if field == 'objective.teacher' else ''}"
             )
     else:
         from .config import ModelConfig
@@ -55,7 +60,7 @@ def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype) -> tuple[n
         model_cfg = ModelConfig(name_or_path=source)
         folder = materialize(model_cfg)
         tokenizer = load_tokenizer(model_cfg, folder)
-        model = load_model(model_cfg, dtype, folder, auto_class=auto_class, tokenizer=tokenizer)
+        model = load_model(model_cfg, dtype, folder, auto_class=auto_class, tokenizer=tokenizer, **(kwargs or {}))
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -76,6 +81,28 @@ def _label_names(config: Any) -> list[str] | None:
     return None if all(re.fullmatch(r"LABEL_\d+", str(n)) for n in names) else names
 
 
+def same_tokenizer(theirs_tokenizer: Any, tokenizer: Any, field: str, purpose: str) -> None:
+    """Refuse a second model (teacher, reward model) whose tokenizer maps tokens to other ids than the run's:
+    it reads the run's token ids."""
+    whose = "teacher" if field == "objective.teacher" else "reward model"
+    ours_name = "student" if field == "objective.teacher" else "policy"
+    if len(theirs_tokenizer) != len(tokenizer):
+        hint = (" (a teacher with another tokenizer needs sequence-level distillation: train on its generations "
+                "with sft)" if field == "objective.teacher" else "")
+        raise ConfigError(
+            f"{field}: the {whose}'s tokenizer has {len(theirs_tokenizer)} tokens, the {ours_name}'s "
+            f"{len(tokenizer)}; {purpose} needs both to share one tokenizer{hint}"
+        )
+    theirs, ours = theirs_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        differ = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:1]
+        example = f" (e.g. token id {differ[0][1]})" if differ else ""
+        raise ConfigError(
+            f"{field}: the {whose}'s tokenizer ({len(theirs)} tokens) and the {ours_name}'s "
+            f"({len(ours)} tokens) map tokens to different ids{example}; {purpose} needs one shared tokenizer"
+        )
+
+
 def check_teacher(teacher: Any, student: Any, *, task: str, labels: list[str] | None = None,
                   hidden: bool = False, teacher_tokenizer=None, tokenizer=None) -> None:
     """Refuse a teacher whose vocabulary, labels or (for the hidden-state loss) width differ from the student's.
@@ -83,20 +110,7 @@ def check_teacher(teacher: Any, student: Any, *, task: str, labels: list[str] | 
     `teacher` and `student` are models or their configs; tokenizers are compared when both are given.
     """
     if teacher_tokenizer is not None and tokenizer is not None:
-        if len(teacher_tokenizer) != len(tokenizer):
-            raise ConfigError(
-                f"objective.teacher: the teacher's tokenizer has {len(teacher_tokenizer)} tokens, the student's "
-                f"{len(tokenizer)}; distillation needs teacher and student to share one tokenizer (a teacher "
-                "with another tokenizer needs sequence-level distillation: train on its generations with sft)"
-            )
-        theirs, ours = teacher_tokenizer.get_vocab(), tokenizer.get_vocab()
-        if theirs != ours:
-            differ = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:1]
-            example = f" (e.g. token id {differ[0][1]})" if differ else ""
-            raise ConfigError(
-                f"objective.teacher: the teacher's tokenizer ({len(theirs)} tokens) and the student's "
-                f"({len(ours)} tokens) map tokens to different ids{example}; distillation needs one shared tokenizer"
-            )
+        same_tokenizer(teacher_tokenizer, tokenizer, "objective.teacher", "distillation")
     t_cfg, s_cfg = _config(teacher), _config(student)
     if task in TOKEN_TASKS:
         t_vocab, s_vocab = _vocab_size(t_cfg), _vocab_size(s_cfg)
@@ -143,3 +157,22 @@ def prepare_teacher(section, *, auto_class: str, tokenizer, labels: list[str], d
     echo(f"teacher: {section.teacher} ({type(teacher).__name__}, {n:,} parameters, frozen, "
          f"{str(dtype).split('.')[-1]})")
     return teacher
+
+
+def prepare_reward_model(source: str, *, tokenizer, dtype: torch.dtype, echo: Callable[[str], None]) -> nn.Module:
+    """PPO's reward model: loaded once with a one-output sequence-classification head, frozen, and checked
+    against the policy's tokenizer (it scores the policy's token ids) before the policy loads."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, model_tokenizer = load_teacher(source, auto_class="AutoModelForSequenceClassification", dtype=dtype,
+                                          field="objective.reward_model", kwargs={"pad_token_id": pad})
+    labels = getattr(_config(model), "num_labels", None)
+    if labels != 1:
+        raise ConfigError(f"objective.reward_model: {source} has {labels} outputs per sequence; a reward model has "
+                          "one (train one with objective type reward)")
+    if model_tokenizer is not None:
+        same_tokenizer(model_tokenizer, tokenizer, "objective.reward_model", "PPO")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad  # its head reads each right-padded row's last non-pad token
+    n = sum(p.numel() for p in model.parameters())
+    echo(f"reward model: {source} ({type(model).__name__}, {n:,} parameters, frozen, {str(dtype).split('.')[-1]})")
+    return model

@@ -183,12 +183,14 @@ def fit(
     extra_eval: Callable[[nn.Module], dict] | None = None,
     tokenizer=None,
     teacher: nn.Module | None = None,
+    reward_model: nn.Module | None = None,
 ) -> FitResult:
     """Train `model` on `train_rows`.
 
     `method` may supply its own optimizer (LoRA+, LoRA-FA) and the reference policy an
     objective asks for; `extra_eval` adds metrics at every evaluation (reference sets for
-    forgetting); `teacher` (frozen, on the device) reaches the objective through the step context.
+    forgetting); `teacher` and `reward_model` (frozen, on the device) reach the objective through the
+    step context.
     """
     eval_collate = eval_collate or collate
     t = cfg.training
@@ -210,11 +212,23 @@ def fit(
     model.train()
     reference = reference_policy(model, method) if objective.needs_reference else None
     optimizer = (method.build_optimizer(model, t, cfg.method) if method is not None else None) or build_optimizer(model, t)
+    # The objective's own trainable parameters (PPO's value head) join the optimizer before the
+    # schedule is built, so they follow it too.
+    own_groups = objective.own_parameters(StepContext(policy=model, tokenizer=tokenizer, teacher=teacher,
+                                                      reward_model=reward_model), accelerator.device)
+    for group in own_groups:
+        if "scaling_factors" in optimizer.param_groups[0]:  # peft's LoRA-FA keys its state by name and scales
+            n = len(group["params"])
+            group = {**group, "names": [f"objective.{len(optimizer.param_groups)}.{i}" for i in range(n)],
+                     "scaling_factors": [1.0] * n}
+        optimizer.add_param_group(group)
+    own_params = [p for g in own_groups for p in g["params"]]
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + own_params
     generate = partial(generate_ids, model, tokenizer) if tokenizer is not None else None
-    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher, generate=generate)
+    ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher, generate=generate,
+                      reward_model=reward_model)
     reference = None  # the context holds it; released with it once an objective no longer needs it
 
     ckpt_dir = run_dir / "checkpoints"
@@ -278,9 +292,9 @@ def fit(
                 # DDP averages gradients over processes, hence the factor world.
                 n_loss = max(int(reduce_sum([sum(objective.count(b) for b in batches_now)], accelerator)[0]), 1)
                 step_loss, step_tokens, step_logs = 0.0, 0, {}
-                for k, (micro_rows, cpu_batch) in enumerate(zip(rows, batches_now)):
+                for k, cpu_batch in enumerate(batches_now):
                     batch = {key: v.to(accelerator.device) for key, v in cpu_batch.items()}
-                    sync = nullcontext() if k == len(rows) - 1 else accelerator.no_sync(model)
+                    sync = nullcontext() if k == len(batches_now) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
                         out = objective.loss(ctx, batch)
                         loss = out.loss_sum * world / n_loss
@@ -295,6 +309,10 @@ def fit(
                     add_logs(step_logs, out.logs)
                     step_tokens += batch_tokens(cpu_batch)
                 step_loss, step_tokens = merge_step(step_loss, step_tokens, step_logs, state["log_extra"], accelerator)
+                if world > 1:  # DDP averages the model's gradients; the objective's own are averaged here
+                    for p in own_params:
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, "mean")
                 window_tokens += step_tokens
                 train_tokens += step_tokens
                 grad_norm = None

@@ -10,6 +10,7 @@ from .distill import Distill
 from .grpo import GRPO
 from .masked_lm import MaskedLM
 from .kto import KTO
+from .ppo import PPO
 from .preference import DPO
 from .reference_free import ORPO, SimPO
 from .reward import RewardModel
@@ -18,7 +19,7 @@ from .seq2seq import Seq2Seq
 
 OBJECTIVES: dict[str, type[Objective]] = {
     o.name: o for o in (SFT, CausalLM, MaskedLM, Seq2Seq, SequenceClassification, TokenClassification, DPO, RewardModel,
-                        KTO, ORPO, SimPO, Distill, GRPO, RLOO)
+                        KTO, ORPO, SimPO, Distill, GRPO, RLOO, PPO)
 }
 
 

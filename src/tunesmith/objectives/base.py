@@ -52,6 +52,7 @@ class StepContext:
     reference: Callable[[], AbstractContextManager[nn.Module]] | None = None
     teacher: nn.Module | None = None
     generate: Callable | None = None  # the generation helper (online objectives)
+    reward_model: nn.Module | None = None  # frozen, scores completions (PPO)
 
 
 @dataclass
@@ -98,6 +99,11 @@ class Objective(ABC):
         """Optimizer steps each window of rows serves (GRPO's num_iterations reuses a rollout); the engine
         moves on to the next rows after that many calls of `window` with the same rows."""
         return 1
+
+    def own_parameters(self, ctx: StepContext, device: torch.device) -> list[dict]:
+        """Parameters the objective trains besides the model's (PPO's value head), as optimizer param
+        groups, created on `device` before the optimizer is built; their weights travel in `state_dict`."""
+        return []
 
     def window(self, ctx: StepContext, rows: list[list[dict]], collate: Callable) -> list[dict]:
         """The batches of one optimizer step from its micro-batches of rows. Online objectives

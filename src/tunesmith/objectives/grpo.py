@@ -71,7 +71,7 @@ class GRPO(Objective):
 
     def __init__(self, cfg: GRPOSection | None = None):
         super().__init__(cfg if cfg is not None else objective_config(type=self.name))
-        self.needs_reference = self.cfg.beta > 0
+        self.needs_reference = self._wants_reference()
         self.functions = _load_rewards(self.cfg.rewards)
         self._pending: dict[str, tuple[float, float]] = {}
         self._buffer: list[dict] = []  # the current rollout's batches, reused for num_iterations steps
@@ -80,6 +80,9 @@ class GRPO(Objective):
     @property
     def steps_per_window(self) -> int:
         return self.cfg.num_iterations
+
+    def _wants_reference(self) -> bool:
+        return self.cfg.beta > 0
 
     def state_dict(self) -> dict:
         if self.cfg.num_iterations == 1:
@@ -133,6 +136,8 @@ class GRPO(Objective):
         keys = sorted({k for r in rows for k in r["columns"]})
         columns = {k: [r["columns"].get(k) for r in rows] for k in keys}
         scores = call_rewards(self.functions, raw, completions, out.completion_ids, columns)
+        if not scores:  # no reward functions (PPO scores with its reward model alone)
+            return out, torch.zeros(len(rows), 0, dtype=torch.float64), torch.zeros(len(rows), dtype=torch.float64)
         per_fn = torch.tensor([[math.nan if v is None else v for v in fn] for fn in scores],
                               dtype=torch.float64).T  # (completions, functions)
         weights = torch.tensor([spec.weight for spec, _ in self.functions], dtype=torch.float64)

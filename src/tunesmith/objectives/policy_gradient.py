@@ -194,9 +194,10 @@ def kl_penalised_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask:
         raise ValueError(f"kl estimator must be k1 or k3, got {estimator!r}")
     kl = (k1_kl if estimator == "k1" else k3_kl)(logps, ref_logps) * mask
     rewards = -kl_coef * kl
-    lengths = mask.long().sum(-1)
-    last = (lengths - 1).clamp(min=0)
-    has = lengths > 0
+    # The last counted position of each row (completions may sit after their prompt's positions).
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * positions).argmax(-1)
+    has = mask.bool().any(-1)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows[has], last[has]] += scores.to(rewards.dtype)[has]
     return rewards, kl
