@@ -250,11 +250,9 @@ class PPO(GRPO):
             self.kl_coef = adapted_kl_coef(self.kl_coef, float(kl_per_completion.mean()), cfg.target_kl, n,
                                            cfg.kl_horizon)
 
-        size = n // cfg.num_mini_batches
-        minibatches = []
+        minibatches = []  # an epoch's last window may hold fewer prompts: minibatch sizes then differ by one
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n).tolist()
-            minibatches += [order[j * size:(j + 1) * size] for j in range(cfg.num_mini_batches)]
+            minibatches += [part.tolist() for part in torch.randperm(n).tensor_split(cfg.num_mini_batches)]
         return [rollout], minibatches
 
     # ---------------------------------------------------------------- loss
