@@ -99,6 +99,7 @@ class PPO(GRPO):
         self.kl_coef = self.cfg.kl_coef
         self._minibatches: list[list[int]] = []  # rollout row indices of each of the rollout's steps
         self._micro = 1  # completions per micro-batch
+        self._last_scores: torch.Tensor | None = None  # the reward model's scores of the last completions
 
     def _wants_reference(self) -> bool:
         return self.cfg.kl_coef > 0
@@ -293,7 +294,6 @@ class PPO(GRPO):
 
     def evaluate(self, ctx: StepContext, rows: list[dict], batch_size: int) -> dict[str, float] | None:
         metrics = super().evaluate(ctx, rows, batch_size)
-        scores = getattr(self, "_last_scores", None)
-        if rows and scores is not None:
-            metrics["eval_score"] = float(scores.mean())
+        if rows and self._last_scores is not None:
+            metrics["eval_score"] = float(self._last_scores.mean())
         return metrics
