@@ -27,3 +27,26 @@ def test_there_are_recipes_for_alignment():
 def test_recipe_validates(recipe):
     cfg = load_config(recipe)
     assert cfg.objective.type and cfg.method.type
+
+
+MERGE_RECIPES = sorted((EXAMPLES / "merge").glob("*.yaml"))
+
+
+def test_there_is_a_merge_recipe_for_every_method():
+    from tunesmith.merging.registry import MERGE_METHODS
+
+    methods = set()
+    for recipe in MERGE_RECIPES:
+        data = yaml.safe_load(recipe.read_text())
+        methods.add(data.get("method", "linear"))
+        methods.update(c["method"] for c in (data.get("search") or {}).get("candidates", []))
+        methods.update((data.get("search") or {}).get("grid", {}).get("method", []))
+    assert set(MERGE_METHODS) - {"breadcrumbs_ties"} <= methods
+
+
+@pytest.mark.parametrize("recipe", MERGE_RECIPES, ids=lambda p: p.name)
+def test_merge_recipe_validates(recipe):
+    from tunesmith.merging.spec import load_merge_spec
+
+    spec = load_merge_spec(recipe)
+    assert spec.candidates()

@@ -24,4 +24,11 @@ def compare(*args, **kwargs):
     return _compare(*args, **kwargs)
 
 
-__all__ = ["train", "evaluate", "compare", "__version__"]
+def merge(*args, **kwargs):
+    """Merge models (and optionally search merge settings by evaluation); see `tunesmith.merging.merge`."""
+    from .merging import merge as _merge
+
+    return _merge(*args, **kwargs)
+
+
+__all__ = ["train", "evaluate", "compare", "merge", "__version__"]

@@ -68,12 +68,14 @@ def _base_config(manifest: dict) -> ModelConfig:
     return ModelConfig(name_or_path=source)
 
 
-def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None) -> Loaded:
+def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
+                 full_precision_base: bool = False) -> Loaded:
     """A model ready to use: a tunesmith run or artifact folder, a peft adapter folder, or any base model.
 
     `source` may be a hub id, a local transformers folder, a `.gguf` file or `pkg://` GGUF, a
     tunesmith run folder (its adapter/ or model/ is used) or an artifact folder; `adapter` adds
-    a peft adapter on top of a base model.
+    a peft adapter on top of a base model. `full_precision_base` puts a QLoRA adapter on the
+    unquantized base (for merging it into the weights, which 4-bit storage would round).
     """
     from .methods import METHODS, MethodContext
     from .models import load_model, load_tokenizer, materialize
@@ -97,6 +99,8 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
         else:
             method = METHODS[manifest["method"]]
             method_cfg = lenient_method_config(manifest["method_config"])
+            if full_precision_base and manifest["method"] == "qlora":
+                method = METHODS["lora"]
             base_cfg = _base_config(manifest)
             base_kwargs = {**kwargs, **method.load_kwargs(method_cfg, "fp32")}
             base = load_model(base_cfg, dtype, materialize(base_cfg), auto_class=manifest["auto_class"],

@@ -142,6 +142,61 @@ def rewards() -> None:
 
 
 @app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="Merge recipe (YAML): models, base_model, method, parameters, ..."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: key.sub=value (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output folder (overrides the recipe's)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where tensors are merged: cpu, cuda, cuda:1."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Score every candidate again."),
+) -> None:
+    """Merge models (linear, task arithmetic, TIES, DARE, SLERP, ...); with a search block, build,
+    evaluate and rank every candidate and keep the best."""
+    from .merging import merge as run
+
+    try:
+        result = run(recipe, overrides=set_, output=output, device=device, overwrite=overwrite or None,
+                     use_cache=not no_cache, echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+    if len(result.candidates) > 1 or result.tasks:
+        from rich.table import Table
+
+        from .evaluation.report import fmt
+
+        table = Table(title=f"merge candidates (kept: {result.best})")
+        table.add_column("model")
+        for t in result.tasks:
+            table.add_column(f"{t['name']} {t['metric']}", justify="right")
+        for label, per in result.inputs.items():
+            table.add_row(f"{label} (input)", *[fmt(t["metric"], per.get(t["name"], {}).get(t["metric"]))
+                                                for t in result.tasks])
+        for r in result.candidates:
+            table.add_row(r.name, *[fmt(t["metric"], r.scores.get(t["name"], {}).get(t["metric"]))
+                                    for t in result.tasks])
+        console.print(table)
+
+
+@app.command("merge-methods")
+def merge_methods() -> None:
+    """The merge methods and their parameters (per model or global), defaults and ranges."""
+    from rich.table import Table
+
+    from .merging.registry import MERGE_METHODS
+
+    for m in MERGE_METHODS.values():
+        needs = ("needs base_model" if m.needs_base else "base_model for one model" if m.pair_without_base
+                 else "no base")
+        table = Table(title=f"{m.name}: {m.summary} ({needs})", title_justify="left")
+        for column in ("parameter", "scope", "default", "range"):
+            table.add_column(column)
+        for scope, params in (("per model", m.per_model), ("global", m.globals)):
+            for name, p in params.items():
+                table.add_row(name, scope, "required" if p.default is None else str(p.default), p.describe())
+        console.print(table)
+
+
+@app.command()
 def env() -> None:
     """Versions, device and dtype support."""
     from rich.table import Table

@@ -1,0 +1,44 @@
+"""Model merging: methods over tensors (methods.py, registry.py), a streaming engine
+(sources.py, streaming.py), and merge → evaluate → select (pipeline.py, card.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .registry import MERGE_METHODS
+from .spec import MergeSpec, load_merge_spec
+
+
+def merge(recipe: str | Path | dict | MergeSpec | None = None, *, overrides: list[str] | None = None,
+          output: str | Path | None = None, device: str | None = None, overwrite: bool | None = None,
+          use_cache: bool = True, echo: Callable[[str], None] = print, **fields):
+    """Merge models as a recipe says (a MERGE.yaml path, a dict or a MergeSpec) and write the result.
+
+    Keyword fields (models=[...], method=..., base_model=..., parameters={...}, evaluate=[...],
+    search={...}) build or override the recipe; `output`, `device` and `overwrite` override
+    theirs. Returns a `MergeResult` (output folder, best candidate, every candidate's scores).
+    """
+    from .pipeline import run_merge
+
+    data: dict | MergeSpec
+    if recipe is None:
+        data = dict(fields)
+    elif fields and not isinstance(recipe, (str, Path)):
+        data = {**(recipe.model_dump(mode="json", exclude_unset=True) if isinstance(recipe, MergeSpec)
+                   else recipe), **fields}
+    else:
+        data = recipe
+    extra = list(overrides or [])
+    if isinstance(data, (str, Path)) and fields:
+        spec = load_merge_spec(data, extra)
+        data, extra = {**spec.model_dump(mode="json", exclude_unset=True), **fields}, []
+    spec = load_merge_spec(data, extra)
+    updates = {k: v for k, v in (("output", str(output) if output is not None else None), ("device", device),
+                                 ("overwrite", overwrite)) if v is not None}
+    if updates:
+        spec = spec.model_copy(update=updates)
+    return run_merge(spec, echo=echo, use_cache=use_cache)
+
+
+__all__ = ["MERGE_METHODS", "MergeSpec", "load_merge_spec", "merge"]
