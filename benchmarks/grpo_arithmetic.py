@@ -10,7 +10,10 @@ Runs, each in its own process:
   base  the untrained model on the held-out problems;
   grpo  LoRA r 16, --generations answers per problem, rewards: correctness (last number) +
         0.2 x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes);
-  sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget.
+  sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget;
+  sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
+        GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
+        then RL) against SFT alone in the same total wall-clock time.
 Reported: held-out exact match of each, steps, minutes, and the GRPO reward curve
 (docs/img/grpo_arithmetic_reward.svg with --svg).
 
@@ -85,7 +88,7 @@ def score(model: str, heldout: Path, max_new_tokens: int, out: Path) -> float:
     return float(values[0])
 
 
-def train(kind: str, data: Path, work: Path, args) -> dict:
+def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes: float | None = None) -> dict:
     import tunesmith
 
     lora = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -98,10 +101,10 @@ def train(kind: str, data: Path, work: Path, args) -> dict:
     else:
         objective = {"type": "sft"}
         training = {"batch_size": 4, "grad_accum": 2, "learning_rate": 2e-4}
-    cfg = {"model": {"name_or_path": SMOLLM2},
+    cfg = {"model": {"name_or_path": model},
            "data": {"train": str(data), "max_length": 256, "split": {"validation_ratio": 0.0}},
            "method": lora, "objective": objective,
-           "training": {"epochs": 50, "max_minutes": args.minutes, "scheduler": "constant", "seed": 42,
+           "training": {"epochs": 50, "max_minutes": minutes or args.minutes, "scheduler": "constant", "seed": 42,
                         "log_every": 1, "progress": False, **training},
            "eval": {"at_end": False, "forgetting": False},
            "output": {"dir": str(work / kind), "overwrite": True, "model_card": False}}
@@ -110,6 +113,25 @@ def train(kind: str, data: Path, work: Path, args) -> dict:
     return {"run_dir": str(result.run_dir), "steps": result.steps,
             "train_minutes": result.throughput["train_runtime_s"] / 60,
             "rewards": [r["reward"] for r in records if "reward" in r and "lr" in r]}
+
+
+def warm_then_grpo(work: Path, args) -> dict:
+    """SFT for --warm-start minutes, the adapter merged into the base, GRPO for the rest of --minutes."""
+    import time
+
+    from tunesmith.artifacts import load_trained
+
+    start = time.monotonic()
+    sft = train("sft", work / "sft.jsonl", work / "warm", args, minutes=args.warm_start)
+    loaded = load_trained(sft["run_dir"])
+    folder = work / "warm" / "merged"
+    loaded.model.merge_and_unload().save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    spent = (time.monotonic() - start) / 60
+    run = train("grpo", work / "train.jsonl", work / "warm", args, model=str(folder), minutes=args.minutes - spent)
+    run["sft_steps"], run["sft_minutes"] = sft["steps"], sft["train_minutes"]
+    run["train_minutes"] = (time.monotonic() - start) / 60
+    return run
 
 
 def reward_svg(rewards: list[float], path: Path) -> None:
@@ -135,13 +157,15 @@ def child(args) -> None:
     if args.child == "score":
         print("RESULT " + json.dumps({"exact_match": score(args.model, Path(args.heldout), args.max_new_tokens,
                                                              work / f"eval-{Path(args.model).name}")}))
+    elif args.child == "sft+grpo":
+        print("RESULT " + json.dumps(warm_then_grpo(work, args)))
     else:
         print("RESULT " + json.dumps(train(args.child, Path(args.data), work, args)))
 
 
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
-           "--lr", str(args.lr), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)]
+           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)]
     for key, value in extra.items():
         cmd += [f"--{key}", value]
     print(f"running {kind} {extra.get('model', '')} ...", flush=True)
@@ -162,6 +186,9 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=3e-5, help="GRPO learning rate (LoRA)")
+    ap.add_argument("--warm-start", type=float, default=0.0,
+                    help="also run sft+grpo: SFT for this many minutes, then GRPO for the rest of --minutes")
+    ap.add_argument("--runs", default="grpo,sft", help="which training runs (grpo, sft; sft+grpo is added by --warm-start)")
     ap.add_argument("--calibrate", action="store_true", help="only score the base model")
     ap.add_argument("--svg", type=Path, help="write the GRPO reward curve here")
     ap.add_argument("--work", type=Path)
@@ -181,18 +208,20 @@ def main() -> None:
     report["base"] = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})["exact_match"]
     print(f"base exact match {report['base']:.3f} ({args.ops} operations)", flush=True)
     if not args.calibrate:
-        for kind, data in (("grpo", train_file), ("sft", sft_file)):
-            run = run_child(kind, args, data=str(data))
+        kinds = [k for k in args.runs.split(",") if k] + (["sft+grpo"] if args.warm_start else [])
+        data = {"grpo": train_file, "sft": sft_file, "sft+grpo": train_file}
+        for kind in kinds:
+            run = run_child(kind, args, data=str(data[kind]))
             run["exact_match"] = run_child("score", args, model=run["run_dir"],
                                            **{"heldout-file": str(heldout_file)})["exact_match"]
             report[kind] = run
-        if args.svg and report["grpo"]["rewards"]:
+        if args.svg and report.get("grpo", {}).get("rewards"):
             reward_svg(report["grpo"]["rewards"], args.svg)
-        print(f"\n{'model':6} {'exact match':>12} {'steps':>6} {'minutes':>8}")
-        print(f"{'base':6} {report['base']:12.3f}")
-        for kind in ("grpo", "sft"):
+        print(f"\n{'model':8} {'exact match':>12} {'steps':>6} {'minutes':>8}")
+        print(f"{'base':8} {report['base']:12.3f}")
+        for kind in kinds:
             r = report[kind]
-            print(f"{kind:6} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}")
+            print(f"{kind:8} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}")
     print(json.dumps(report))
 
 
