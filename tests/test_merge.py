@@ -320,3 +320,35 @@ def test_cli_merge_and_merge_methods(folders, tmp_path):
     assert bad.exit_code == 2 and "density must be <= 1.0" in " ".join(bad.output.split())
     listing = runner.invoke(app, ["merge-methods"])
     assert listing.exit_code == 0 and "dare_ties" in listing.output and "density" in listing.output
+
+
+def test_lora_adapters_combine_in_low_rank(folders, tmp_path):
+    from tunesmith.artifacts import load_trained
+
+    one = _lora_adapter(folders["base"], tmp_path / "lora1", seed=1)
+    two = _lora_adapter(folders["base"], tmp_path / "lora2", seed=2)
+    models = [{"model": str(one), "parameters": {"weight": 1.0}}, {"model": str(two), "parameters": {"weight": 0.5}}]
+    cat = tmp_path / "cat"
+    tunesmith.merge(models=models, method="lora_combine", output=str(cat), echo=_quiet)
+    assert json.loads((cat / "adapter_config.json").read_text())["r"] == 8  # the ranks add up
+    assert json.loads((cat / "tunesmith.json").read_text())["merge"]["method"] == "lora_combine"
+    folded = load_trained(cat).model.merge_and_unload().state_dict()
+    # cat is exact: the same weights as task arithmetic over the adapters folded into full weights.
+    full = tmp_path / "full"
+    tunesmith.merge(models=models, base_model=str(folders["base"]), method="task_arithmetic", output=str(full),
+                    echo=_quiet)
+    for name, value in _weights(full).items():
+        assert torch.allclose(folded[name], value, atol=1e-5), name
+    svd = tmp_path / "svd"
+    tunesmith.merge(models=models, method="lora_combine", parameters={"combination": "svd", "svd_rank": 2},
+                    output=str(svd), echo=_quiet)
+    assert json.loads((svd / "adapter_config.json").read_text())["r"] == 2
+    with pytest.raises(ConfigError, match="is not a LoRA adapter or LoRA run"):
+        tunesmith.merge(models=[*models, {"model": str(folders["a"])}], method="lora_combine",
+                        output=str(tmp_path / "x"), echo=_quiet)
+    with pytest.raises(ConfigError, match="combination ties_svd needs parameters.density"):
+        tunesmith.merge(models=models, method="lora_combine", parameters={"combination": "ties_svd"},
+                        output=str(tmp_path / "x"), echo=_quiet)
+    with pytest.raises(ConfigError, match="takes one value per parameter"):
+        tunesmith.merge(models=models, method="lora_combine", parameters={"density": [0.2, 0.5]},
+                        output=str(tmp_path / "x"), echo=_quiet)

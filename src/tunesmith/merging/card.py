@@ -35,20 +35,27 @@ def _table(ranked: list[CandidateResult], inputs: dict, tasks: list[dict]) -> li
     return lines
 
 
+def _usage(manifest: dict) -> list[str]:
+    auto = manifest["auto_class"]
+    if manifest.get("artifact") == "adapter":  # lora_combine: a peft adapter on the inputs' base
+        peft_class = auto.replace("AutoModelFor", "AutoPeftModelFor")
+        return [f"from peft import {peft_class}", f"model = {peft_class}.from_pretrained('path/to/this/folder')"]
+    return [f"from transformers import {auto}", f"model = {auto}.from_pretrained('path/to/this/folder')"]
+
+
 def render_merge_card(manifest: dict, *, ranked: list[CandidateResult] | None = None, inputs: dict | None = None,
                       tasks: list[dict] | None = None) -> str:
     recipe = manifest["merge"]
     front = {"base_model": [m["model"] for m in recipe["models"]] + ([recipe["base_model"]] if recipe["base_model"]
                                                                       else []),
-             "library_name": "transformers", "pipeline_tag": PIPELINE_TAGS.get(manifest["auto_class"], "text-generation"),
+             "library_name": "peft" if manifest.get("artifact") == "adapter" else "transformers", "pipeline_tag": PIPELINE_TAGS.get(manifest["auto_class"], "text-generation"),
              "tags": ["tunesmith", "merge", recipe["method"]]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# Merged model ({recipe['method']})", "",
              f"Merged with [tunesmith](https://github.com/tunesmith) by `{recipe['method']}` from "
              f"{len(recipe['models'])} model(s)" + (f" against the base `{recipe['base_model']}`"
                                                   if recipe["base_model"] else "") + ".", "",
-             "## Usage", "", "```python", "from transformers import " + manifest["auto_class"],
-             f"model = {manifest['auto_class']}.from_pretrained('path/to/this/folder')", "```", "",
+             "## Usage", "", "```python", *_usage(manifest), "```", "",
              "## Inputs", "", "| name | model | parameters |", "|---|---|---|"]
     for m in recipe["models"]:
         params = ", ".join(f"{k}={v}" for k, v in m["parameters"].items()) or "defaults"

@@ -56,7 +56,7 @@ class MergeResult:
     reports: dict[str, Path] = field(default_factory=dict)
 
 
-def _manifest(spec: MergeSpec, plan: Plan, candidate: Candidate, scores: dict | None) -> dict:
+def _manifest(spec: MergeSpec, plan: Plan, candidate: Candidate) -> dict:
     """A model artifact's manifest (load_trained reads it) that also records the recipe."""
     trained = next((s.manifest for s in plan.inputs if s.manifest), None)
     if trained is not None:
@@ -82,12 +82,19 @@ def _manifest(spec: MergeSpec, plan: Plan, candidate: Candidate, scores: dict | 
                                  for s in plan.inputs],
                       "base_model": spec.base_model, "dtype": plan.out_dtype, "seed": spec.seed,
                       "tokenizer_source": plan.tokenizer.label},
-            "evaluation": scores or {}}
+            "evaluation": {}}
 
 
-def build(plan: Plan, candidate: Candidate, spec: MergeSpec, folder: Path, echo: Callable[[str], None]) -> Path:
-    """The candidate as a complete model folder (weights, config, tokenizer, manifest, card)."""
+def build(plan: Plan | None, candidate: Candidate, spec: MergeSpec, folder: Path, echo: Callable[[str], None]
+          ) -> Path:
+    """The candidate as a complete model folder (weights, config, tokenizer, manifest, card); a
+    `lora_combine` candidate as an adapter folder."""
     from .card import render_merge_card
+
+    if MERGE_METHODS[candidate.method].low_rank:
+        from .low_rank import build_lora
+
+        return build_lora(spec, candidate, folder, echo)
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,7 +109,7 @@ def build(plan: Plan, candidate: Candidate, spec: MergeSpec, folder: Path, echo:
         shutil.copy2(plan.reference.folder / "generation_config.json", tmp)
     for f in tokenizer_files(plan.tokenizer.folder):
         shutil.copy2(f, tmp)
-    manifest = _manifest(spec, plan, candidate, None)
+    manifest = _manifest(spec, plan, candidate)
     (tmp / "tunesmith.json").write_text(json.dumps(manifest, indent=1))
     (tmp / "README.md").write_text(render_merge_card(manifest))
     shutil.rmtree(folder, ignore_errors=True)
@@ -159,18 +166,23 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
     tasks = [prepare_task(t) for t in spec.evaluate]  # bad evaluation data fails before any merging
     task_info = [{"name": t.label, "metric": t.settings.metrics[0],
                   "higher_is_better": METRICS[t.settings.metrics[0]].higher_is_better} for t in tasks]
-    inputs = [resolve(m.label, m.model, echo) for m in spec.inputs]
-    base = resolve("base", spec.base_model, echo) if spec.base_model else None
-    plan = make_plan(spec, inputs, base)
     candidates = spec.candidates()
     names = [candidate_name(c) for c in candidates]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"search: candidates {dup} appear twice; give them distinct names")
-    for c in candidates:
-        tensor_arguments(plan, c, spec)  # a parameter with no value for some tensor refuses now
-    if any(MERGE_METHODS[c.method].uses_base(len(inputs)) for c in candidates) and base is None:
-        raise ConfigError("a candidate needs base_model")
+    tensor_candidates = [c for c in candidates if not MERGE_METHODS[c.method].low_rank]
+    if len(tensor_candidates) < len(candidates):
+        from .low_rank import lora_inputs
+
+        lora_inputs(spec)  # every input a LoRA adapter of one base, or refused now
+    plan = None
+    if tensor_candidates:
+        inputs = [resolve(m.label, m.model, echo) for m in spec.inputs]
+        base = resolve("base", spec.base_model, echo) if spec.base_model else None
+        plan = make_plan(spec, inputs, base)
+        for c in tensor_candidates:
+            tensor_arguments(plan, c, spec)  # a parameter with no value for some tensor refuses now
 
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -181,10 +193,11 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
         ranked = sorted(results, key=_rank)
         best = ranked[0]
         best_folder = staging / "candidates" / best.name
-        if not (best_folder / "config.json").is_file():  # scored from the cache, or deleted after scoring
+        if not (best_folder / "tunesmith.json").is_file():  # scored from the cache, or deleted after scoring
             echo(f"{best.name}: rebuilding the best candidate")
             build(plan, best.candidate, spec, best_folder, echo)
-        manifest = _manifest(spec, plan, best.candidate, best.scores)
+        manifest = json.loads((best_folder / "tunesmith.json").read_text())
+        manifest["evaluation"] = best.scores
         (best_folder / "tunesmith.json").write_text(json.dumps(manifest, indent=1))
         from .card import render_merge_card
 

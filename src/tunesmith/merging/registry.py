@@ -14,9 +14,17 @@ class Param:
     high: float | None = None
     low_open: bool = False  # the range excludes `low` (density 0 would drop everything)
     kind: type = float
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is a valid value (not required)
+
+    @property
+    def required(self) -> bool:
+        return self.default is None and not self.optional
 
     def check(self, name: str, value) -> str | None:
         """Why `value` is not allowed, or None."""
+        if self.kind is str:
+            return None if value in self.choices else f"{name} must be one of {', '.join(self.choices)} (got {value!r})"
         if self.kind is bool:
             return None if isinstance(value, bool) else f"{name} must be true or false (got {value!r})"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -28,6 +36,8 @@ class Param:
         return None
 
     def describe(self) -> str:
+        if self.kind is str:
+            return " | ".join(self.choices)
         if self.kind is bool:
             return "true/false"
         if self.low is not None and self.high is not None:
@@ -48,6 +58,7 @@ class MergeMethod:
     globals: dict[str, Param] = field(default_factory=dict)
     random: bool = False  # draws masks from the seeded RNG: parity with mergekit is statistical
     pair_without_base: bool = False  # two models interpolate between themselves; one needs the base
+    low_rank: bool = False  # combines LoRA adapters as adapters (low_rank.py), not tensors
 
     def uses_base(self, n_inputs: int) -> bool:
         return self.needs_base or (self.pair_without_base and n_inputs == 1)
@@ -69,6 +80,10 @@ LAMBDA = Param(1.0, low=0.0, low_open=True)
 GAMMA = Param(0.01, low=0.0, high=1.0)
 FLAG_OFF, FLAG_ON = Param(False, kind=bool), Param(True, kind=bool)
 TASK_VECTOR = {"lambda": LAMBDA, "normalize": FLAG_OFF}
+LORA_COMBINATIONS = ("cat", "svd", "linear", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
+                 "magnitude_prune_svd")
 
 MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", "weighted average of the models (no base)", needs_base=False,
@@ -92,6 +107,13 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("slerp", "spherical interpolation from the first model (t=0) to the second (t=1); one model "
                 "is interpolated from the base", needs_base=False, max_models=2, pair_without_base=True,
                 globals={"t": Param(None, low=0.0, high=1.0)}),
+    MergeMethod("lora_combine", "LoRA adapters of one base combined into one LoRA adapter (peft's "
+                "add_weighted_adapter; cat is exact task arithmetic in low rank)", needs_base=False,
+                per_model={"weight": Param(1.0)}, low_rank=True,
+                globals={"combination": Param("cat", kind=str, choices=LORA_COMBINATIONS),
+                         "svd_rank": Param(None, low=1.0, optional=True),
+                         "density": Param(None, low=0.0, high=1.0, low_open=True, optional=True),
+                         "majority_sign_method": Param("total", kind=str, choices=("total", "frequency"))}),
     MergeMethod("model_stock", "base-to-average interpolation set by the task vectors' angle", needs_base=True,
                 min_models=2, globals={"filter_wise": FLAG_OFF}),
 )}

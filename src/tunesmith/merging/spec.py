@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 from ..evaluation.spec import TaskSpec
-from .registry import MERGE_METHODS, MergeMethod
+from .registry import MERGE_METHODS, NEEDS_DENSITY, MergeMethod
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-Scalar = Union[bool, float]
+Scalar = Union[bool, float, str]
 
 
 class Conditional(_Section):
@@ -242,8 +242,17 @@ def check_candidate(spec: MergeSpec, c: Candidate) -> None:
                 if why:
                     raise ValueError(f"{where}: {key}.{pname}: {why}")
     for pname, p in method.globals.items():
-        if p.default is None and pname not in c.parameters:
+        if p.required and pname not in c.parameters:
             raise ValueError(f"{where}: {c.method} needs parameters.{pname}")
+    if method.low_rank:
+        for key, params in sources:
+            for pname, setting in params.items():
+                if isinstance(setting, list):
+                    raise ValueError(f"{where}: {key}.{pname}: {c.method} takes one value per parameter (peft "
+                                     "combines whole adapters; no per-tensor filters or depth gradients)")
+        combination = c.parameters.get("combination", method.globals["combination"].default)
+        if combination in NEEDS_DENSITY and c.parameters.get("density") is None:
+            raise ValueError(f"{where}: combination {combination} needs parameters.density")
 
 
 def load_merge_spec(source: str | Path | dict | MergeSpec, overrides: list[str] | None = None) -> MergeSpec:

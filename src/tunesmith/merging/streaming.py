@@ -77,12 +77,15 @@ def _num_layers(config: dict, names: list[str]) -> int:
 def make_plan(spec: MergeSpec, inputs: list[TensorSource], base: TensorSource | None) -> Plan:
     reference = base or inputs[0]
     others = [s for s in inputs if s is not reference]
-    ref_arch = (reference.config.get("architectures") or [None])[0], reference.config.get("model_type")
+    def arch(source: TensorSource) -> tuple[str | None, str | None]:
+        return (source.config.get("architectures") or [None])[0], source.config.get("model_type")
+
     for s in others:
-        arch = (s.config.get("architectures") or [None])[0], s.config.get("model_type")
-        if arch != ref_arch:
-            raise ConfigError(f"{s.label} is a {arch[0] or arch[1]} model but {reference.label} is a "
-                              f"{ref_arch[0] or ref_arch[1]}: only models of one architecture merge")
+        (a_cls, a_type), (b_cls, b_type) = arch(s), arch(reference)
+        # A config written from a GGUF may name only model_type; classes are compared where both have one.
+        if a_type != b_type or (a_cls and b_cls and a_cls != b_cls):
+            raise ConfigError(f"{s.label} is a {a_cls or a_type} model but {reference.label} is a {b_cls or b_type}: "
+                              "only models of one architecture merge")
     ref_vocab = reference.config.get("vocab_size")
     for s in others:
         if s.config.get("vocab_size") != ref_vocab:
