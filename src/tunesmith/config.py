@@ -270,6 +270,19 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """A YAML file's top-level mapping, or a ConfigError naming the file and what is wrong."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected {expected}")
+    return data
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key.sub=value")
@@ -301,14 +314,7 @@ def load_config(
         source = source.model_dump(mode="json")
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = read_yaml_mapping(path, "config file", "a mapping of sections at the top level")
         # A section whose keys are all commented out reads as null: it means "defaults".
         data = {k: v for k, v in data.items() if v is not None}
         base_dir = path.parent

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import ReferenceSet
@@ -145,15 +144,10 @@ class CompareSpec(_Section):
 
 
 def load_compare_spec(path: str | Path) -> CompareSpec:
+    from ..config import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"compare config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'models' and 'tasks'")
+    data = read_yaml_mapping(path, "compare config", "a mapping with 'models' and 'tasks'")
     spec = validate_spec(data, where=str(path))
     _resolve_paths(spec, path.parent)
     return spec

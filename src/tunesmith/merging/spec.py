@@ -13,7 +13,6 @@ import itertools
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
@@ -257,7 +256,7 @@ def check_candidate(spec: MergeSpec, c: Candidate) -> None:
 
 def load_merge_spec(source: str | Path | dict | MergeSpec, overrides: list[str] | None = None) -> MergeSpec:
     """A validated recipe from a YAML path, a dict or a MergeSpec; `overrides` are key.sub=value strings."""
-    from ..config import apply_overrides
+    from ..config import apply_overrides, read_yaml_mapping
 
     if isinstance(source, MergeSpec):
         if not overrides:
@@ -267,14 +266,7 @@ def load_merge_spec(source: str | Path | dict | MergeSpec, overrides: list[str] 
     where = "merge recipe"
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"merge recipe not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping with 'models' and 'method'")
+        data = read_yaml_mapping(path, "merge recipe", "a mapping with 'models' and 'method'")
         base_dir, where = path.parent, str(path)
     else:
         data = dict(source)
