@@ -49,7 +49,11 @@ def make_models(work: Path) -> dict[str, Path]:
     from tunesmith.config import ModelConfig
     from tunesmith.models import materialize
 
-    base = Path(materialize(ModelConfig(name_or_path=SMOLLM2)))
+    gguf = Path(materialize(ModelConfig(name_or_path=SMOLLM2)))
+    base = work / "base"  # saved again by transformers: mergekit needs config.architectures, which the GGUF lacks
+    if not (base / "config.json").is_file():
+        AutoModelForCausalLM.from_pretrained(gguf, dtype=torch.float32).save_pretrained(base)
+        AutoTokenizer.from_pretrained(gguf).save_pretrained(base)
     folders = {"base": base}
     for i, name in enumerate(("a", "b")):
         folder = work / name

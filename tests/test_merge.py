@@ -280,7 +280,7 @@ def test_search_builds_scores_ranks_keeps_the_best_and_caches(folders, tmp_path,
     for name in ("report.md", "report.html", "search.json", "compare/report.md"):
         assert (out / "search" / name).is_file(), name
     report = (out / "search" / "report.md").read_text()
-    assert "(kept)" in report and "a (input)" in report
+    assert "(kept)" in report and "a (input)" in report and "base (base)" in report
     assert "## Evaluation" in (out / "README.md").read_text()
     # A rerun scores nothing again: every candidate comes from the cache.
     again = tunesmith.merge({**recipe, "overwrite": True}, echo=_quiet)

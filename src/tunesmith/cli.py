@@ -169,7 +169,7 @@ def merge(
         for t in result.tasks:
             table.add_column(f"{t['name']} {t['metric']}", justify="right")
         for label, per in result.inputs.items():
-            table.add_row(f"{label} (input)", *[fmt(t["metric"], per.get(t["name"], {}).get(t["metric"]))
+            table.add_row(f"{label} ({'base' if label == 'base' else 'input'})", *[fmt(t["metric"], per.get(t["name"], {}).get(t["metric"]))
                                                 for t in result.tasks])
         for r in result.candidates:
             table.add_row(r.name, *[fmt(t["metric"], r.scores.get(t["name"], {}).get(t["metric"]))

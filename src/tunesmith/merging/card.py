@@ -26,7 +26,7 @@ def _table(ranked: list[CandidateResult], inputs: dict, tasks: list[dict]) -> li
     lines = [head, "|---" * (len(tasks) + 2) + "|"]
     for label, per in inputs.items():
         cells = [fmt(t["metric"], per.get(t["name"], {}).get(t["metric"])) for t in tasks]
-        lines.append(f"| {label} (input) | " + " | ".join(cells) + " | |")
+        lines.append(f"| {label} ({'base' if label == 'base' else 'input'}) | " + " | ".join(cells) + " | |")
     for i, r in enumerate(ranked):
         cells = [fmt(t["metric"], r.scores.get(t["name"], {}).get(t["metric"])) for t in tasks]
         crit = "–" if r.criterion is None else f"{r.criterion:.4f}"
@@ -126,5 +126,6 @@ def _kept_share(result: MergeResult) -> list[str]:
         top = max(scored, key=scored.get)
         mine = best.scores.get(t["name"], {}).get(t["metric"])
         if mine is not None:
-            lines.append(f"{t['name']}: {100 * mine / scored[top]:.0f}% of {top}'s {fmt(t['metric'], scored[top])}")
+            lines.append(f"{t['name']}: {100 * mine / scored[top]:.0f}% of the best input's score "
+                         f"({top}: {fmt(t['metric'], scored[top])})")
     return lines

@@ -6,7 +6,10 @@ and global ones as keywords, and returns the merged tensor in float32. Defaults 
 follow mergekit 0.1.5 (see docs/merging.md for where they differ from the papers and PEFT),
 so a recipe gives the same weights in either tool; `registry.py` lists them with their
 parameters, and the engine in `streaming.py` decides which tensor and parameter values each
-call sees.
+call sees. A function may set entries of the `tensors` list to None once it has used them, so
+that the freshly read inputs the engine hands over are freed early (the largest tensor of a
+model, its embedding, is what sets a merge's peak memory); the tensors themselves are never
+modified.
 """
 
 from __future__ import annotations
@@ -17,17 +20,14 @@ import torch
 from torch import Tensor
 
 
-def _weights_like(weights: list[float], stacked: Tensor) -> Tensor:
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    return w.view(-1, *([1] * (stacked.dim() - 1)))
-
-
 def linear(tensors: list[Tensor], base: Tensor | None, *, weight: list[float], normalize: bool = True) -> Tensor:
     """Σ w_i θ_i, divided by Σ w_i when `normalize`."""
-    stacked = torch.stack([t.float() for t in tensors])
-    w = _weights_like(weight, stacked)
-    merged = (w * stacked).sum(0)
-    return merged / w.sum(0) if normalize else merged
+    merged = tensors[0].float() * weight[0]
+    tensors[0] = None
+    for i in range(1, len(tensors)):
+        merged.add_(tensors[i].float(), alpha=weight[i])
+        tensors[i] = None
+    return merged.div_(sum(weight)) if normalize else merged
 
 
 # --- sparsification of a task vector δ (mergekit's sparsify.py semantics) ---
@@ -44,14 +44,18 @@ def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> 
 
 
 def magnitude_prune(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
-    """Keep the `density` share of entries with the largest |δ|."""
+    """Keep the `density` share of entries with the largest |δ| (entries tied with the smallest kept
+    magnitude are all kept: a threshold, where a full sort would cost eight bytes per entry)."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
+    n = delta.numel()
+    k = int(density * n)
     if k < 1:
         return torch.zeros_like(delta)
-    mask = torch.zeros_like(delta)
-    mask.view(-1)[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
+    magnitude = delta.abs().reshape(-1)
+    threshold = magnitude.kthvalue(n - k + 1).values
+    mask = (magnitude >= threshold).view_as(delta)
+    del magnitude
     return _rescaled(delta, mask, rescale)
 
 
@@ -81,25 +85,39 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool = F
 
 def _task_vector_merge(tensors: list[Tensor], base: Tensor, weight: list[float], *, prune, consensus: bool,
                        normalize: bool, lambda_: float) -> Tensor:
-    """θ_base + λ·(Σ w_i δ_i' [agreeing with the majority sign]) [÷ Σ of the counted weights]."""
+    """θ_base + λ·(Σ w_i δ_i' [agreeing with the majority sign]) [÷ Σ of the counted weights].
+
+    Lean on memory: each input is turned into its weighted task vector and dropped from the list
+    (the engine hands over freshly read tensors), and sums accumulate in place.
+    """
     base = base.float()
-    deltas = torch.stack([prune(i, t.float() - base) for i, t in enumerate(tensors)])
-    w = _weights_like(weight, deltas)
-    weighted = deltas * w
+    deltas = []
+    for i in range(len(tensors)):
+        delta = prune(i, tensors[i].float() - base)
+        tensors[i] = None
+        deltas.append(delta * weight[i])
+        del delta
+    mixed = deltas[0].clone()
+    for d in deltas[1:]:
+        mixed.add_(d)
     if consensus:
         # TIES "sum" election: the sign of the summed weighted deltas; a pruned (zero) entry never agrees.
-        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        mask = (weighted.sign() == majority).to(weighted.dtype)
-        mixed = (weighted * mask).sum(0)
-        divisor = (w * mask).sum(0)
+        majority = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed.zero_()
+        divisor = torch.zeros_like(mixed)
+        for d, w in zip(deltas, weight):
+            agree = d.sign() == majority
+            mixed.add_(d * agree)
+            divisor.add_(agree, alpha=w)
+        del majority
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted.sum(0)
-        divisor = w.sum(0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+        total = sum(weight)
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    del deltas
     if normalize:
-        mixed = mixed / divisor
-    return base + lambda_ * mixed
+        mixed.div_(divisor)
+    return mixed.mul_(lambda_).add_(base)
 
 
 def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: list[float], lambda_: float = 1.0,

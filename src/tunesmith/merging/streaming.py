@@ -213,7 +213,8 @@ class StreamingWriter:
         if file != self._file:
             self._open(file)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
         self._pos += 1
 
     def close(self) -> None:
@@ -252,8 +253,9 @@ def merge_tensors(plan: Plan, candidate: Candidate, spec: MergeSpec, folder: Pat
             if method.random:
                 seed = (spec.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
                 kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
-            merged = fn(tensors, base, **kwargs)
+            merged = fn(tensors, base, **kwargs)  # may drop the inputs from `tensors` as it goes
+            del tensors, base
             writer.write(name, merged.to(out_dtype))
-            del tensors, base, merged
+            del merged
     writer.close()
     return writer.total
