@@ -30,33 +30,33 @@ def linear(tensors: list[Tensor], base: Tensor | None, *, weight: list[float], n
     return merged.div_(sum(weight)) if normalize else merged
 
 
-# --- sparsification of a task vector δ (mergekit's sparsify.py semantics) ---
+# --- sparsification of a task vector δ (mergekit's sparsify.py semantics), in place on δ ---
 
 def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
     """δ·mask, scaled back to δ's L1 norm when `rescale` (mergekit's DARE rescale, not 1/density)."""
-    kept = delta * mask
+    before = delta.abs().sum() if rescale else None
+    kept = delta.mul_(mask)
     if not rescale:
         return kept
-    before, after = delta.abs().sum(), kept.abs().sum()
+    after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def magnitude_prune(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
-    """Keep the `density` share of entries with the largest |δ| (entries tied with the smallest kept
-    magnitude are all kept: a threshold, where a full sort would cost eight bytes per entry)."""
+    """Keep the `density` share of entries with the largest |δ|. The same (unstable) descending
+    argsort as mergekit, so entries tied in magnitude at the cut are kept alike in both tools."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    k = int(density * n)
+    k = int(density * delta.numel())
     if k < 1:
-        return torch.zeros_like(delta)
-    magnitude = delta.abs().reshape(-1)
-    threshold = magnitude.kthvalue(n - k + 1).values
-    mask = (magnitude >= threshold).view_as(delta)
-    del magnitude
-    return _rescaled(delta, mask, rescale)
+        return delta.zero_()
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask[order[:k]] = True
+    del order
+    return _rescaled(delta, mask.view_as(delta), rescale)
 
 
 def random_prune(delta: Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
@@ -78,9 +78,10 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool = F
     if n_bottom < 0:  # fewer outliers dropped so that `density` is still reached
         n_top, n_bottom = n_top + n_bottom, 0
     order = torch.sort(delta.abs().reshape(-1)).indices
-    mask = torch.zeros_like(delta)
-    mask.view(-1)[order[n_bottom:n - n_top]] = 1
-    return _rescaled(delta, mask, rescale)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom:n - n_top]] = True
+    del order
+    return _rescaled(delta, mask.view_as(delta), rescale)
 
 
 def _task_vector_merge(tensors: list[Tensor], base: Tensor, weight: list[float], *, prune, consensus: bool,
@@ -93,9 +94,9 @@ def _task_vector_merge(tensors: list[Tensor], base: Tensor, weight: list[float],
     base = base.float()
     deltas = []
     for i in range(len(tensors)):
-        delta = prune(i, tensors[i].float() - base)
+        delta = tensors[i].float() - base
         tensors[i] = None
-        deltas.append(delta * weight[i])
+        deltas.append(prune(i, delta).mul_(weight[i]))
         del delta
     mixed = deltas[0].clone()
     for d in deltas[1:]:
