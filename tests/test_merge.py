@@ -352,3 +352,22 @@ def test_lora_adapters_combine_in_low_rank(folders, tmp_path):
     with pytest.raises(ConfigError, match="takes one value per parameter"):
         tunesmith.merge(models=models, method="lora_combine", parameters={"density": [0.2, 0.5]},
                         output=str(tmp_path / "x"), echo=_quiet)
+
+
+def test_evaluate_without_search_scores_the_one_merge(folders, tmp_path, qa_task):
+    out = tmp_path / "scored"
+    result = tunesmith.merge(models=[{"model": str(folders["a"])}, {"model": str(folders["b"])}], output=str(out),
+                             evaluate=[{"name": "qa", "data": str(qa_task), "settings": {"metrics": ["perplexity"]}}],
+                             echo=_quiet)
+    assert len(result.candidates) == 1 and result.candidates[0].scores["qa"]["perplexity"] > 1
+    manifest = json.loads((out / "tunesmith.json").read_text())
+    assert manifest["evaluation"]["qa"]["perplexity"] == result.candidates[0].scores["qa"]["perplexity"]
+    assert (out / "evaluation" / "report.md").is_file() and "## Evaluation" in (out / "README.md").read_text()
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_named(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="could not get 'nobody/no-such-model' from the hub"):
+        tunesmith.merge(models=[{"model": str(folders["a"])}, {"model": "nobody/no-such-model"}],
+                        output=str(tmp_path / "o"), echo=_quiet)
+    assert not (tmp_path / "o").exists()
