@@ -31,4 +31,11 @@ def merge(*args, **kwargs):
     return _merge(*args, **kwargs)
 
 
-__all__ = ["train", "evaluate", "compare", "merge", "__version__"]
+def export(*args, **kwargs):
+    """Export a trained run (merged into a plain transformers model); see `tunesmith.exporting.export`."""
+    from .exporting import export as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["train", "evaluate", "compare", "merge", "export", "__version__"]

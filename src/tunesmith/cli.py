@@ -177,6 +177,24 @@ def merge(
         console.print(table)
 
 
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="A run or artifact folder, or a peft adapter folder."),
+    format: str = typer.Option("merged", "--format", help="merged: a plain transformers model."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output folder (default: SOURCE/export-FORMAT)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32, bf16 or fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Export a trained run: its adapter folded into the base, loadable with plain transformers."""
+    from .exporting import export as run
+
+    try:
+        run(source, format=format, output=output, dtype=dtype, overwrite=overwrite,
+            echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+
+
 @app.command("merge-methods")
 def merge_methods() -> None:
     """The merge methods and their parameters (per model or global), defaults and ranges."""

@@ -22,8 +22,6 @@ from ..errors import ConfigError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "spiece.model", "sentencepiece.bpe.model")
-# Adapters whose weights fold into the base's own tensors.
-MERGEABLE_ADAPTERS = ("lora", "dora", "rslora", "lora_fa", "qlora", "ia3", "bitfit")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
@@ -121,19 +119,12 @@ def _merged_adapter(label: str, origin: str, found: Path, manifest: dict | None,
 
     target = cache_dir() / "merge-inputs" / f"{found.parent.name or 'adapter'}-{_adapter_fingerprint(found)}"
     if not (target / "config.json").is_file():
-        from ..artifacts import load_trained
-        from ..quiet import no_progress_bars
+        from ..exporting.merged import fold_into
 
         echo(f"{label}: folding the adapter into its base ({found})")
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        with no_progress_bars():
-            loaded = load_trained(found, full_precision_base=True)
-            model = loaded.model
-            if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
-            model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
+        fold_into(found, tmp)
         if manifest is not None:
             (tmp / "tunesmith.json").write_text(json.dumps(manifest, indent=1))
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +137,7 @@ def resolve(label: str, origin: str, echo: Callable[[str], None] = print) -> Ten
     """The input named `origin` as a TensorSource, without reading any tensor."""
     from ..artifacts import MANIFEST, _artifact_in
     from ..config import ModelConfig
+    from ..exporting.merged import check_foldable
     from ..models import materialize
 
     path = Path(origin).expanduser()
@@ -157,11 +149,7 @@ def resolve(label: str, origin: str, echo: Callable[[str], None] = print) -> Ten
             manifest = json.loads((found / MANIFEST).read_text())
             if manifest.get("artifact") == "model":
                 return _from_folder(label, origin, found, manifest)
-            method = manifest.get("method")
-            if method not in MERGEABLE_ADAPTERS:
-                raise ConfigError(
-                    f"{label}: {origin} is a '{method}' run; its weights are modules the base architecture has no "
-                    f"place for (only {', '.join(MERGEABLE_ADAPTERS)} adapters and full models can be merged)")
+            check_foldable(path, label)
             return _merged_adapter(label, origin, found, manifest, echo)
         if (path / "adapter_config.json").is_file():
             adapter_cfg = json.loads((path / "adapter_config.json").read_text())

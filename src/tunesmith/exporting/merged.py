@@ -1,0 +1,119 @@
+"""A trained run as a plain transformers model: the adapter (LoRA family, IA3, QLoRA onto the
+full-precision base, BitFit biases) folded into its base, saved with the tokenizer and chat
+template, loadable with no peft and no tunesmith. Merging (`merging/sources.py`) folds its
+adapter inputs with the same function."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError
+
+# Methods whose trained weights become the base's own tensors; the others add modules
+# (bottleneck adapters, virtual tokens, a probe head) the architecture has no place for.
+FOLDABLE = ("full", "freeze", "lora", "dora", "rslora", "lora_fa", "qlora", "ia3", "bitfit")
+
+
+def check_foldable(source: str | Path, label: str = "export") -> Path | None:
+    """The artifact folder of a tunesmith run/artifact (None for anything else), refusing methods
+    that cannot be folded into the weights; nothing is loaded."""
+    from ..artifacts import MANIFEST, _artifact_in
+
+    path = Path(str(source)).expanduser()
+    if str(source).startswith(("/", ".", "~")) and not path.exists():
+        raise ConfigError(f"{label}: not found: {source}")
+    found = _artifact_in(path) if path.is_dir() else None
+    if found is not None:
+        method = json.loads((found / MANIFEST).read_text()).get("method")
+        if method not in FOLDABLE and method != "merge":
+            raise ConfigError(f"{label}: {source} is a '{method}' run; its weights are modules the base architecture "
+                              f"has no place for (only {', '.join(FOLDABLE)} runs fold into plain weights)")
+    return found
+
+
+def fold_into(source: str | Path, folder: Path, *, dtype=None) -> dict:
+    """Write `source` folded into its base as a transformers model folder; returns its manifest (or {})."""
+    from ..artifacts import load_trained
+    from ..quiet import held_load_report, no_progress_bars
+
+    with no_progress_bars(), held_load_report():
+        loaded = load_trained(source, full_precision_base=True)
+        model = loaded.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        if dtype is not None:
+            model = model.to(dtype)
+        model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    return dict(loaded.manifest)
+
+
+def _card(manifest: dict, source: str) -> str:
+    base = manifest.get("base_model") or "unknown"
+    method = manifest.get("method") or "full"
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- tunesmith", "- merged",
+             f"- {method}", "---", "", f"# {Path(source).name} (merged)", "",
+             f"The `{method}` run `{source}` folded into its base `{base}`: a plain transformers model.", "",
+             "```python", f"from transformers import {manifest.get('auto_class') or 'AutoModelForCausalLM'}",
+             f"model = {manifest.get('auto_class') or 'AutoModelForCausalLM'}.from_pretrained('path/to/this/folder')",
+             "```"]
+    trained_card = Path(source) / "README.md"
+    if trained_card.is_file():
+        body = trained_card.read_text().split("---", 2)[-1]
+        lines += ["", "## The training run's card", "", body.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool = False,
+                  echo: Callable[[str], None] = print) -> Path:
+    """`source` (a run, an artifact, a peft adapter folder) as a merged model folder at `output`."""
+    import torch
+
+    found = check_foldable(source)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"output: {output} already exists and is not empty; choose another folder or pass "
+                          "--overwrite (nothing was written)")
+    _check_disk(source, found, output, dtype)
+    dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        echo(f"folding {source} into its base")
+        manifest = fold_into(source, tmp, dtype=dtypes[dtype])
+        (tmp / "README.md").write_text(_card(manifest, str(source)))
+        if output.exists():
+            shutil.rmtree(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    echo(f"merged model: {output}")
+    return output
+
+
+def _check_disk(source: str | Path, found: Path | None, output: Path, dtype: str) -> None:
+    """Refuse before writing when the merged weights would not fit where they go."""
+    from ..artifacts import _base_config
+    from ..models import materialize
+
+    folder = None
+    if found is not None:
+        manifest = json.loads((found / "tunesmith.json").read_text())
+        folder = Path(found if manifest.get("artifact") == "model" else materialize(_base_config(manifest)))
+    elif Path(str(source)).is_dir():
+        folder = Path(str(source))
+    if folder is None or not folder.is_dir():
+        return
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    if dtype in ("bf16", "fp16"):
+        size //= 2
+    probe = output if output.exists() else next(p for p in [output, *output.parents] if p.exists())
+    free = shutil.disk_usage(probe).free
+    if size > free:
+        raise ConfigError(f"output: the merged weights need about {size / 2**30:.2f} GiB but {probe} has "
+                          f"{free / 2**30:.2f} GiB free (nothing was written)")
