@@ -371,3 +371,25 @@ def test_a_hub_id_that_cannot_be_fetched_is_named(folders, tmp_path, monkeypatch
         tunesmith.merge(models=[{"model": str(folders["a"])}, {"model": "nobody/no-such-model"}],
                         output=str(tmp_path / "o"), echo=_quiet)
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_that_holds_an_input_is_refused(folders, tmp_path):
+    inside = tmp_path / "work"
+    shutil.copytree(folders["a"], inside / "a")
+    with pytest.raises(ConfigError, match="holds the input"):
+        tunesmith.merge(models=[{"model": str(inside / "a")}], output=str(inside), overwrite=True, echo=_quiet)
+    assert (inside / "a" / "model.safetensors").is_file()
+
+
+def test_a_sharded_input_is_read_through_its_index(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(folders["a"]).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(folders["a"] / "tokenizer.json", sharded)
+    (sharded / "consolidated.safetensors").write_bytes((folders["b"] / "model.safetensors").read_bytes())  # stray
+    assert (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "m"
+    tunesmith.merge(models=[{"model": str(sharded)}, {"model": str(folders["a"])}], output=str(out), echo=_quiet)
+    a, merged = _weights(folders["a"]), _weights(out)
+    assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in merged)

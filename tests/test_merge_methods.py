@@ -134,7 +134,8 @@ def test_grid_collapses_parameters_a_method_lacks_and_spreads_per_model_lists(tm
     # linear ignores density: 2 weight settings; ties: 2 densities x 2 weight settings.
     assert len(names) == 6 and len(set(names)) == 6
     ties = [c for c in spec.candidates() if c.method == "ties" and c.models]
-    assert ties[0].models == {"a": {"weight": 1}, "b": {"weight": 0}}
+    # A grid value of a per-model parameter goes to every model (over what the inputs set).
+    assert ties[0].models == {"a": {"density": 0.3, "weight": 1}, "b": {"density": 0.3, "weight": 0}}
     with pytest.raises(ConfigError, match="has 3 values for 2 models"):
         _spec(evaluate=[{"data": str(data)}], search={"grid": {"weight": [[1, 0, 1]]}})
 
@@ -154,3 +155,25 @@ def test_recipe_validation_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_filter_that_matches_nothing_falls_through_to_the_next_level():
+    from tunesmith.merging.spec import Candidate
+    from tunesmith.merging.streaming import Plan, tensor_arguments
+    from tunesmith.merging.sources import TensorSource
+
+    spec = load_merge_spec({"models": [{"model": "a", "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}]}},
+                                       {"model": "b"}], "method": "linear", "parameters": {"weight": 0.2}})
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    ref = TensorSource("a", "a", None, {}, {n: (None, [2], "F32") for n in names})
+    plan = Plan([ref, TensorSource("b", "b", None, {}, dict(ref.tensors))], None, ref, ref, names, "F32", 1)
+    args = tensor_arguments(plan, Candidate(method="linear", parameters={"weight": 0.2}), spec)
+    assert args[names[0]]["weight"] == [0.7, 0.2]
+    assert args[names[1]]["weight"] == [0.2, 0.2]  # a's filter list has no value for mlp: the recipe's 0.2
+
+
+def test_candidate_names_cannot_leave_their_folder(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n')
+    with pytest.raises(ConfigError, match="name '../../merged' must be letters"):
+        _spec(evaluate=[{"data": str(data)}], search={"candidates": [{"method": "linear", "name": "../../merged"}]})

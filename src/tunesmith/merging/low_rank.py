@@ -50,8 +50,9 @@ def lora_inputs(spec: MergeSpec) -> list[LoraInput]:
             out.append(LoraInput(m.label, found, manifest["base_source"], manifest))
         elif path.is_dir() and (path / "adapter_config.json").is_file():
             cfg = json.loads((path / "adapter_config.json").read_text())
-            if str(cfg.get("peft_type", "")).upper() != "LORA" or cfg.get("use_dora"):
-                raise ConfigError(f"lora_combine: {m.label} ({m.model}) is not a plain LoRA adapter")
+            if str(cfg.get("peft_type", "")).upper() != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
+                raise ConfigError(f"lora_combine: {m.label} ({m.model}) is not a plain LoRA adapter (DoRA and rsLoRA "
+                                  "are merged as full weights by the tensor methods)")
             out.append(LoraInput(m.label, path, str(cfg.get("base_model_name_or_path")), None))
         else:
             raise ConfigError(f"lora_combine: {m.label} ({m.model}) is not a LoRA adapter or LoRA run")
@@ -78,10 +79,10 @@ def build_lora(spec: MergeSpec, candidate: Candidate, folder: Path, echo: Callab
     with no_progress_bars():
         loaded = load_trained(inputs[0].folder, full_precision_base=True)
         model = loaded.model
-        names = ["default"]
-        for i in inputs[1:]:
-            model.load_adapter(str(i.folder), adapter_name=i.label)
-            names.append(i.label)
+        names = ["default"]  # internal names: a user's label ("combined", "default") must not collide
+        for n, i in enumerate(inputs[1:], start=1):
+            model.load_adapter(str(i.folder), adapter_name=f"__input{n}__")
+            names.append(f"__input{n}__")
         kwargs = {"combination_type": p.get("combination", "cat"),
                   "majority_sign_method": p.get("majority_sign_method", "total")}
         if p.get("svd_rank") is not None:
@@ -89,11 +90,11 @@ def build_lora(spec: MergeSpec, candidate: Candidate, folder: Path, echo: Callab
         if p.get("density") is not None:
             kwargs["density"] = float(p["density"])
         try:
-            model.add_weighted_adapter(names, weights, "combined", **kwargs)
+            model.add_weighted_adapter(names, weights, "__combined__", **kwargs)
         except ValueError as exc:  # peft's reason: unequal ranks for linear, different targets, ...
             raise ConfigError(f"lora_combine ({kwargs['combination_type']}): {exc}") from None
-        model.save_pretrained(str(tmp), selected_adapters=["combined"])
-    saved = tmp / "combined"  # peft writes a non-default adapter into a subfolder of its name
+        model.save_pretrained(str(tmp), selected_adapters=["__combined__"])
+    saved = tmp / "__combined__"  # peft writes a non-default adapter into a subfolder of its name
     for f in saved.iterdir():
         os.replace(f, tmp / f.name)
     saved.rmdir()

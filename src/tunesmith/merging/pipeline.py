@@ -22,7 +22,7 @@ from typing import Callable
 from ..errors import ConfigError
 from .registry import MERGE_METHODS
 from .sources import resolve, tokenizer_files
-from .spec import Candidate, MergeSpec, candidate_name
+from .spec import Candidate, MergeInput, MergeSpec, candidate_name
 from .streaming import Plan, make_plan, merge_tensors, tensor_arguments
 
 CACHE_VERSION = 1
@@ -138,6 +138,17 @@ def criterion(scores: dict[str, dict[str, float]], tasks: list[dict], select: st
     return min(values.values()) if select == "min" else sum(values.values()) / len(values)
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConfigError(f"device: {exc}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} asked for, but torch sees no CUDA GPU here")
+
+
 def _rank(r: CandidateResult) -> tuple:
     return (r.criterion is None, -(r.criterion or 0.0))
 
@@ -157,7 +168,12 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
     from ..evaluation.metrics import METRICS
 
     start = time.perf_counter()
-    out = Path(spec.output).expanduser()
+    out = Path(spec.output).expanduser().resolve()
+    for m in [*spec.models, *([] if spec.base_model is None else [MergeInput(model=spec.base_model)])]:
+        src = Path(m.model).expanduser()
+        if src.exists() and (src.resolve() == out or out in src.resolve().parents):
+            raise ConfigError(f"output: {out} holds the input {m.model}; writing there would destroy it")
+    _check_device(spec.device)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not spec.overwrite:

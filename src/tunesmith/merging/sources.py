@@ -22,7 +22,8 @@ from ..errors import ConfigError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "spiece.model", "sentencepiece.bpe.model")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+_HUB_PATTERNS = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja"]
+KNOWN_DTYPES = ("F64", "F32", "BF16", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class TensorSource:
             return name
         if name in self.aliases and self.aliases[name] in self.tensors:
             return self.aliases[name]
-        if self.config.get("tie_word_embeddings", False):
+        if self.config.get("tie_word_embeddings", True):
             embed = [n for n in self.tensors if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
             if name == "lm_head.weight" and embed:
                 return embed[0]
@@ -63,7 +64,13 @@ class TensorSource:
 
 def read_headers(folder: Path) -> tuple[dict[str, tuple[Path, list[int], str]], dict[str, str]]:
     """Tensor name -> (file, shape, dtype) and the tied-tensor aliases, from headers alone."""
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: exactly the files its index names
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():  # not a stray consolidated.safetensors beside it
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{folder}: no .safetensors weights (a pytorch_model.bin checkpoint: load and "
                           "save_pretrained it once to convert)")
@@ -81,6 +88,9 @@ def read_headers(folder: Path) -> tuple[dict[str, tuple[Path, list[int], str]], 
         for name, meta in header.items():
             if name == "__metadata__":
                 aliases.update({k: v for k, v in (meta or {}).items() if k != "format"})
+            elif meta["dtype"] not in KNOWN_DTYPES:
+                raise ConfigError(f"{path}: tensor {name} is stored as {meta['dtype']}, which merging does not "
+                                  f"handle (known: {', '.join(KNOWN_DTYPES)})")
             else:
                 tensors[name] = (path, list(meta["shape"]), meta["dtype"])
     return tensors, aliases
@@ -107,9 +117,10 @@ def _from_folder(label: str, origin: str, folder: Path, manifest: dict | None = 
 
 
 def _adapter_fingerprint(folder: Path) -> str:
-    from ..evaluation.cache import folder_fingerprint
+    """The adapter's files and its base's: a base changed in place must not reuse a stale fold."""
+    from ..evaluation.cache import model_fingerprint
 
-    return folder_fingerprint(folder)[:16]
+    return model_fingerprint(str(folder))[:16]
 
 
 def _merged_adapter(label: str, origin: str, found: Path, manifest: dict | None, echo: Callable[[str], None]
@@ -124,7 +135,11 @@ def _merged_adapter(label: str, origin: str, found: Path, manifest: dict | None,
         echo(f"{label}: folding the adapter into its base ({found})")
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        fold_into(found, tmp)
+        try:
+            fold_into(found, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if manifest is not None:
             (tmp / "tunesmith.json").write_text(json.dumps(manifest, indent=1))
         tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ in the tensor's name applies (`[{filter: self_attn, value: 0.3}, {value: 0.7}]`)
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Literal, Union
 
@@ -75,7 +76,7 @@ class MergeInput(_Section):
         p = Path(self.model.rstrip("/"))
         if p.name in ("adapter", "model") and p.parent.name:
             p = p.parent
-        return p.stem
+        return p.stem if p.suffix == ".gguf" else p.name  # Qwen2.5-7B keeps its ".5-7B"
 
 
 class Candidate(_Section):
@@ -120,6 +121,7 @@ class MergeSpec(_Section):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"models: duplicate names {dup}; give each a distinct 'name'")
+        labels = [m.label for m in self.inputs]  # a model that is the base is named 'base' here
         if self.tokenizer_source not in (None, "base", *labels):
             raise ValueError(f"tokenizer_source: '{self.tokenizer_source}' is neither 'base' nor an input's name "
                              f"({', '.join(labels)})")
@@ -181,6 +183,9 @@ def grid_candidates(grid: dict[str, list], spec: MergeSpec) -> list[Candidate]:
                     raise ValueError(f"search.grid.{key}: {value} has {len(value)} values for {len(names)} models")
                 for n, v in zip(names, value):
                     per_model.setdefault(n, {})[key] = v
+            elif key in method.per_model:  # one value for every model, over what the inputs set
+                for n in names:
+                    per_model.setdefault(n, {})[key] = value
             else:
                 params[key] = value
         c = Candidate(method=method_name, parameters=params, models=per_model)
@@ -189,6 +194,9 @@ def grid_candidates(grid: dict[str, list], spec: MergeSpec) -> list[Candidate]:
             seen.add(key)
             out.append(c)
     return out
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._=+-]+")
 
 
 def candidate_name(c: Candidate) -> str:
@@ -204,7 +212,7 @@ def candidate_name(c: Candidate) -> str:
     parts = [c.method] + [f"{k}{fmt(v)}" for k, v in sorted(c.parameters.items())]
     for model, params in sorted(c.models.items()):
         parts += [f"{model}.{k}{fmt(v)}" for k, v in sorted(params.items())]
-    return "-".join(parts).replace("/", "_")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
 
 
 def check_candidate(spec: MergeSpec, c: Candidate) -> None:
@@ -222,6 +230,9 @@ def check_candidate(spec: MergeSpec, c: Candidate) -> None:
                 else f"at least {method.min_models}" if not method.max_models
                 else f"{method.min_models} to {method.max_models}")
         raise ValueError(f"{where}: {c.method} merges {want} model(s) besides the base; got {len(inputs)}")
+    if c.name is not None and (not _SAFE_NAME.fullmatch(c.name) or c.name in (".", "..")):
+        raise ValueError(f"{where}: name '{c.name}' must be letters, digits, '.', '_', '-', '=' or '+' (it names a "
+                         "folder)")
     names = {m.label for m in inputs}
     for name in c.models:
         if name not in names:
@@ -230,6 +241,9 @@ def check_candidate(spec: MergeSpec, c: Candidate) -> None:
         [(f"models.{n}", p) for n, p in c.models.items()]
     for key, params in sources:
         for pname, setting in params.items():
+            inherited = key.endswith(".parameters") or (key == "parameters" and spec.parameters.get(pname) == setting)
+            if pname not in method.params and spec.search is not None and inherited:
+                continue  # the recipe's or an input's density means nothing to a linear candidate of the search
             if pname not in method.params:
                 raise ValueError(f"{where}: {key}.{pname} is not a parameter of {c.method} "
                                  f"(its parameters: {', '.join(method.params) or 'none'})")

@@ -93,6 +93,11 @@ def make_plan(spec: MergeSpec, inputs: list[TensorSource], base: TensorSource | 
                 f"vocabularies differ: {reference.label} has {ref_vocab} tokens, {s.label} has "
                 f"{s.config.get('vocab_size')}; the embedding rows cannot be matched (resize one model's "
                 "embeddings to the other's tokenizer first)")
+    tied = reference.config.get("tie_word_embeddings", True)
+    for s in others:
+        if s.config.get("tie_word_embeddings", True) != tied:
+            raise ConfigError(f"{s.label} {'ties' if not tied else 'unties'} its output layer to the input embeddings "
+                              f"and {reference.label} does not: their lm_head weights cannot be matched")
     names = list(reference.tensors)
     for s in others:
         missing = [n for n in names if s.locate(n) is None]
@@ -142,9 +147,13 @@ def tensor_arguments(plan: Plan, candidate: Candidate, spec: MergeSpec) -> dict[
         for pname, p in method.per_model.items():
             values = []
             for s in plan.inputs:
-                setting = candidate.models.get(s.label, {}).get(
-                    pname, by_label[s.label].parameters.get(pname, candidate.parameters.get(pname)))
-                value = evaluate_setting(setting, name, t) if setting is not None else None
+                # Most specific first; a level whose filters match nothing falls through (as mergekit's).
+                value = None
+                for level in (candidate.models.get(s.label, {}), by_label[s.label].parameters, candidate.parameters):
+                    if pname in level:
+                        value = evaluate_setting(level[pname], name, t)
+                        if value is not None:
+                            break
                 values.append(p.default if value is None else value)
             kwargs[pname] = values
         for pname, p in method.globals.items():
