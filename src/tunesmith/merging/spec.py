@@ -210,8 +210,10 @@ def candidate_name(c: Candidate) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v).lower()
 
     parts = [c.method] + [f"{k}{fmt(v)}" for k, v in sorted(c.parameters.items())]
-    for model, params in sorted(c.models.items()):
-        parts += [f"{model}.{k}{fmt(v)}" for k, v in sorted(params.items())]
+    # Per-model values side by side, models in name order: "weight1.2_0.8", not one part per model.
+    models = sorted(c.models)
+    for key in sorted({k for params in c.models.values() for k in params}):
+        parts.append(key + "_".join(fmt(c.models[m][key]) if key in c.models[m] else "x" for m in models))
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
 
 
