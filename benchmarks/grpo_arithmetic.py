@@ -119,14 +119,12 @@ def warm_then_grpo(work: Path, args) -> dict:
     """SFT for --warm-start minutes, the adapter merged into the base, GRPO for the rest of --minutes."""
     import time
 
-    from tunesmith.artifacts import load_trained
+    from tunesmith.exporting.merged import fold_into
 
     start = time.monotonic()
     sft = train("sft", work / "sft.jsonl", work / "warm", args, minutes=args.warm_start)
-    loaded = load_trained(sft["run_dir"])
     folder = work / "warm" / "merged"
-    loaded.model.merge_and_unload().save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    fold_into(sft["run_dir"], folder)
     spent = (time.monotonic() - start) / 60
     run = train("grpo", work / "train.jsonl", work / "warm", args, model=str(folder), minutes=args.minutes - spent)
     run["sft_steps"], run["sft_minutes"] = sft["steps"], sft["train_minutes"]

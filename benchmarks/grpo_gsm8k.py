@@ -62,7 +62,7 @@ def write_splits(work: Path, questions: int, heldout: int) -> tuple[Path, Path, 
 def warm_start(sft: Path, work: Path, epochs: float) -> str:
     """SFT with LoRA, then the adapter merged into the base: a plain model folder."""
     import tunesmith
-    from tunesmith.artifacts import load_trained
+    from tunesmith.exporting.merged import fold_into
 
     cfg = {"model": {"name_or_path": SMOLLM2},
            "data": {"train": str(sft), "max_length": 512, "split": {"validation_ratio": 0.0}},
@@ -72,11 +72,8 @@ def warm_start(sft: Path, work: Path, epochs: float) -> str:
            "eval": {"at_end": False, "forgetting": False},
            "output": {"dir": str(work / "sft"), "overwrite": True, "model_card": False}}
     result = tunesmith.train(cfg, echo=lambda m: print("  [sft]", m, file=sys.stderr, flush=True))
-    loaded = load_trained(result.run_dir)
-    merged = loaded.model.merge_and_unload()
     folder = work / "sft-merged"
-    merged.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    fold_into(result.run_dir, folder)
     return str(folder)
 
 

@@ -21,24 +21,12 @@ def merge(recipe: str | Path | dict | MergeSpec | None = None, *, overrides: lis
     """
     from .pipeline import run_merge
 
-    data: dict | MergeSpec
-    if recipe is None:
-        data = dict(fields)
-    elif fields and not isinstance(recipe, (str, Path)):
-        data = {**(recipe.model_dump(mode="json", exclude_unset=True) if isinstance(recipe, MergeSpec)
-                   else recipe), **fields}
-    else:
-        data = recipe
-    extra = list(overrides or [])
-    if isinstance(data, (str, Path)) and fields:
-        spec = load_merge_spec(data, extra)
-        data, extra = {**spec.model_dump(mode="json", exclude_unset=True), **fields}, []
-    spec = load_merge_spec(data, extra)
-    updates = {k: v for k, v in (("output", str(output) if output is not None else None), ("device", device),
-                                 ("overwrite", overwrite)) if v is not None}
-    if updates:
-        spec = spec.model_copy(update=updates)
-    return run_merge(spec, echo=echo, use_cache=use_cache)
-
+    fields.update({k: v for k, v in (("output", None if output is None else str(output)), ("device", device),
+                                     ("overwrite", overwrite)) if v is not None})
+    if fields:
+        if isinstance(recipe, (str, Path, MergeSpec)):  # a YAML's relative paths resolve before the update
+            recipe = load_merge_spec(recipe).model_dump(mode="json", exclude_unset=True)
+        recipe = {**(recipe or {}), **fields}
+    return run_merge(load_merge_spec(recipe, overrides), echo=echo, use_cache=use_cache)
 
 __all__ = ["MERGE_METHODS", "MergeSpec", "load_merge_spec", "merge"]

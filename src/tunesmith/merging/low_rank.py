@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from .spec import Candidate, MergeSpec
+from .spec import Candidate, MergeSpec, model_levels
 
 # rsLoRA is left out: peft gives the combined adapter alpha = r, which rsLoRA's alpha/sqrt(r) scaling
 # turns into sqrt(r) instead of 1 (the tensor methods merge rsLoRA runs exactly).
@@ -71,9 +71,8 @@ def build_lora(spec: MergeSpec, candidate: Candidate, folder: Path, echo: Callab
 
     inputs = lora_inputs(spec)
     p = candidate.parameters
-    weights = [float(candidate.models.get(i.label, {}).get(
-        "weight", next(m for m in spec.inputs if m.label == i.label).parameters.get("weight", p.get("weight", 1.0))))
-        for i in inputs]
+    weights = [float(next((level["weight"] for level in model_levels(spec, candidate, i.label) if "weight" in level),
+                          1.0)) for i in inputs]
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with no_progress_bars():

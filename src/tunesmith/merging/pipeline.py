@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from .card import render_merge_card, write_search_report
 from .registry import MERGE_METHODS
 from .sources import resolve, tokenizer_files
 from .spec import Candidate, MergeInput, MergeSpec, candidate_name
@@ -89,8 +90,6 @@ def build(plan: Plan | None, candidate: Candidate, spec: MergeSpec, folder: Path
           ) -> Path:
     """The candidate as a complete model folder (weights, config, tokenizer, manifest, card); a
     `lora_combine` candidate as an adapter folder."""
-    from .card import render_merge_card
-
     if MERGE_METHODS[candidate.method].low_rank:
         from .low_rank import build_lora
 
@@ -155,8 +154,7 @@ def _rank(r: CandidateResult) -> tuple:
 
 def _candidate_key(spec: MergeSpec, c: Candidate, fingerprints: dict, task_keys: list) -> str:
     payload = {"v": CACHE_VERSION, "candidate": c.model_dump(mode="json", exclude={"name"}),
-               "inputs": [(m.label, m.model, m.parameters and json.dumps(m.parameters, sort_keys=True, default=str),
-                           fingerprints[m.label]) for m in spec.inputs],
+               "inputs": [(m.model_dump(mode="json"), fingerprints[m.label]) for m in spec.inputs],
                "base": fingerprints.get("base"), "dtype": spec.dtype, "seed": spec.seed,
                "tokenizer_source": spec.tokenizer_source, "eval_dtype": spec.eval_dtype, "tasks": task_keys}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -215,8 +213,6 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
         manifest = json.loads((best_folder / "tunesmith.json").read_text())
         manifest["evaluation"] = best.scores
         (best_folder / "tunesmith.json").write_text(json.dumps(manifest, indent=1))
-        from .card import render_merge_card
-
         (best_folder / "README.md").write_text(render_merge_card(manifest, ranked=ranked, inputs=input_scores,
                                                                  tasks=task_info))
         if out.exists():
@@ -232,8 +228,6 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
             models, per_model = compare_parts
             combined = CompareResult(models, tasks, models[0].label, results=per_model, reference_only=[])
             result.reports = {f"compare_{k}": v for k, v in write_outputs(combined, report_dir / "compare").items()}
-            from .card import write_search_report
-
             result.reports.update(write_search_report(result, report_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -282,9 +276,9 @@ def _build_and_score(spec, plan, candidates, names, tasks, task_info, staging, e
         key = _candidate_key(spec, c, fingerprints, task_keys)
         hit = store / f"{key}.json"
         if tasks and use_cache and hit.is_file():
-            r.scores = {t: EvalResult.from_json(v).metrics for t, v in json.loads(hit.read_text())["results"].items()}
             per_model[name] = {t: EvalResult.from_json(v, cached=True)
                                for t, v in json.loads(hit.read_text())["results"].items()}
+            r.scores = {t: res.metrics for t, res in per_model[name].items()}
             r.cached = True
             echo(f"{name}: scores from the cache")
         else:

@@ -156,6 +156,13 @@ class MergeSpec(_Section):
         return out
 
 
+def model_levels(spec: MergeSpec, candidate: Candidate, label: str) -> list[dict[str, Setting]]:
+    """Where an input's per-model parameters are looked up, most specific first: the candidate's
+    value for that model, the input's own, then the candidate's value for every model."""
+    own = next(m.parameters for m in spec.inputs if m.label == label)
+    return [candidate.models.get(label, {}), own, candidate.parameters]
+
+
 def grid_candidates(grid: dict[str, list], spec: MergeSpec) -> list[Candidate]:
     if not grid:
         return []

@@ -20,7 +20,7 @@ from typing import Callable
 from ..errors import ConfigError
 from .registry import MERGE_METHODS
 from .sources import TensorSource
-from .spec import Candidate, MergeSpec, evaluate_setting
+from .spec import Candidate, MergeSpec, evaluate_setting, model_levels
 
 _SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -137,7 +137,7 @@ def _tokenizer_source(spec: MergeSpec, inputs: list[TensorSource], base: TensorS
 def tensor_arguments(plan: Plan, candidate: Candidate, spec: MergeSpec) -> dict[str, dict]:
     """Every float tensor's keyword arguments for the method function, before anything is read."""
     method = MERGE_METHODS[candidate.method]
-    by_label = {m.label: m for m in spec.inputs}
+    levels = {s.label: model_levels(spec, candidate, s.label) for s in plan.inputs}
     out: dict[str, dict] = {}
     for name in plan.names:
         if plan.reference.tensors[name][2] not in ("F32", "BF16", "F16", "F64"):
@@ -149,7 +149,7 @@ def tensor_arguments(plan: Plan, candidate: Candidate, spec: MergeSpec) -> dict[
             for s in plan.inputs:
                 # Most specific first; a level whose filters match nothing falls through (as mergekit's).
                 value = None
-                for level in (candidate.models.get(s.label, {}), by_label[s.label].parameters, candidate.parameters):
+                for level in levels[s.label]:
                     if pname in level:
                         value = evaluate_setting(level[pname], name, t)
                         if value is not None:
