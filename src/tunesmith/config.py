@@ -330,12 +330,20 @@ def load_config(
     return cfg
 
 
+def resolve_against(p: str | None, base_dir: Path) -> str | None:
+    """A path a YAML names: against the YAML's folder when it exists there and not from here
+    (hub ids, pkg:// sources and names like 'default' pass through)."""
+    if p is None or "://" in p or Path(p).exists():
+        return p
+    candidate = base_dir / p
+    return str(candidate) if candidate.exists() else p
+
+
 def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
     """Data files named relative to the YAML resolve against the YAML's folder when they exist there."""
 
     def fix(p: str) -> str:
-        candidate = base_dir / p
-        return str(candidate) if not Path(p).exists() and candidate.exists() else p
+        return resolve_against(p, base_dir)
 
     def fix_all(value: str | list[str]) -> str | list[str]:
         return [fix(p) for p in value] if isinstance(value, list) else fix(value)

@@ -167,11 +167,10 @@ def validate_spec(data: dict, where: str = "compare config") -> CompareSpec:
 def _resolve_paths(spec: CompareSpec, base: Path) -> None:
     """Files named relative to the YAML resolve against its folder when they exist there."""
 
+    from ..config import resolve_against
+
     def fix(p: str | None) -> str | None:
-        if p is None or Path(p).exists() or p == "default" or "://" in p:
-            return p
-        candidate = base / p
-        return str(candidate) if candidate.exists() else p
+        return p if p == "default" else resolve_against(p, base)
 
     for t in spec.tasks:
         t.data = fix(t.data)

@@ -310,18 +310,13 @@ def load_merge_spec(source: str | Path | dict | MergeSpec, overrides: list[str] 
 
 def _resolve_paths(spec: MergeSpec, base: Path) -> None:
     """Paths relative to the YAML resolve against its folder when they exist there."""
-
-    def fix(p: str | None) -> str | None:
-        if p is None or Path(p).exists() or "://" in p:
-            return p
-        candidate = base / p
-        return str(candidate) if candidate.exists() else p
+    from ..config import resolve_against
 
     for m in spec.models:
         same_as_base = m.model == spec.base_model
-        m.model = fix(m.model)
+        m.model = resolve_against(m.model, base)
         if same_as_base:
             spec.base_model = m.model
-    spec.base_model = fix(spec.base_model)
+    spec.base_model = resolve_against(spec.base_model, base)
     for t in spec.evaluate:
-        t.data = fix(t.data)
+        t.data = resolve_against(t.data, base)
