@@ -8,6 +8,8 @@ reason, where the mergekit venv cannot be made (no package index).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 import tunesmith
@@ -19,8 +21,8 @@ from mergekit_parity import RANDOM, RECIPES, dare_statistics, ensure_venv, max_a
 def mergekit_python():
     try:
         return ensure_venv()
-    except Exception as exc:  # offline, or the index lacks mergekit
-        pytest.skip(f"mergekit venv unavailable: {str(exc)[-300:]}")
+    except subprocess.CalledProcessError as exc:  # venv or pip failed: no package index, or it lacks mergekit
+        pytest.skip(f"mergekit venv could not be made ({exc.cmd[2:5]}): {(exc.stderr or '')[-300:]}")
 
 
 def test_every_method_matches_mergekit(mergekit_python, tmp_path, monkeypatch):
