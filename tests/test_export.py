@@ -74,3 +74,148 @@ def test_cli_export(lora_run, tmp_path):
     assert result.exit_code == 0, result.output
     again = runner.invoke(app, ["export", str(lora_run), "--output", str(tmp_path / "cli")])
     assert again.exit_code == 2 and "already exists" in " ".join(again.output.split())
+
+
+def _gguf_fields(file):
+    import gguf
+
+    reader = gguf.GGUFReader(str(file))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    return fields, kinds, reader
+
+
+def test_gguf_export_of_a_lora_run_loads_back_as_the_same_model(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.artifacts import load_trained
+
+    out = tunesmith.export(lora_run, format="gguf", types=("f32", "f16"), output=tmp_path / "gguf",
+                           echo=lambda m: None)
+    name = lora_run.name
+    report = json.loads((out / "export.json").read_text())
+    assert set(report["files"]) == {f"{name}-f32.gguf", f"{name}-f16.gguf"}
+    assert all(e["check"]["passed"] and e["check"]["tokenizer_ids_equal"] for e in report["files"].values())
+    assert report["files"][f"{name}-f32.gguf"]["check"]["logits_max_rel_diff"] <= 1e-4
+    assert (out / "Modelfile").read_text().startswith(f"FROM ./{name}-f32.gguf")
+    assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
+    assert not (out / ".merged").exists()
+
+    fields, kinds, reader = _gguf_fields(out / f"{name}-f16.gguf")
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["tokenizer.chat_template"].startswith("{")
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" not in kinds  # tied to token_embd
+
+    # Independently of the exporter's own check: the file computes what the trained run computes.
+    trained = load_trained(lora_run)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"{name}-f32.gguf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=f"{name}-f32.gguf")
+    text = "<|im_start|>user\nwhat is the capital of france<|im_end|>\n"
+    assert tok(text)["input_ids"] == trained.tokenizer(text)["input_ids"]
+    ids = trained.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, trained.model(ids).logits, atol=1e-5)
+
+
+def _tiny_model(folder, cls="llama", hidden=64):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(folder)
+    torch.manual_seed(0)
+    Config, Model = (LlamaConfig, LlamaForCausalLM) if cls == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    model = Model(Config(vocab_size=len(tok) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=False))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_gguf_quantized_types_write_blocks_and_stay_close(tmp_path):
+    folder = tmp_path / "model"
+    _tiny_model(folder)
+    out = tunesmith.export(folder, format="gguf", types=("q8_0", "q4_0", "bf16"), output=tmp_path / "q",
+                           echo=lambda m: None)
+    report = json.loads((out / "export.json").read_text())
+    q8 = report["files"]["model-q8_0.gguf"]
+    assert q8["tensors"]["Q8_0"] >= 14 and q8["check"]["passed"] and q8["check"]["logits_max_rel_diff"] > 0
+    sizes = {t: report["files"][f"model-{t}.gguf"]["bytes"] for t in ("q8_0", "q4_0", "bf16")}
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["bf16"]
+    _, kinds, reader = _gguf_fields(out / "model-q4_0.gguf")
+    assert kinds["blk.1.ffn_down.weight"] == "Q4_0" and kinds["output.weight"] == "Q4_0"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(reader.fields["tokenizer.ggml.token_type"].data)
+
+
+def test_gguf_qwen2_with_biases_round_trips(tmp_path):
+    folder = tmp_path / "qwen"
+    _tiny_model(folder, "qwen2")
+    out = tunesmith.export(folder, format="gguf", types=("f32",), output=tmp_path / "g", echo=lambda m: None)
+    check = json.loads((out / "export.json").read_text())["files"]["qwen-f32.gguf"]["check"]
+    assert check["passed"] and check["logits_max_rel_diff"] <= 1e-4
+    _, kinds, _ = _gguf_fields(out / "qwen-f32.gguf")
+    assert "blk.0.attn_q.bias" in kinds
+
+
+def test_gguf_check_catches_a_wrong_file(tmp_path, monkeypatch):
+    """Without llama.cpp's q/k row order the file loads but computes something else: the check must say so."""
+    from tunesmith.exporting import gguf_file
+    from tunesmith.exporting.gguf_export import ExportCheckError
+
+    folder = tmp_path / "model"
+    _tiny_model(folder)
+    monkeypatch.setattr(gguf_file, "_permute", lambda w, heads: w)
+    with pytest.raises(ExportCheckError, match="did not reproduce the model"):
+        tunesmith.export(folder, format="gguf", types=("f32",), output=tmp_path / "bad", echo=lambda m: None)
+    assert not json.loads((tmp_path / "bad" / "export.json").read_text())["files"]["model-f32.gguf"]["check"]["passed"]
+
+
+def test_gguf_refusals_name_the_reason_and_write_nothing(tmp_path, tiny_bert_dir):
+    import shutil as sh
+
+    folder = tmp_path / "model"
+    _tiny_model(folder)
+    with pytest.raises(ConfigError, match="can be read by the gguf package but not written"):
+        tunesmith.export(folder, format="gguf", types=("q4_k",), output=tmp_path / "a", echo=lambda m: None)
+    with pytest.raises(ConfigError, match="unknown GGUF type 'q3'"):
+        tunesmith.export(folder, format="gguf", types=("q3",), output=tmp_path / "a", echo=lambda m: None)
+    with pytest.raises(ConfigError, match="is not mapped to llama.cpp names"):
+        tunesmith.export(tiny_bert_dir, format="gguf", output=tmp_path / "a", echo=lambda m: None)
+    odd = tmp_path / "odd"
+    sh.copytree(folder, odd)
+    tok = json.loads((odd / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ConfigError, match="has no llama.cpp name this exporter knows"):
+        tunesmith.export(odd, format="gguf", output=tmp_path / "a", echo=lambda m: None)
+    with pytest.raises(ConfigError, match="--dtype applies to --format merged"):
+        tunesmith.export(folder, format="gguf", dtype="bf16", output=tmp_path / "a", echo=lambda m: None)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.tmp*"))
+
+
+def test_bnb_4bit_export_reloads_quantized(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "model"
+    _tiny_model(folder)  # bitsandbytes' CPU kernel needs output sizes in multiples of 32
+    out = tunesmith.export(folder, format="bnb-4bit", output=tmp_path / "nf4", echo=lambda m: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    check = json.loads((out / "export.json").read_text())["check"]
+    assert 0 < check["logits_max_rel_diff"] < 1 and check["argmax_agreement"] > 0.5
+
+
+def test_cli_gguf_export_and_refusal(lora_run, tmp_path):
+    from tunesmith.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(lora_run), "--format", "gguf", "--type", "f16", "--output",
+                                 str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "greedy generations 4/4 identical" in " ".join(result.output.split())
+    bad = runner.invoke(app, ["export", str(lora_run), "--format", "gguf", "--type", "q4_k"])
+    assert bad.exit_code == 2 and "not written" in " ".join(bad.output.split())

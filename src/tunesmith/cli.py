@@ -179,18 +179,81 @@ def merge(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="A run or artifact folder, or a peft adapter folder."),
-    format: str = typer.Option("merged", "--format", help="merged: a plain transformers model."),
+    source: str = typer.Argument(..., help="A run or artifact folder, a peft adapter folder or a model folder."),
+    format: str = typer.Option("merged", "--format",
+                               help="merged: a plain transformers model; gguf: llama.cpp/Ollama file(s) and a "
+                                    "Modelfile; bnb-4bit: NF4 safetensors for GPU serving."),
     output: Optional[Path] = typer.Option(None, "--output", help="Output folder (default: SOURCE/export-FORMAT)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="merged: auto (as loaded), fp32, bf16 or fp16."),
+    type_: list[str] = typer.Option(["f16"], "--type", help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
+                                                            "(repeat for several files)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="gguf: load each file back with transformers and compare tokens, logits and "
+                                     "greedy generations with the model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
-    """Export a trained run: its adapter folded into the base, loadable with plain transformers."""
+    """Export a trained run: merged into its base, as GGUF, or as 4-bit safetensors."""
     from .exporting import export as run
+    from .exporting.gguf_export import ExportCheckError
 
     try:
-        run(source, format=format, output=output, dtype=dtype, overwrite=overwrite,
-            echo=lambda m: console.print(m, highlight=False))
+        run(source, format=format, output=output, dtype=dtype, types=tuple(type_), verify=verify,
+            overwrite=overwrite, echo=lambda m: console.print(m, highlight=False))
+    except ExportCheckError as exc:  # the files exist but are wrong: not a usage error
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1)
+    except TunesmithError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    source: str = typer.Argument(..., help="A model (folder, hub id, .gguf) or a run folder to serve."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH: a peft adapter (or run) on the same base, "
+                                                            "chosen by the request's `model` (repeatable)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNESMITH_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1/ routes."),
+    name: Optional[str] = typer.Option(None, "--name", help="The base model's name in /v1/models."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 weights."),
+    lazy: bool = typer.Option(False, "--lazy", help="Load each adapter on its first request, not at start."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="The most tokens one request may ask for."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Completions decoded together."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Completions waiting before new requests get 429."),
+    max_request_bytes: int = typer.Option(1_000_000, "--max-request-bytes"),
+) -> None:
+    """Serve a model and adapters with an OpenAI-compatible API (chat, completions, streaming)."""
+    from .serving import Limits
+    from .serving import serve as run
+
+    limits = Limits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
+                    max_request_bytes=max_request_bytes, max_batch_size=max_batch_size, max_queue=max_queue)
+    try:
+        run(source, adapters=adapter, host=host, port=port, api_key=api_key, dtype=dtype, lazy=lazy, name=name,
+            limits=limits, echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+
+
+@app.command()
+def chat(
+    source: str = typer.Argument(..., help="A model or a run folder."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A peft adapter on SOURCE."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 for greedy decoding."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 weights."),
+) -> None:
+    """Chat in the terminal with streaming output; /reset, /system TEXT, /exit."""
+    from .serving.chat import chat_loop
+    from .serving.models import load_served
+
+    try:
+        served = load_served(source, {"adapter": Path(adapter)} if adapter else None, dtype=dtype)
+        chat_loop(served, max_tokens=max_tokens, temperature=temperature, top_p=top_p, system=system,
+                  adapter="adapter" if adapter else None)
     except TunesmithError as exc:
         _fail(exc)
 

@@ -52,12 +52,14 @@ def fold_into(source: str | Path, folder: Path, *, dtype=None) -> dict:
     return dict(loaded.manifest)
 
 
-def _card(manifest: dict, source: str) -> str:
+def card(manifest: dict, source: str, kind: str = "merged", extra: str | None = None) -> str:
+    """The exported folder's model card; the training run's card follows when there is one."""
     base = manifest.get("base_model") or "unknown"
     method = manifest.get("method") or "full"
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- tunesmith", "- merged",
-             f"- {method}", "---", "", f"# {Path(source).name} (merged)", "",
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- tunesmith", f"- {kind}",
+             f"- {method}", "---", "", f"# {Path(source).name} ({kind})", "",
              f"The `{method}` run `{source}` folded into its base `{base}`: a plain transformers model.", "",
+             *([extra, ""] if extra else []),
              "```python", f"from transformers import {manifest.get('auto_class') or 'AutoModelForCausalLM'}",
              f"model = {manifest.get('auto_class') or 'AutoModelForCausalLM'}.from_pretrained('path/to/this/folder')",
              "```"]
@@ -74,9 +76,7 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     import torch
 
     found = check_foldable(source)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"output: {output} already exists and is not empty; choose another folder or pass "
-                          "--overwrite (nothing was written)")
+    check_output(output, overwrite)
     _check_disk(source, found, output, dtype)
     dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
@@ -85,7 +85,7 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     try:
         echo(f"folding {source} into its base")
         manifest = fold_into(source, tmp, dtype=dtypes[dtype])
-        (tmp / "README.md").write_text(_card(manifest, str(source)))
+        (tmp / "README.md").write_text(card(manifest, str(source)))
         if output.exists():
             shutil.rmtree(output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,24 +96,42 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     return output
 
 
-def _check_disk(source: str | Path, found: Path | None, output: Path, dtype: str) -> None:
-    """Refuse before writing when the merged weights would not fit where they go."""
-    from ..artifacts import _base_config
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ConfigError(f"output: {output} already exists and is not empty; choose another folder or pass "
+                          "--overwrite (nothing was written)")
+
+
+def source_folder(source: str | Path, found: Path | None) -> Path | None:
+    """The local folder whose config.json and weights describe what `source` exports: the base of a
+    run (the artifact itself for a full run), or `source` when it is a model folder."""
+    from ..artifacts import MANIFEST, _base_config
     from ..models import materialize
 
     folder = None
     if found is not None:
-        manifest = json.loads((found / "tunesmith.json").read_text())
+        manifest = json.loads((found / MANIFEST).read_text())
         folder = Path(found if manifest.get("artifact") == "model" else materialize(_base_config(manifest)))
-    elif Path(str(source)).is_dir():
+    elif Path(str(source)).is_dir() and (Path(str(source)) / "config.json").is_file():
         folder = Path(str(source))
-    if folder is None or not folder.is_dir():
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def free_space(output: Path) -> tuple[Path, int]:
+    """(the nearest existing folder of `output`, its free bytes)."""
+    probe = output if output.exists() else next(p for p in [output, *output.parents] if p.exists())
+    return probe, shutil.disk_usage(probe).free
+
+
+def _check_disk(source: str | Path, found: Path | None, output: Path, dtype: str) -> None:
+    """Refuse before writing when the merged weights would not fit where they go."""
+    folder = source_folder(source, found)
+    if folder is None:
         return
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     if dtype in ("bf16", "fp16"):
         size //= 2
-    probe = output if output.exists() else next(p for p in [output, *output.parents] if p.exists())
-    free = shutil.disk_usage(probe).free
+    probe, free = free_space(output)
     if size > free:
         raise ConfigError(f"output: the merged weights need about {size / 2**30:.2f} GiB but {probe} has "
                           f"{free / 2**30:.2f} GiB free (nothing was written)")
