@@ -32,10 +32,24 @@ def merge(*args, **kwargs):
 
 
 def export(*args, **kwargs):
-    """Export a trained run (merged into a plain transformers model); see `tunesmith.exporting.export`."""
+    """Export a trained run (merged, GGUF or NF4); see `tunesmith.exporting.export`."""
     from .exporting import export as _export
 
     return _export(*args, **kwargs)
 
 
-__all__ = ["train", "evaluate", "compare", "merge", "export", "__version__"]
+def serve(*args, **kwargs):
+    """Serve a model and adapters with an OpenAI-compatible API; see `tunesmith.serving.serve`."""
+    from .serving import serve as _serve
+
+    return _serve(*args, **kwargs)
+
+
+def push(*args, **kwargs):
+    """Upload a run or export to the Hugging Face Hub; see `tunesmith.sharing.push`."""
+    from .sharing import push as _push
+
+    return _push(*args, **kwargs)
+
+
+__all__ = ["train", "evaluate", "compare", "merge", "export", "serve", "push", "__version__"]

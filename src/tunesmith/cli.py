@@ -258,6 +258,25 @@ def chat(
         _fail(exc)
 
 
+@app.command()
+def push(
+    source: str = typer.Argument(..., help="A run folder, an artifact folder or an export folder."),
+    repo: str = typer.Option(..., "--repo", help="user/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; upload nothing."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+    message: Optional[str] = typer.Option(None, "--message", help="Commit message."),
+) -> None:
+    """Upload a run's artifact (or an export) to the Hugging Face Hub with its model card."""
+    from .sharing import push as run
+
+    try:
+        run(source, repo, private=private, dry_run=dry_run, token=token, commit_message=message,
+            echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+
+
 @app.command("merge-methods")
 def merge_methods() -> None:
     """The merge methods and their parameters (per model or global), defaults and ranges."""
