@@ -50,3 +50,32 @@ def test_merge_recipe_validates(recipe):
 
     spec = load_merge_spec(recipe)
     assert spec.candidates()
+
+
+DEPLOY_SCRIPTS = sorted((EXAMPLES / "deploy").glob("*.sh"))
+
+
+def test_deploy_scripts_cover_each_command():
+    text = " ".join(p.read_text() for p in DEPLOY_SCRIPTS)
+    for command in ("tunesmith export", "--format gguf", "--format merged", "--format bnb-4bit", "tunesmith serve",
+                    "tunesmith chat", "tunesmith push"):
+        assert command in text
+
+
+@pytest.mark.parametrize("script", DEPLOY_SCRIPTS, ids=lambda p: p.name)
+def test_deploy_script_uses_only_options_the_cli_has(script):
+    """Every `tunesmith CMD --option` in the script is an option CMD's --help lists."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    body = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"^\s*(?:test .*\|\| )?tunesmith (\w[\w-]*)([^\n&|]*)", body, flags=re.M)
+    assert calls, f"{script.name} runs no tunesmith command"
+    for command, args in calls:
+        helped = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+        assert helped.exit_code == 0, f"{script.name}: unknown command {command}"
+        for option in re.findall(r"(--[\w-]+)", args):
+            assert option in helped.output, f"{script.name}: tunesmith {command} has no {option}"

@@ -144,7 +144,7 @@ def test_gguf_quantized_types_write_blocks_and_stay_close(tmp_path):
     sizes = {t: report["files"][f"model-{t}.gguf"]["bytes"] for t in ("q8_0", "q4_0", "bf16")}
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["bf16"]
     _, kinds, reader = _gguf_fields(out / "model-q4_0.gguf")
-    assert kinds["blk.1.ffn_down.weight"] == "Q4_0" and kinds["output.weight"] == "Q4_0"
+    assert kinds["blk.1.ffn_down.weight"] == "Q4_0" and kinds["output.weight"] == "Q8_0"  # as llama.cpp keeps it high
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(reader.fields["tokenizer.ggml.token_type"].data)
 
 

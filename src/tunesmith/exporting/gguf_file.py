@@ -124,20 +124,61 @@ def _tensors(folder: Path):
                 yield name, sf.get_tensor(name).float().numpy()
 
 
-def _encode(name: str, data: np.ndarray, qtype_name: str):
-    """(array, raw ggml type or None): norms and biases stay f32; a row that is not a whole number
-    of quant blocks falls back to f16 (what llama.cpp's converter does)."""
+def storage(gguf_name: str, shape: tuple[int, ...], type_name: str) -> str:
+    """The ggml type a tensor is stored as: norms and biases stay F32; a row that is not a whole
+    number of quant blocks falls back to F16 (as llama.cpp's converter does); for 4/5-bit types the
+    output projection (the tied embedding, too) stays Q8_0, as llama.cpp keeps it above them (Q6_K
+    there, which the gguf package cannot write)."""
     import gguf
 
-    if data.ndim < 2 or qtype_name == "F32":
+    wanted = TYPES[type_name][0]
+    if len(shape) < 2 or wanted == "F32":
+        return "F32"
+    if wanted[:2] in ("Q4", "Q5") and gguf_name in ("token_embd.weight", "output.weight"):
+        wanted = "Q8_0"
+    if wanted in ("F16", "BF16"):
+        return wanted
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[wanted]][0]
+    return "F16" if shape[-1] % block else wanted
+
+
+def encode(data: np.ndarray, stored: str):
+    """(array, raw ggml type or None) for the writer."""
+    import gguf
+
+    if stored == "F32":
         return data.astype(np.float32), None
-    qtype = gguf.GGMLQuantizationType[qtype_name]
-    if qtype_name == "F16":
+    if stored == "F16":
         return data.astype(np.float16), None
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
-        return data.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType[stored]
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def rounded(data: np.ndarray, stored: str) -> np.ndarray:
+    """The fp32 values a reader gets back from `data` stored as `stored`."""
+    import gguf
+
+    array, raw = encode(data, stored)
+    if raw is None:
+        return array.astype(np.float32)
+    return gguf.quants.dequantize(array, raw).reshape(data.shape).astype(np.float32)
+
+
+def mapped_tensors(folder: Path, p: Plan):
+    """(transformers name, llama.cpp name, fp32 array in the transformers layout) for each tensor the
+    file holds."""
+    import gguf
+
+    cfg = p.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[p.arch.upper()], cfg["num_hidden_layers"])
+    tied = cfg.get("tie_word_embeddings", False)
+    for hf_name, data in _tensors(folder):
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ConfigError(f"gguf: tensor {hf_name} has no llama.cpp name for {p.arch}")
+        yield hf_name, new, data
 
 
 def _vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -172,7 +213,7 @@ def write_gguf(folder: Path, path: Path, type_name: str, *, pre: str | None = No
 
     p = plan(folder, pre)
     cfg = p.config
-    qtype_name, file_type, _ = TYPES[type_name]
+    _, file_type, _ = TYPES[type_name]
     n_layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -205,23 +246,16 @@ def write_gguf(folder: Path, path: Path, type_name: str, *, pre: str | None = No
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[p.arch.upper()], n_layers)
-    tied = cfg.get("tie_word_embeddings", False)
     counts: dict[str, int] = {}
-    for hf_name, data in _tensors(folder):
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue
-        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise ConfigError(f"gguf: tensor {hf_name} has no llama.cpp name for {p.arch}")
+    for hf_name, new, data in mapped_tensors(folder, p):
+        stored = storage(new, data.shape, type_name)
         if p.permute and hf_name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif p.permute and hf_name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
-        array, raw = _encode(new, data, qtype_name)
+        array, raw = encode(data, stored)
         writer.add_tensor(new, array, raw_dtype=raw)
-        kind = raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type]
-        counts[kind] = counts.get(kind, 0) + 1
+        counts[stored] = counts.get(stored, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
