@@ -343,3 +343,26 @@ def test_cli_serve_and_chat_refuse_bad_input(base_dir, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
     r = runner.invoke(app, ["chat", str(base_dir), "--max-tokens", "4", "--temperature", "0"], input="hi\n/exit\n")
     assert r.exit_code == 0 and "chatting with base" in r.output
+
+
+def test_mutated_requests_never_get_a_500(server):
+    """Seeded structure mutations of valid bodies: every answer is a 2xx or an OpenAI-shaped 4xx."""
+    import random
+
+    rng = random.Random(0)
+    valid = [("/v1/chat/completions", {"model": "base", "messages": PROMPT, "max_tokens": 2}),
+             ("/v1/completions", {"model": "alpha", "prompt": "the sky", "max_tokens": 2})]
+    junk = [None, -1, 0, 1e308, "", "x" * 50, [], {}, [None], {"a": 1}, True, [[["deep"]]], "\u0000\ud7ff"]
+    for _ in range(40):
+        path, body = rng.choice(valid)
+        body = json.loads(json.dumps(body))
+        key = rng.choice([*body, "messages", "stop", "n", "seed", "top_p", "stream", "temperature"])
+        if key == "messages" and "messages" in body and rng.random() < 0.5:
+            body["messages"] = [{**PROMPT[0], rng.choice(["role", "content"]): rng.choice(junk)}]
+        else:
+            body[key] = rng.choice(junk)
+        r = _post(server, path, body)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+    assert _http(server.url + "/health").json()["status"] == "ok"
