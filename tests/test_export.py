@@ -219,3 +219,16 @@ def test_cli_gguf_export_and_refusal(lora_run, tmp_path):
     assert "greedy generations 4/4 identical" in " ".join(result.output.split())
     bad = runner.invoke(app, ["export", str(lora_run), "--format", "gguf", "--type", "q4_k"])
     assert bad.exit_code == 2 and "not written" in " ".join(bad.output.split())
+
+
+def test_gguf_export_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    folder = tmp_path / "model"
+    _tiny_model(folder)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1000))
+    with pytest.raises(ConfigError, match=r"the export needs about .* \(an fp32 copy while writing, then f16, q8_0\)"):
+        tunesmith.export(folder, format="gguf", types=("f16", "q8_0"), output=tmp_path / "z", echo=lambda m: None)
+    assert not (tmp_path / "z").exists()

@@ -366,3 +366,21 @@ def test_mutated_requests_never_get_a_500(server):
         if r.status_code >= 400:
             assert r.json()["error"]["message"]
     assert _http(server.url + "/health").json()["status"] == "ok"
+
+
+def test_server_answers_while_it_generates(server):
+    client = server.client()
+    worker = threading.Thread(target=lambda: client.chat.completions.create(
+        model="beta", messages=PROMPT, max_tokens=64, temperature=1.0, stop=None))
+    worker.start()
+    try:
+        deadline = time.time() + 20
+        while _http(server.url + "/health").json()["generating"] == 0:
+            assert time.time() < deadline and worker.is_alive(), "generation never started"
+            time.sleep(0.005)
+        t = time.perf_counter()
+        health = _http(server.url + "/health").json()
+        assert [m.id for m in client.models.list()] == ["base", "alpha", "beta"]
+        assert time.perf_counter() - t < 2.0 and health["status"] == "ok"
+    finally:
+        worker.join(60)
