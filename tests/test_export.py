@@ -192,6 +192,12 @@ def test_gguf_refusals_name_the_reason_and_write_nothing(tmp_path, tiny_bert_dir
     with pytest.raises(ConfigError, match="--dtype applies to --format merged"):
         tunesmith.export(folder, format="gguf", dtype="bf16", output=tmp_path / "a", echo=lambda m: None)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.tmp*"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "old.gguf").write_text("keep")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        tunesmith.export(folder, format="gguf", output=taken, echo=lambda m: None)
+    assert (taken / "old.gguf").read_text() == "keep" and len(list(taken.iterdir())) == 1
 
 
 def test_bnb_4bit_export_reloads_quantized(tmp_path):
@@ -232,3 +238,34 @@ def test_gguf_export_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"the export needs about .* \(an fp32 copy while writing, then f16, q8_0\)"):
         tunesmith.export(folder, format="gguf", types=("f16", "q8_0"), output=tmp_path / "z", echo=lambda m: None)
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.slow
+def test_gguf_runs_in_llama_cpp_itself(tmp_path):
+    """Opt-in (llama-cpp-python is a ~7-13 minute source build): set TUNESMITH_LLAMA_PYTHON to a
+    python that has it, e.g. /tmp/llcpp/bin/python (benchmarks/gguf_in_llamacpp.py says how)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    llama_python = os.environ.get("TUNESMITH_LLAMA_PYTHON")
+    if not llama_python:
+        pytest.skip("TUNESMITH_LLAMA_PYTHON is not set (a python with llama-cpp-python)")
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    _tiny_model(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(folder)
+    out = tunesmith.export(folder, format="gguf", types=("f32", "f16"), output=tmp_path / "g", echo=lambda m: None)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gguf_in_llamacpp.py"
+    proc = subprocess.run([sys.executable, str(script), str(out), str(folder), "--llama-python", llama_python],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = json.loads(proc.stdout.strip().splitlines()[-1])["files"]
+    for name, r in files.items():
+        assert r["tokenizer_ids_equal"] and r["chat_template_in_file"], name
+        assert r["logits_max_rel_diff"] < 1e-2 and r["argmax_agreement"] == 1.0, (name, r)
