@@ -178,11 +178,31 @@ def test_resume_from_an_explicit_checkpoint(run_config, tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
-def test_resume_with_another_method_is_refused(run_config):
+def test_resume_with_another_method_is_refused(run_config, tmp_path):
     cfg = run_config(training={"max_steps": 2, "save_every": 2})
-    tunesmith.train(cfg, echo=quiet)
+    run = tunesmith.train(cfg, echo=quiet)
+    config_before = (run.run_dir / "config.yaml").read_text()
     cfg["method"] = {"type": "full"}
+    with pytest.raises(ConfigError, match=r"the config differs from the interrupted run's .*method.type: 'lora' -> 'full'"):
+        tunesmith.train(cfg, resume=True, echo=quiet)
+    assert (run.run_dir / "config.yaml").read_text() == config_before
+    # A checkpoint given to another model (by a caller of the engine) is refused as well.
+    latest = ckpt.list_checkpoints(run.run_dir / "checkpoints")[-1]
+    other = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises(TrainingError, match="does not match this run's trainable parameters"):
+        ckpt.load_checkpoint(latest, other, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
+def test_resume_may_change_reporting_but_not_training(run_config):
+    cfg = run_config(training={"max_steps": 2, "save_every": 1})
+    tunesmith.train(cfg, echo=quiet)
+    cfg["training"]["progress"] = True
+    cfg["training"]["keep_last"] = 5
+    tunesmith.train(cfg, resume=True, echo=quiet)  # reporting and saving settings may change
+    cfg["training"]["learning_rate"] = 0.5
+    cfg["data"]["max_length"] = 32
+    with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32; training.learning_rate: 0.01 -> 0.5"):
         tunesmith.train(cfg, resume=True, echo=quiet)
 
 

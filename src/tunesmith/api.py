@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
@@ -12,6 +13,7 @@ from typing import Callable
 
 from .config import RunConfig, dump_config, load_config
 from .errors import ConfigError
+from .faults import reach
 
 
 @dataclass
@@ -63,6 +65,38 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
         )
 
 
+# Keys a resumed run may change: where and how it reports, how often it saves, its time budget,
+# and its length (extending a finished run to more steps or epochs).
+RESUME_MAY_CHANGE = ("output.", "tracking.", "training.progress", "training.checkpoint_on_interrupt",
+                     "training.keep_last", "training.save_every", "training.max_minutes", "training.max_steps",
+                     "training.epochs")
+
+
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run must be the run that was interrupted: refuse changed keys, naming them."""
+    import yaml
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    before, now = flat(yaml.safe_load(saved_file.read_text())), flat(yaml.safe_load(dump_config(cfg)))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"--resume: the config differs from the interrupted run's ({saved_file}): {shown}"
+                          f"{' ...' if len(changed) > 5 else ''}; resume with the same config, or start a new "
+                          "run in another output.dir")
+
+
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
     _check_run_dir(run_dir, cfg, resuming)
     if resuming:
@@ -107,6 +141,8 @@ def train(
     method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
+    if resuming:
+        _check_same_config(run_dir, cfg)
     # Under torchrun every process runs this function: the process group starts here, and every
     # process has checked the run folder before the main one creates or replaces it.
     # On a machine without an accelerator, accelerate reads torchrun's variables only with cpu=True.
@@ -195,7 +231,9 @@ def train(
         _prepare_run_dir(run_dir, cfg, resuming)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         if reference_before is not None and not resuming:
-            (run_dir / REFERENCE_BEFORE).write_text(json.dumps(reference_before, indent=1))
+            tmp = run_dir / f".{REFERENCE_BEFORE}.tmp"  # a kill mid-write must not leave half a file to resume from
+            tmp.write_text(json.dumps(reference_before, indent=1))
+            os.replace(tmp, run_dir / REFERENCE_BEFORE)
     dist.wait_for_everyone()
 
     # accelerate keeps its settings (mixed precision among them) in a process-wide singleton
@@ -235,6 +273,7 @@ def train(
             out = run_dir / method.artifact
             unwrapped = accelerator.unwrap_model(model)
             method.save(unwrapped, out)
+            reach("artifact")
             tokenizer.save_pretrained(out)
             write_manifest(out, cfg, base_source=source, labels=data.task.labels)
             result.artifact_dir = out

@@ -32,11 +32,20 @@ def train(
 ) -> None:
     """Fine-tune a model as CONFIG says."""
     from . import api
+    from .engine.loop import Interrupted
 
     try:
         result = api.train(config, set_, resume=True if resume == "latest" else resume,
                            echo=lambda m: console.print(m, highlight=False))
+    except Interrupted as exc:
+        console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
+        if exc.checkpoint is not None:
+            console.print(f"resume: tunesmith train {config} --resume latest"
+                          + "".join(f" --set {s}" for s in set_), highlight=False)
+        raise typer.Exit(130 if exc.signal_name == "SIGINT" else 143)
     except TunesmithError as exc:
+        _fail(exc)
+    except OSError as exc:  # an unwritable or full output folder, named by the OS error
         _fail(exc)
     _print_metrics(result.metrics)
 

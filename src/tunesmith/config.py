@@ -95,6 +95,8 @@ class TrainingConfig(Section):
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, ge=1)
+    # SIGINT/SIGTERM: finish the step, write a checkpoint there, exit non-zero with how to resume.
+    checkpoint_on_interrupt: bool = True
     progress: bool = True
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TrainingError
+from ..faults import reach
 
 PREFIX = "step-"
 
@@ -46,21 +47,38 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
                     objective=None) -> Path:
+    """Write step `step` into a hidden temporary folder, then rename it into place: a kill or a
+    full disk mid-write never leaves a checkpoint that `--resume latest` would pick."""
     target = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    objective_state = objective.state_dict() if objective is not None else {}
-    if objective_state:
-        torch.save(objective_state, tmp / "objective.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        reach("checkpoint")  # a kill here leaves only the hidden temporary folder
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        objective_state = objective.state_dict() if objective is not None else {}
+        if objective_state:
+            torch.save(objective_state, tmp / "objective.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(folder)
+        raise TrainingError(
+            f"could not write the checkpoint of step {step} to {folder}: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}; "
+            + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
+            + " (free space or fix permissions, then --resume latest)") from exc
+    if target.exists():  # the same step saved again (a resumed run): keep the old one until the new is in place
+        aside = folder / f".{target.name}.old"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+        os.replace(tmp, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
     return target
 
 
@@ -95,9 +113,16 @@ def restore_weights(path: Path, model: nn.Module) -> None:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. One moved aside by a save killed before its
+    replacement landed is put back first."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for aside in folder.glob(f".{PREFIX}*.old"):
+        target = folder / aside.name[1:-len(".old")]
+        if not target.exists():
+            os.replace(aside, target)
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and (p / "state.json").is_file())
 
 
 def step_of(path: Path) -> int:

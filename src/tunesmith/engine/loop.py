@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import TrainingError
+from ..faults import reach
 from ..generation import generate_ids
 from ..objectives import Objective, StepContext
 from . import checkpoint as ckpt
@@ -61,6 +62,7 @@ def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_
             out = objective.loss(ctx, batch)
         total += float(out.loss_sum)
         items += out.n_tokens
+        reach("eval")
         add_logs(logs, out.logs)
         if out.predictions is not None:
             predictions.append(out.predictions.detach().cpu())
@@ -160,6 +162,55 @@ def _label_names(model) -> list[str] | None:
     if not id2label:
         return None
     return [id2label[i] for i in sorted(id2label, key=int)]
+
+
+class Interrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run after a whole step (and, unless disabled, a checkpoint)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = (f"a checkpoint of step {step} is in {checkpoint}; continue with --resume latest"
+                 if checkpoint is not None else
+                 "no checkpoint was written (training.checkpoint_on_interrupt is false)")
+        super().__init__(f"{signal_name}: training stopped after step {step}; {where}")
+
+
+class _InterruptFlag:
+    """SIGINT/SIGTERM set a flag the loop reads after each step, instead of killing it mid-step;
+    a second signal of the same kind acts at once (the handlers in place before are restored)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signum is not None:  # asked twice: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:
@@ -274,6 +325,7 @@ def fit(
     train_seconds, train_tokens = 0.0, 0
     result = FitResult(step=state["step"])
     started = time.perf_counter()
+    interrupt = _InterruptFlag()
     try:
         while state["step"] < total_steps:
             batches = shard(epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle),
@@ -337,6 +389,7 @@ def fit(
                 state["log_loss"] += step_loss
                 state["log_steps"] += 1
                 step = state["step"]
+                reach("step")
 
                 if step % t.log_every == 0 or step == total_steps:
                     record = {
@@ -394,6 +447,14 @@ def fit(
                             stop = result.stopped_early = True
                 if t.save_every and step % t.save_every == 0 and not saved_now and accelerator.is_main_process:
                     checkpoint()
+                    saved_now = True
+                # Every process stops at the same step on SIGINT/SIGTERM: one collective decides.
+                if (reduce_sum([float(interrupt.signum is not None)], accelerator)[0] if world > 1
+                        else interrupt.signum is not None):
+                    saved = None
+                    if t.checkpoint_on_interrupt and accelerator.is_main_process:
+                        saved = ckpt_dir / f"{ckpt.PREFIX}{step:07d}" if saved_now else checkpoint()
+                    raise Interrupted(interrupt.name, step, saved)
                 if t.max_minutes and step < total_steps:
                     spent = time.perf_counter() - started >= t.max_minutes * 60
                     # Every process stops at the same step (their clocks differ): one collective decides.
@@ -409,6 +470,7 @@ def fit(
             if result.stopped_early or result.out_of_time:
                 break
     finally:
+        interrupt.restore()
         progress.close()
         log.close()
 

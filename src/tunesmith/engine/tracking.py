@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -26,23 +27,40 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """On resume, drop records the interrupted run wrote after its checkpoint.
 
-        The end-of-run evaluation ("final") goes too: the resumed run writes its own, and a
-        run resumed from its last checkpoint would otherwise end with two.
+        The end-of-run records ("final" evaluation, "forgetting") go too: the resumed run writes
+        its own, and a run resumed from its last checkpoint would otherwise end with two. A last
+        line cut short by a kill is dropped; the file is replaced atomically, so a kill during
+        this rewrite leaves the old one.
         """
         if not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        lines = self.path.read_text().splitlines()
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if record.get("step", 0) <= step and not record.get("final"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    continue  # a record torn by a kill mid-write: it is rewritten by the resumed run
+                raise
+            if record.get("step", 0) <= step and not record.get("final") and not record.get("forgetting"):
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
+        from ..faults import armed, die
+
+        line = json.dumps(record) + "\n"
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            if armed("metrics"):  # a torn write: half a record on disk, then the kill
+                f.write(line[: len(line) // 2])
+                f.flush()
+                die()
+            f.write(line)
         if self.writer is not None:
             step = record.get("step", 0)
             for k, v in record.items():
