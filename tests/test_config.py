@@ -144,7 +144,7 @@ def test_overrides(tmp_path):
 
 def test_bad_override_syntax(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", base())
-    assert "override 'training.epochs': expected key.sub=value" in error_of(path, ["training.epochs"])
+    assert "--set training.epochs: expected section.key=value" in error_of(path, ["training.epochs"])
     assert "'epochs' is not a section" in error_of(path, ["training.epochs=1", "training.epochs.x=2"])
 
 

@@ -57,7 +57,13 @@ def _holds_a_run(run_dir: Path) -> bool:
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resuming: bool) -> None:
-    """Refuse to train into another run's folder; only looks, so it can run early."""
+    """Refuse to train into another run's folder, or where no folder can be made; only looks, so it
+    can run early."""
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists() or p == Path(p.anchor))
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"output.dir: {run_dir} cannot be created: {existing} is a file")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir: {run_dir} cannot be created: {existing} is not writable")
     if not resuming and _holds_a_run(run_dir) and not cfg.output.overwrite:
         raise ConfigError(
             f"output.dir: {run_dir} already holds a run; pass --resume to continue it or "
@@ -135,10 +141,16 @@ def train(
     run_dir = run_dir_of(cfg)
     resume_from = _resume_point(run_dir, resume) if resume else None
     if resume_from is not None:
+        from .engine.checkpoint import check_readable
+
+        check_readable(resume_from)  # a damaged checkpoint fails now, not after the model loads
         run_dir = resume_from.parent.parent
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
     method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
+    if cfg.data.packing and not getattr(objective, "packs", False):
+        raise ConfigError(f"data.packing: the {objective.name} objective does not pack rows (each row is one "
+                          "example with its own label); remove data.packing or set it to false")
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
     if resuming:

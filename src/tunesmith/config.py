@@ -277,7 +277,10 @@ def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -287,7 +290,7 @@ def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key.sub=value")
+        raise ConfigError(f"--set {item}: expected section.key=value (e.g. training.max_steps=100)")
     key, raw = item.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 

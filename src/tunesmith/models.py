@@ -45,12 +45,25 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ConfigError(f"model.name_or_path: GGUF file not found: {path}")
+        _check_gguf(path, "model.name_or_path")
         return str(path.parent), path.name
     if gguf and not (path / gguf).is_file():
         raise ConfigError(f"model.gguf_file: {path / gguf} not found")
+    if gguf:
+        _check_gguf(path / gguf, "model.gguf_file")
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ConfigError(f"model.name_or_path: folder not found: {path}")
+    if path.is_dir() and not gguf and not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no config.json, so it is not a transformers model "
+                          "folder (a GGUF file is named by its path, e.g. model.name_or_path: folder/model.gguf)")
     return name, gguf
+
+
+def _check_gguf(path: Path, key: str) -> None:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"{key}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
 def _gguf_cache(folder: str, gguf: str) -> Path:

@@ -106,11 +106,30 @@ def encode_all(records: list[dict], tokenizer, cfg: DataConfig, stats: DataStats
     return out
 
 
+def _check_validation_labels(train_recs: list[dict], val_recs: list[dict], task) -> None:
+    """Name every validation label the model cannot predict, with counts, before anything is tokenized."""
+    from collections import Counter
+
+    if not task.labels or not val_recs or not all(isinstance(r.get("label"), (str, int)) for r in val_recs):
+        return
+    unseen = Counter(str(r["label"]) for r in val_recs if str(r["label"]) not in task.labels)
+    if unseen:
+        seen = Counter(str(r["label"]) for r in train_recs if "label" in r)
+        raise DataError("validation labels the training data never has: "
+                        + ", ".join(f"'{k}' ({v} row{'s' if v > 1 else ''})" for k, v in unseen.most_common())
+                        + "; training labels: " + ", ".join(f"'{k}' ({v})" for k, v in seen.most_common())
+                        + ". Add examples of them to the training data, or drop them from validation")
+
+
 def check_format(fmt: str, objective: "Objective", sources) -> None:
     """Refuse data the objective cannot learn from, before anything is tokenized."""
     if objective.formats and fmt not in objective.formats:
+        from .formats import FORMATS
+
+        wanted = "; ".join(f"{n} (columns {', '.join(FORMATS[n].required)})" if n in FORMATS else n
+                           for n in objective.formats)
         raise DataError(
-            f"objective '{objective.name}' needs data in one of the formats {', '.join(objective.formats)}; "
+            f"objective '{objective.name}' needs data in one of the formats {wanted}; "
             f"{sources} reads as '{fmt}'. Set data.format, or map columns with data.columns."
         )
 
@@ -129,6 +148,7 @@ def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objectiv
     train_recs, val_recs = split_records(records, cfg.model_copy(update={"format": stats.format}), seed)
     # Labels come from the training split only: a label seen only in validation is a data error.
     task = objective.prepare(train_recs, objective_cfg)
+    _check_validation_labels(train_recs, val_recs, task)
     train = encode_all(train_recs, tokenizer, cfg, stats, objective, task)
     val = encode_all(val_recs, tokenizer, cfg, stats, objective, task)
     unlabeled = encode_all(objective.unlabeled_records(cfg), tokenizer, cfg, stats, objective, task)

@@ -44,9 +44,16 @@ def read_rows(
     """
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(f"{path} is a folder; name a data file in it "
+                            f"({', '.join(sorted(LOCAL_SUFFIXES))})")
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        return _read_local(path, skip_invalid, errors, column_names)
+        try:
+            return _read_local(path, skip_invalid, errors, column_names)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                            f"{exc.start}); save the file as UTF-8") from None
     if "/" in source and not source.startswith((".", "/")):
         return _read_hub(source, hub_split, hub_config), 0
     raise DataError(
@@ -131,8 +138,18 @@ def _read_csv(path: Path, delimiter: str, column_names: list[str] | None = None,
             reader = csv.DictReader(fh, delimiter=delimiter)
             if not reader.fieldnames:
                 raise DataError(f"{path}: empty file or no header row")
-            # Data rows are numbered from 1; the header is not a row.
-            return [Row(dict(r), str(path), i) for i, r in enumerate(reader, 1)], 0
+            # Data rows are numbered from 1; the header is not a row. A row with more fields than
+            # the header (csv puts the extras under None) would lose them silently.
+            rows, skipped = [], 0
+            for i, r in enumerate(reader, 1):
+                if None in r:
+                    _invalid(f"{path} row {i}: {len(reader.fieldnames) + len(r[None])} fields, but the header has "
+                             f"{len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); quote fields that "
+                             "contain the delimiter", skip_invalid, errors)
+                    skipped += 1
+                    continue
+                rows.append(Row(dict(r), str(path), i))
+            return rows, skipped
         # Without a header a short or long line would silently shift values between
         # columns, so every line must have exactly one field per name.
         rows, skipped = [], 0

@@ -82,9 +82,27 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
     return target
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, objective=None) -> dict:
+def check_readable(path: Path) -> None:
+    """Cheap checks that a checkpoint can be loaded (run before the model is): every file there,
+    state.json parses, the safetensors header reads."""
+    from safetensors import safe_open
+
     if not (path / "state.json").is_file():
         raise TrainingError(f"{path} is not a tunesmith checkpoint (no state.json)")
+    missing = [n for n in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt") if not (path / n).is_file()]
+    try:
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        json.loads((path / "state.json").read_text())
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:  # any unreadable part: say which, and how to go on
+        raise TrainingError(f"checkpoint {path} is damaged ({type(exc).__name__}: {exc}); resume from an earlier "
+                            f"one with --resume {path.parent}/<step-folder>, or delete it") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, objective=None) -> dict:
+    check_readable(path)
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

@@ -41,10 +41,13 @@ class MetricsLog:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
                 if i == len(lines) - 1:
                     continue  # a record torn by a kill mid-write: it is rewritten by the resumed run
-                raise
+                from ..errors import TrainingError
+
+                raise TrainingError(f"{self.path} line {i + 1} is not a JSON record ({exc}); the run's metrics "
+                                    "were edited or damaged: repair or delete that line, then resume") from None
             if record.get("step", 0) <= step and not record.get("final") and not record.get("forgetting"):
                 kept.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp")

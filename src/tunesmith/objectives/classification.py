@@ -182,7 +182,8 @@ class SequenceClassification(Objective):
         found = Counter(str(r["label"]) for r in records)
         labels = resolve_labels(found, cfg, "labels")
         if len(labels) < 2:
-            raise DataError(f"classification needs at least two labels; the data holds only {labels}")
+            counts = ", ".join(f"'{k}': {v} rows" for k, v in found.most_common())
+            raise DataError(f"classification needs at least two labels; the data holds only {labels} ({counts})")
         return labelled_task(found, labels, cfg)
 
     def model_kwargs(self, cfg: ObjectiveConfig, task: TaskInfo, tokenizer) -> dict:
