@@ -94,3 +94,15 @@ def test_bad_input_gets_its_message_and_changes_nothing(case, tiny_model_dir, tm
 
     shown = render_row(case, message(text, tmp_path, str(tiny_model_dir)))
     assert shown in (ROOT / "docs" / "errors.md").read_text(), f"docs/errors.md is stale: {shown}"
+
+
+def test_max_samples_takes_a_seeded_sample_not_the_first_rows():
+    from tunesmith.config import DataConfig
+    from tunesmith.data.pipeline import split_records
+
+    records = [{"text": str(i)} for i in range(100)]
+    cfg = DataConfig(train="x.jsonl", max_samples=10)
+    kept, _ = split_records(records, cfg, seed=42)
+    again, _ = split_records(records, cfg, seed=42)
+    assert kept == again and kept != records[:10] and len(kept) == 10
+    assert split_records(records, cfg.model_copy(update={"shuffle": False}), seed=42)[0] == records[:10]

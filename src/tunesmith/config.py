@@ -62,7 +62,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     skip_invalid: bool = False
     shuffle: bool = True
-    max_samples: int | None = Field(None, gt=0)
+    max_samples: int | None = Field(None, gt=0, description=(
+        "Keep this many rows: taken after the seeded shuffle (training.seed), so a random sample of the "
+        "file, not its first rows (with shuffle: false, the first rows); the validation split comes from them."))
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
