@@ -165,7 +165,7 @@ CASES: list[Case] = [
          category="model"),
     Case("serve with an adapter path that does not exist", "--adapter a: not found",
          args=["serve", "./no-run", "--adapter", "a=./missing-adapter"], category="model"),
-    Case("packing forced on for classification", "does not pack rows", config={
+    Case("packing forced on for classification", "objective.type classification does not pack rows", config={
         "objective": {"type": "classification"}, "data": {"packing": True}},
          files={"train.jsonl": "".join(json.dumps({"text": q, "label": a}) + "\n" for q, a in QA * 3)},
          category="combination"),

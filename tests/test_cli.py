@@ -115,7 +115,7 @@ def test_unknown_method_suggests_the_right_one(run_config, tmp_path):
 def test_bad_override_and_missing_file(run_config, tmp_path):
     path = write_yaml(tmp_path / "run.yaml", run_config())
     result = runner.invoke(app, ["config", str(path), "--set", "training.max_steps"])
-    assert result.exit_code == 2 and "expected key.sub=value" in flat(result.output)
+    assert result.exit_code == 2 and "expected section.key=value" in flat(result.output)
     result = runner.invoke(app, ["config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "config file not found" in flat(result.output)
 

@@ -148,9 +148,6 @@ def train(
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
     method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
-    if cfg.data.packing and not getattr(objective, "packs", False):
-        raise ConfigError(f"data.packing: the {objective.name} objective does not pack rows (each row is one "
-                          "example with its own label); remove data.packing or set it to false")
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
     if resuming:

@@ -40,8 +40,8 @@ def train(
     except Interrupted as exc:
         console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
         if exc.checkpoint is not None:
-            console.print(f"resume: tunesmith train {config} --resume latest"
-                          + "".join(f" --set {s}" for s in set_), highlight=False)
+            console.print(f"resume: tunesmith train {config} --resume latest"  # one line, to copy
+                          + "".join(f" --set {s}" for s in set_), highlight=False, soft_wrap=True)
         raise typer.Exit(130 if exc.signal_name == "SIGINT" else 143)
     except TunesmithError as exc:
         _fail(exc)

@@ -27,6 +27,11 @@ class ObjectiveSection(BaseModel):
     # (packing a masked_lm or classification task would pack rows that must not be).
     packs: ClassVar[bool] = False
 
+    @property
+    def can_pack(self) -> bool:
+        """Whether data.packing: true is allowed (each packed example keeps its own targets)."""
+        return self.packs
+
     def check(self, run: "RunConfig") -> list[str]:
         """Run settings this objective refuses (read at config validation, before anything loads)."""
         return []
@@ -144,6 +149,10 @@ class DistillSection(ObjectiveSection):
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     labels: list[str] | None = None
     class_weights: Literal["balanced"] | list[float] | None = None
+
+    @property
+    def can_pack(self) -> bool:
+        return self.task in ("sft", "causal_lm")  # the teacher sees the packed rows' position ids too
 
     def check(self, run: "RunConfig") -> list[str]:
         if not self.unlabeled:
