@@ -76,3 +76,42 @@ def test_two_processes_train_as_one_with_the_same_global_batch(run_config, tmp_p
     # whose gradients are near zero, to a few 1e-6 after three steps at this learning rate.
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_two_process_full_fine_tune_interrupted_and_resumed_ends_as_one_process(run_config, tmp_path):
+    """Full fine-tuning under DDP, stopped by SIGTERM after step 2 (every process signals itself
+    there), checkpointed once, resumed by two processes: the same losses and weights as one
+    uninterrupted process with the same global batch."""
+    import os
+
+    cfg = run_config(data={"train": str(sft_data(tmp_path)), "packing": True}, method={"type": "full"},
+                     training={"batch_size": 2, "grad_accum": 4, "max_steps": 3, "learning_rate": 1e-3,
+                               "max_grad_norm": 1.0, "save_every": 100},
+                     eval={"at_end": False}, output={"dir": str(tmp_path / "one"), "model_card": False})
+    one = tunesmith.train(cfg, echo=lambda m: None)
+
+    two_cfg = {**cfg, "training": {**cfg["training"], "grad_accum": 2}, "output": {**cfg["output"], "dir": str(tmp_path / "two")}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two_cfg))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "tunesmith.cli", "train", str(path)]
+    env = {**os.environ, "TUNESMITH_FAULT": "step:2", "TUNESMITH_FAULT_SIGNAL": "15"}
+    stopped = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert stopped.returncode != 0 and stopped.stdout.count("training stopped after step 2") == 1, \
+        stopped.stdout[-2000:] + stopped.stderr[-3000:]
+    two_dir = tmp_path / "two"
+    assert sorted(p.name for p in (two_dir / "checkpoints").iterdir()) == ["step-0000002"]  # written once
+    resumed = subprocess.run(launch + ["--resume", "latest"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert resumed.stdout.count("resumed from") == 1 and resumed.stdout.count("done: 3 steps") == 1
+
+    a, b = logged(one.run_dir), logged(two_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    wa = load_file(one.run_dir / "model" / "model.safetensors")
+    wb = load_file(two_dir / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -150,6 +150,9 @@ def train(
     method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
+    from .engine.trackers import check_available
+
+    check_available(cfg)
     if resuming:
         _check_same_config(run_dir, cfg)
     # Under torchrun every process runs this function: the process group starts here, and every
@@ -258,9 +261,14 @@ def train(
     eval_collate = objective.collator(tokenizer, cfg.objective, data.task, train=False)
     extra_eval = (partial(_reference_now, cfg, tokenizer, reference_before)
                   if reference_before is not None and cfg.eval.reference_every_eval else None)
+    from .engine.trackers import Trackers
+
+    trackers = (Trackers.open(cfg, run_dir, cfg.run_name, yaml_config(cfg), resuming) if dist.is_main_process
+                else Trackers({}))
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
-                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model)
+                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
+                 trackers=trackers)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)
@@ -269,7 +277,8 @@ def train(
         if accelerator.is_main_process:
             from .engine.tracking import MetricsLog
 
-            MetricsLog(run_dir / "metrics.jsonl").log({"step": fitted.step, "forgetting": True, **forgetting})
+            MetricsLog(run_dir / "metrics.jsonl", trackers=trackers).log(
+                {"step": fitted.step, "forgetting": True, **forgetting})
         for key, value in _deltas(reference_before, after).items():
             if key.endswith("_change_pct"):
                 echo(f"forgetting: {key.removeprefix('forgetting/').removesuffix('_change_pct')} "
@@ -294,11 +303,21 @@ def train(
             (run_dir / "README.md").write_text(card)
             if result.artifact_dir is not None:
                 (result.artifact_dir / "README.md").write_text(card)
+    trackers.finish({**{f"final/{k}": v for k, v in fitted.metrics.items() if isinstance(v, (int, float))},
+                     "run_dir": str(run_dir),
+                     **({"artifact_path": str(result.artifact_dir)} if result.artifact_dir is not None else {})})
     echo(f"done: {fitted.step} steps; run folder {run_dir}")
     return result
 
 
 REFERENCE_BEFORE = "reference_base.json"
+
+
+def yaml_config(cfg: RunConfig) -> dict:
+    """The resolved config as plain data (what trackers record as the run's parameters)."""
+    import yaml
+
+    return yaml.safe_load(dump_config(cfg))
 
 
 def _silent(message: str) -> None:

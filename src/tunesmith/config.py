@@ -124,8 +124,38 @@ class EvalConfig(Section):
     reference_every_eval: bool = False
 
 
+class WandbSection(Section):
+    project: str = "tunesmith"
+    entity: str | None = None
+    name: str | None = None  # default: the run's name
+    tags: list[str] = Field(default_factory=list)
+    # offline by default: nothing leaves the machine until `wandb sync`.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = None  # default: sqlite:///<run folder>/mlflow.db
+    experiment: str = "tunesmith"
+
+
+class TrackioSection(Section):
+    project: str = "tunesmith"
+
+
 class TrackingConfig(Section):
     tensorboard: bool = False
+    wandb: WandbSection | None = None
+    mlflow: MlflowSection | None = None
+    trackio: TrackioSection | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches(cls, data):
+        """`wandb: true` (or mlflow / trackio) turns one on with its defaults; false turns it off."""
+        if isinstance(data, dict):
+            data = {k: ({} if v is True else None if v is False else v) if k in ("wandb", "mlflow", "trackio") else v
+                    for k, v in data.items()}
+        return data
 
 
 class OutputConfig(Section):

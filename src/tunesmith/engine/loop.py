@@ -235,6 +235,7 @@ def fit(
     tokenizer=None,
     teacher: nn.Module | None = None,
     reward_model: nn.Module | None = None,
+    trackers=None,
 ) -> FitResult:
     """Train `model` on `train_rows`.
 
@@ -299,7 +300,7 @@ def fit(
     # On resume, TensorBoard hides what the interrupted run logged after the checkpoint
     # (purge_step), as metrics.jsonl drops it below; otherwise those steps would show twice.
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None,
-                     purge_step=state["step"] + 1 if resume_from is not None else None)
+                     purge_step=state["step"] + 1 if resume_from is not None else None, trackers=trackers)
     if resume_from is not None:
         log.truncate_after(state["step"])
         echo(f"resumed from {resume_from} at step {state['step']}")
@@ -489,6 +490,6 @@ def fit(
         metrics = evaluate(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)
         metrics["step"] = result.step
         if accelerator.is_main_process:
-            MetricsLog(run_dir / "metrics.jsonl").log({**metrics, "final": True})
+            MetricsLog(run_dir / "metrics.jsonl", trackers=trackers).log({**metrics, "final": True})
         result.metrics.update({k: v for k, v in metrics.items() if k != "step"})
     return result

@@ -10,8 +10,10 @@ from ..errors import ConfigError
 
 
 class MetricsLog:
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, purge_step: int | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, purge_step: int | None = None,
+                 trackers=None):
         self.path = path
+        self.trackers = trackers  # engine.trackers.Trackers: W&B, MLflow, trackio
         self.writer = None
         if tensorboard_dir is not None:
             try:
@@ -64,6 +66,8 @@ class MetricsLog:
                 f.flush()
                 die()
             f.write(line)
+        if self.trackers is not None:
+            self.trackers.log(record)
         if self.writer is not None:
             step = record.get("step", 0)
             for k, v in record.items():
