@@ -14,6 +14,7 @@ from typing import Callable
 from .config import RunConfig, dump_config, load_config
 from .errors import ConfigError
 from .faults import reach
+from .files import write_text_atomic
 
 
 @dataclass
@@ -241,11 +242,10 @@ def train(
     # nor wipe the previous run.
     if dist.is_main_process:
         _prepare_run_dir(run_dir, cfg, resuming)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        # Atomic: a resume compares against config.yaml and reads the reference numbers back.
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         if reference_before is not None and not resuming:
-            tmp = run_dir / f".{REFERENCE_BEFORE}.tmp"  # a kill mid-write must not leave half a file to resume from
-            tmp.write_text(json.dumps(reference_before, indent=1))
-            os.replace(tmp, run_dir / REFERENCE_BEFORE)
+            write_text_atomic(run_dir / REFERENCE_BEFORE, json.dumps(reference_before, indent=1))
     dist.wait_for_everyone()
 
     # accelerate keeps its settings (mixed precision among them) in a process-wide singleton

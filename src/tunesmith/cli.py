@@ -38,6 +38,10 @@ def train(
         result = api.train(config, set_, resume=True if resume == "latest" else resume,
                            echo=lambda m: console.print(m, highlight=False))
     except Interrupted as exc:
+        import os
+
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: one process reports
+            raise typer.Exit(130 if exc.signal_name == "SIGINT" else 143)
         console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
         if exc.checkpoint is not None:
             console.print(f"resume: tunesmith train {config} --resume latest"  # one line, to copy

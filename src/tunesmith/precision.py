@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 
 from .hardware import TORCH_DTYPES, bf16_is_fast, device_type
+from .files import write_text_atomic
 
 PROXY_LAYERS = 2
 PROXY_MAX_TOKENS = 512
@@ -95,9 +95,7 @@ def _write_cache(key: str, choice: PrecisionChoice) -> None:
     data = _read_cache()
     data[key] = {k: v for k, v in asdict(choice).items() if k != "how"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def choose(requested: str, *, model_config=None, method=None, method_cfg=None, build_proxy: Callable | None = None,

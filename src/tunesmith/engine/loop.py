@@ -302,7 +302,9 @@ def fit(
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.tracking.tensorboard else None,
                      purge_step=state["step"] + 1 if resume_from is not None else None, trackers=trackers)
     if resume_from is not None:
-        log.truncate_after(state["step"])
+        if accelerator.is_main_process:  # one process owns the run's files
+            log.truncate_after(state["step"])
+        accelerator.wait_for_everyone()
         echo(f"resumed from {resume_from} at step {state['step']}")
 
     eval_bs = ev.batch_size or t.batch_size
@@ -452,9 +454,10 @@ def fit(
                 # Every process stops at the same step on SIGINT/SIGTERM: one collective decides.
                 if (reduce_sum([float(interrupt.signum is not None)], accelerator)[0] if world > 1
                         else interrupt.signum is not None):
-                    saved = None
-                    if t.checkpoint_on_interrupt and accelerator.is_main_process:
-                        saved = ckpt_dir / f"{ckpt.PREFIX}{step:07d}" if saved_now else checkpoint()
+                    saved = ckpt_dir / f"{ckpt.PREFIX}{step:07d}" if t.checkpoint_on_interrupt else None
+                    if saved is not None and not saved_now and accelerator.is_main_process:
+                        checkpoint()  # one process writes it; every process names it
+                    accelerator.wait_for_everyone()
                     raise Interrupted(interrupt.name, step, saved)
                 if t.max_minutes and step < total_steps:
                     spent = time.perf_counter() - started >= t.max_minutes * 60

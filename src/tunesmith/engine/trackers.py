@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text_atomic
 
 IDS = "trackers.json"
 
@@ -135,7 +136,7 @@ class Trackers:
             if section is not None:
                 items[kind] = make(section, run_dir, name, config, ids.get(kind))
         if items:
-            ids_file.write_text(json.dumps({k: t.id for k, t in items.items()}, indent=1))
+            write_text_atomic(ids_file, json.dumps({k: t.id for k, t in items.items()}, indent=1))
         return cls(items, run_dir)
 
     def log(self, record: dict) -> None:

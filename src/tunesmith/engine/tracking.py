@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text_atomic
 
 
 class MetricsLog:
@@ -52,9 +52,7 @@ class MetricsLog:
                                     "were edited or damaged: repair or delete that line, then resume") from None
             if record.get("step", 0) <= step and not record.get("final") and not record.get("forgetting"):
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         from ..faults import armed, die

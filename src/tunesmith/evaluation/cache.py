@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from ..files import write_text_atomic
 from ..models import cache_dir
 
 # Bumped when what a cached result means changes (a metric's definition, the JSON layout).
@@ -152,6 +153,4 @@ class EvalCache:
             return
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(value, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(value, ensure_ascii=False))
