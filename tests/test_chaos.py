@@ -98,7 +98,7 @@ def test_sigkill_chaos_ends_like_an_uninterrupted_run(zygote, run_config, tmp_pa
     planned.append(("artifact", 1))  # the final save: the whole run trains before this kill
     kills, phases = 0, []
     # Then random moments of whole resumed sessions (each may land anywhere, or after the end).
-    attempts = [("fault", p) for p in planned] + [("time", rng.uniform(0.1, 1.0) * full_run) for _ in range(4)]
+    attempts = [("fault", p) for p in planned] + [("time", rng.uniform(0.1, 1.0) * full_run) for _ in range(3)]
     for kind, what in attempts:
         args = ["train", str(cfg)]
         if ckpt.list_checkpoints(chaos_dir / "checkpoints"):

@@ -199,11 +199,9 @@ class RunConfig(Section):
                 f"method.type '{self.method.type}' cannot train objective.type '{self.objective.type}': {why} "
                 f"(see `tunesmith methods`)"
             )
-        if self.data.packing and not (self.objective.can_pack and self.method.packs):
-            who = (f"objective.type {self.objective.type}" if not self.objective.can_pack
-                   else f"method.type {self.method.type}")
-            raise ValueError(f"data.packing: {who} does not pack rows (each row must stay one example); "
-                             "remove data.packing or set it to false")
+        if self.data.packing and not self.objective.can_pack:  # a method that cannot pack says so in its check
+            raise ValueError(f"data.packing: objective.type {self.objective.type} does not pack rows (each row "
+                             "must stay one example); remove data.packing or set it to false")
         names = self.data.column_names or []
         if len(set(names)) != len(names):
             raise ValueError(f"data.column_names repeats a name: {names}")
