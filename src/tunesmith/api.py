@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, dump_config, load_config
+from .config import RunConfig, dump_config, flat_keys, load_config
 from .errors import ConfigError
 from .faults import reach
 from .files import write_text_atomic
@@ -86,15 +86,8 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                out |= flat(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-    before, now = flat(yaml.safe_load(saved_file.read_text())), flat(yaml.safe_load(dump_config(cfg)))
+    before = flat_keys(yaml.safe_load(saved_file.read_text()))
+    now = flat_keys(yaml.safe_load(dump_config(cfg)))
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
     if changed:

@@ -307,6 +307,17 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def flat_keys(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for k, v in (data or {}).items():
+        if isinstance(v, dict):
+            out |= flat_keys(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
     """A YAML file's top-level mapping, or a ConfigError naming the file and what is wrong."""
     if not path.is_file():

@@ -103,7 +103,7 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, dry_run: bo
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    if api.token is None and token is None and not _have_token():
+    if token is None and not _have_token():
         raise ConfigError("push: no Hugging Face token; run `hf auth login`, set HF_TOKEN, or pass --token")
     with tempfile.TemporaryDirectory(prefix="tunesmith-push-") as tmp:
         staged = Path(tmp)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -180,9 +182,6 @@ class _InterruptFlag:
     a second signal of the same kind acts at once (the handlers in place before are restored)."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
         if threading.current_thread() is not threading.main_thread():
@@ -191,8 +190,6 @@ class _InterruptFlag:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        import signal
-
         if self.signum is not None:  # asked twice: stop now
             self.restore()
             signal.raise_signal(signum)
@@ -201,13 +198,9 @@ class _InterruptFlag:
 
     @property
     def name(self) -> str:
-        import signal
-
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
@@ -451,7 +444,8 @@ def fit(
                 if t.save_every and step % t.save_every == 0 and not saved_now and accelerator.is_main_process:
                     checkpoint()
                     saved_now = True
-                # Every process stops at the same step on SIGINT/SIGTERM: one collective decides.
+                # Every process stops at the same step on SIGINT/SIGTERM: one collective decides (a signal
+                # read after the step's own collective must still stop this step, hence a second one).
                 if (reduce_sum([float(interrupt.signum is not None)], accelerator)[0] if world > 1
                         else interrupt.signum is not None):
                     saved = ckpt_dir / f"{ckpt.PREFIX}{step:07d}" if t.checkpoint_on_interrupt else None

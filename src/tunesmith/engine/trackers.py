@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from ..config import flat_keys
 from ..errors import ConfigError
 from ..files import write_text_atomic
 
@@ -20,16 +21,6 @@ IDS = "trackers.json"
 def _numbers(record: dict) -> dict[str, float]:
     return {k: float(v) for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def flat_config(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out |= flat_config(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _needs(module: str, extra: str):
@@ -73,7 +64,7 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(section.experiment)
             exp_id = experiment.experiment_id if experiment else self.client.create_experiment(section.experiment)
             run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-            params = [Param(k[:250], str(v)[:6000]) for k, v in flat_config(config).items()]
+            params = [Param(k[:250], str(v)[:6000]) for k, v in flat_keys(config).items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[i:i + 100])
         self.id = run_id

@@ -4,18 +4,16 @@ quantization, bf16 compute), which transformers loads for serving with no re-qua
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from .merged import _check_disk, card, check_foldable, check_output, fold_into
+from ..files import staged_folder
+from .merged import _check_disk, card, check_foldable, check_output, fold_fp32
 
 
 def export_bnb4(source: str | Path, output: Path, *, overwrite: bool = False,
                 echo: Callable[[str], None] = print) -> Path:
-    import torch
-
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
@@ -25,13 +23,8 @@ def export_bnb4(source: str | Path, output: Path, *, overwrite: bool = False,
     found = check_foldable(source)
     check_output(output, overwrite)
     _check_disk(source, found, output, "fp32")  # the fp32 fold is written first, then the 4-bit copy
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged = tmp / ".merged"
-    merged.mkdir(parents=True)
-    try:
-        echo(f"folding {source} into its base")
-        manifest = fold_into(source, merged, dtype=torch.float32)
+    with staged_folder(output) as tmp:
+        merged, manifest = fold_fp32(source, tmp, echo)
         echo("quantizing to NF4 with bitsandbytes")
         check = _quantize(merged, tmp, manifest.get("auto_class") or "AutoModelForCausalLM")
         shutil.rmtree(merged)
@@ -39,12 +32,6 @@ def export_bnb4(source: str | Path, output: Path, *, overwrite: bool = False,
             "Stored as bitsandbytes NF4 (double quantization, bf16 compute): transformers loads it as it is "
             f"(bitsandbytes installed). Against the fp32 model: {_describe(check)}.")))
         (tmp / "export.json").write_text(json.dumps({"source": str(source), "check": check}, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"NF4 model: {output} ({_describe(check)})")
     return output
 

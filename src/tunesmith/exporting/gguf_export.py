@@ -4,14 +4,14 @@ by loading it back with transformers' GGUF loader, and leave an Ollama Modelfile
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, TunesmithError
+from ..files import staged_folder
 from .gguf_file import TYPES, check_type, gguf_pre_of, plan, write_gguf
-from .merged import check_foldable, check_output, fold_into, source_folder
+from .merged import check_foldable, check_output, fold_fp32, source_folder
 
 # The file must compute what the model computes with its weights rounded the way the file stores
 # them (largest |logit difference| / largest |logit| below this, the same greedy generations):
@@ -43,15 +43,8 @@ def export_gguf(source: str | Path, output: Path, *, types: tuple[str, ...] = ("
         _check_disk(described, output, types)
     name = Path(str(source)).expanduser().resolve().name if Path(str(source)).expanduser().exists() \
         else str(source).replace("/", "-")
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged = tmp / ".merged"
-    merged.mkdir(parents=True)
-    try:
-        echo(f"folding {source} into its base")
-        import torch
-
-        manifest = fold_into(source, merged, dtype=torch.float32)
+    with staged_folder(output) as tmp:
+        merged, manifest = fold_fp32(source, tmp, echo)
         plan(merged, pre)
         report = {"source": str(source), "files": {}}
         for t in types:
@@ -68,12 +61,6 @@ def export_gguf(source: str | Path, output: Path, *, types: tuple[str, ...] = ("
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(manifest, str(source), report))
         shutil.rmtree(merged)
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for file, entry in report["files"].items():
         check = entry.get("check")
         echo(f"{file}: {entry['bytes'] / 2**20:.1f} MiB" + (

@@ -6,12 +6,12 @@ adapter inputs with the same function."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from ..files import staged_folder
 
 # Methods whose trained weights become the base's own tensors; the others add modules
 # (bottleneck adapters, virtual tokens, a probe head) the architecture has no place for.
@@ -33,6 +33,16 @@ def check_foldable(source: str | Path, label: str = "export") -> Path | None:
             raise ConfigError(f"{label}: {source} is a '{method}' run; its weights are modules the base architecture "
                               f"has no place for (only {', '.join(FOLDABLE)} runs fold into plain weights)")
     return found
+
+
+def fold_fp32(source: str | Path, staging: Path, echo: Callable[[str], None]) -> tuple[Path, dict]:
+    """`source` folded in fp32 into a hidden folder inside `staging` (the exports that convert it
+    further delete it before their folder is renamed into place); returns (folder, manifest)."""
+    import torch
+
+    folded = staging / ".merged"
+    echo(f"folding {source} into its base")
+    return folded, fold_into(source, folded, dtype=torch.float32)
 
 
 def fold_into(source: str | Path, folder: Path, *, dtype=None) -> dict:
@@ -79,19 +89,10 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     check_output(output, overwrite)
     _check_disk(source, found, output, dtype)
     dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(output) as tmp:
         echo(f"folding {source} into its base")
         manifest = fold_into(source, tmp, dtype=dtypes[dtype])
         (tmp / "README.md").write_text(card(manifest, str(source)))
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"merged model: {output}")
     return output
 

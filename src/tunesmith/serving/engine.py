@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..generation import stop_token_ids
 from .text import TextStream
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -63,7 +64,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self._generator = torch.Generator().manual_seed(int(time.time_ns()) & 0xFFFFFFFF)
-        self._stops = _stop_ids(model, tokenizer)
+        self._stops = stop_token_ids(model, tokenizer)
         self.busy_rows = 0
         self.batches = 0  # batches decoded so far, and the most rows one of them held
         self.largest_batch = 0
@@ -212,12 +213,6 @@ class Engine:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    from ..generation import stop_token_ids
-
-    return stop_token_ids(model, tokenizer)
 
 
 def _choose(logits: torch.Tensor, jobs: list[Job], generators: list[torch.Generator]) -> torch.Tensor:
