@@ -10,6 +10,13 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
+def plan(*args, **kwargs):
+    """Estimate a run's parameters, peak memory and speed before loading weights; see `tunesmith.planning.plan`."""
+    from .planning import plan as _plan
+
+    return _plan(*args, **kwargs)
+
+
 def evaluate(*args, **kwargs):
     """Evaluate a run or a model on data; see `tunesmith.evaluation.api.evaluate`."""
     from .evaluation.api import evaluate as _evaluate

@@ -54,6 +54,31 @@ def train(
     _print_metrics(result.metrics)
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Also say whether the run fits this card "
+                                                          "(T4, L4, A10G, RTX-4090, A100-40GB, A100-80GB, H100-80GB, ...)."),
+    measure: bool = typer.Option(False, "--measure", help="Also train the real model a few steps: measured "
+                                                          "tokens/s and peak memory beside the estimate."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
+    """Parameters, peak memory and speed of CONFIG's run, estimated before its weights load."""
+    import json
+
+    from .planning import plan as make_plan
+    from .planning import render
+
+    try:
+        p = make_plan(config, set_, gpu=gpu, measure=measure, echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+    typer.echo(render(p))
+    if json_out is not None:
+        json_out.write_text(json.dumps(p.to_dict(), indent=1))
+
+
 @app.command("config")
 def show_config(
     config: Path = typer.Argument(..., help="Run config (YAML)."),

