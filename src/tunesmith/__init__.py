@@ -17,6 +17,13 @@ def plan(*args, **kwargs):
     return _plan(*args, **kwargs)
 
 
+def sweep(*args, **kwargs):
+    """Search hyperparameters with Optuna, each trial a run; see `tunesmith.sweeping.sweep`."""
+    from .sweeping import sweep as _sweep
+
+    return _sweep(*args, **kwargs)
+
+
 def evaluate(*args, **kwargs):
     """Evaluate a run or a model on data; see `tunesmith.evaluation.api.evaluate`."""
     from .evaluation.api import evaluate as _evaluate

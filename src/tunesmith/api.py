@@ -112,8 +112,11 @@ def train(
     *,
     resume: str | bool | None = None,
     echo: Callable[[str], None] = print,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> RunResult:
-    """Fine-tune as the config says; returns where everything went and the final metrics."""
+    """Fine-tune as the config says; returns where everything went and the final metrics.
+
+    `on_eval(step, metrics)` is called at every evaluation during training (how a sweep prunes)."""
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -261,7 +264,7 @@ def train(
     fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
                  extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
-                 trackers=trackers)
+                 trackers=trackers, on_eval=on_eval)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)

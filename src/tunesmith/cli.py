@@ -79,6 +79,20 @@ def plan(
         json_out.write_text(json.dumps(p.to_dict(), indent=1))
 
 
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep file (YAML): base config, search space, metric, budget."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials to finish (overrides the file's)."),
+) -> None:
+    """Search hyperparameters with Optuna; each trial is a run. Run again to resume a killed sweep."""
+    from .sweeping import sweep as run_sweep
+
+    try:
+        run_sweep(spec, trials=trials, echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except TunesmithError as exc:
+        _fail(exc)
+
+
 @app.command("config")
 def show_config(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
