@@ -186,6 +186,17 @@ CASES: list[Case] = [
         "method": {"type": "full", "r": None, "alpha": None, "dropout": None}}, category="run", may_add="out/"),
     Case("output folder under a file", "out-file is a file", files={"out-file": "a file, not a folder"},
          config={"output": {"dir": "out-file/run"}}, category="run"),
+    Case("plan for a GPU it does not know", "--gpu: unknown card 'A100'", args=["plan", "run.yaml", "--gpu", "A100"],
+         category="plan"),
+    Case("sweep over a key the method does not have", "space.method.rank = 2 is not a valid run setting",
+         files={"sweep.yaml": "base: run.yaml\nspace:\n  method.rank: [2, 4]\npruner: none\n"},
+         config={"data": {"split": {"validation_ratio": 0.25}}}, args=["sweep", "sweep.yaml"], category="sweep"),
+    Case("sweep with pruning but no evaluations during training", "the base config has no eval.every",
+         files={"sweep.yaml": "base: run.yaml\nspace:\n  training.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n"},
+         config={"data": {"split": {"validation_ratio": 0.25}}}, args=["sweep", "sweep.yaml"], category="sweep"),
+    Case("grid sweep over a continuous range", "sampler grid needs a list or a range with step",
+         files={"sweep.yaml": "base: run.yaml\nsampler: grid\nspace:\n  training.learning_rate: {low: 1.0e-4, high: 1.0e-2}\n"},
+         args=["sweep", "sweep.yaml"], category="sweep"),
 ]
 
 

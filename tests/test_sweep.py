@@ -108,6 +108,10 @@ def test_a_killed_sweep_resumes_and_reruns_the_interrupted_trial(base_file, tmp_
     states = [t["state"] for t in result.trials]
     assert states == ["fail", "complete", "complete"]
     assert result.trials[1]["params"]["training.learning_rate"] == lr  # the interrupted values ran first
+    # Taken up again for one more trial, the sampler draws new values, not the first process's again.
+    more = sweep(path, trials=3, echo=lambda m: None)
+    drawn = [t["params"]["training.learning_rate"] for t in more.trials]
+    assert len(drawn) == 4 and drawn[3] not in drawn[:3]
 
 
 def test_sweep_refuses_bad_specs_before_training(base_file, tmp_path):

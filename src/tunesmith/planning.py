@@ -22,7 +22,6 @@ reports its tokens/s and peak memory beside the estimate.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -346,7 +345,7 @@ def render(p: Plan) -> str:
                  + (f"; +{mb(per_block)} per block" if per_block is not None else " (the whole depth)"))
     if p.step_s:
         lines.append(f"speed        ~{p.step_s:.2f} s per step, ~{p.tokens_per_step / p.step_s:,.0f} tokens/s "
-                     "(rough: from the proxies' timed steps, which ran 30-35 % fast for SmolLM2; --measure times the real model)")
+                     "(rough: from the proxies' timed steps, which ran 30-45 % fast for SmolLM2; --measure times the real model)")
     if p.gpu:
         g = p.gpu
         lines.append(f"gpu          {g['name']} ({g['memory'] / GB:.0f} GiB): needs ~{g['estimate'] / GB:.1f} GiB, "

@@ -10,7 +10,6 @@ and the best config (best.yaml) are rewritten.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import time
@@ -21,7 +20,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import apply_overrides, dump_config, load_config, parse_override, read_yaml_mapping, resolve_against
-from .errors import ConfigError, TrainingError, TunesmithError
+from .errors import ConfigError, TrainingError
 
 STUDY_DB = "study.db"
 _EXTRA = "pip install 'tunesmith[sweep]'"
@@ -168,12 +167,12 @@ def _optuna():
     return optuna
 
 
-def _sampler(optuna, sweep: SweepConfig):
+def _sampler(optuna, sweep: SweepConfig, seed: int):
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler({k: _values(v) for k, v in sweep.space.items()}, seed=sweep.seed)
+        return optuna.samplers.GridSampler({k: _values(v) for k, v in sweep.space.items()}, seed=seed)
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
-    return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=max(sweep.startup_trials, 1))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(sweep.startup_trials, 1))
 
 
 def _pruner(optuna, sweep: SweepConfig):
@@ -200,8 +199,13 @@ def sweep(path: str | Path, *, trials: int | None = None, echo: Callable[[str], 
     optuna = _optuna()
     out = Path(spec.output.format(name=spec.name))
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=spec.name, storage=f"sqlite:///{(out / STUDY_DB).resolve()}",
-                                direction=direction, sampler=_sampler(optuna, spec), pruner=_pruner(optuna, spec),
+    storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
+    # A resumed sweep seeds its sampler past the trials already drawn: with the file's seed alone it
+    # would draw the first process's values again.
+    drawn = len(optuna.create_study(study_name=spec.name, storage=storage, direction=direction,
+                                    load_if_exists=True).get_trials(deepcopy=False))
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction,
+                                sampler=_sampler(optuna, spec, spec.seed + drawn), pruner=_pruner(optuna, spec),
                                 load_if_exists=True)
     _check_same_sweep(study, spec, metric, direction)
     _requeue_interrupted(study, spec.sampler == "grid", echo)
