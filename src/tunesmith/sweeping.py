@@ -104,7 +104,8 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
+        lines = [("{}: ".format(".".join(str(p) for p in e["loc"])) if e["loc"] else "")
+                 + str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
         raise ConfigError(f"{path}: invalid sweep:\n  " + "\n  ".join(lines)) from None
     sweep.name = sweep.name or path.stem
     return sweep, path.parent
