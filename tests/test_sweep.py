@@ -88,7 +88,8 @@ def test_median_pruner_stops_a_trial_from_the_loop_evaluations(base_file, tmp_pa
     records = [json.loads(line) for line in (Path(states[1e-9]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 2  # stopped at its first evaluation, not at step 4
     assert any("pruned at step 2" in line for line in lines)
-    assert "(at pruning)" in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
+    assert "| pruned | 1e-09 | " in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
+    assert " (at pruning) | 2 |" in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
 
 
 def test_a_killed_sweep_resumes_and_reruns_the_interrupted_trial(base_file, tmp_path):
@@ -107,6 +108,8 @@ def test_a_killed_sweep_resumes_and_reruns_the_interrupted_trial(base_file, tmp_
     assert any(f"trial {killed.number} was interrupted: queued again with the same values" in m for m in lines)
     states = [t["state"] for t in result.trials]
     assert states == ["fail", "complete", "complete"]
+    assert "| 0 | fail | " in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
+    assert "| interrupted |" in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
     assert result.trials[1]["params"]["training.learning_rate"] == lr  # the interrupted values ran first
     # Taken up again for one more trial, the sampler draws new values, not the first process's again.
     more = sweep(path, trials=3, echo=lambda m: None)

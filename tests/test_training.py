@@ -191,8 +191,11 @@ def test_grad_accum_matches_one_big_batch(run_config, tmp_path, tiny_model_dir, 
         # Adam hides a constant scale of the gradient; the norm before clipping does not.
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     wa, wb = state_of(runs[4, 1] / "model"), state_of(runs[2, 2] / "model")
+    # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise of the two
+    # batchings moves that element's update by up to ~1e-5 (seen on an AVX2 EPYC), 0.1 % of one
+    # step at lr 1e-2; a real accumulation error moves whole tensors by a share of lr.
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(wa[name], wb[name], atol=5e-5, rtol=0)
 
     # Step 1's logged loss is the base model's mean over every label token of rows 0-3,
     # computed independently; the per-micro-batch average would be a different number.

@@ -237,6 +237,7 @@ def sweep(path: str | Path, *, trials: int | None = None, echo: Callable[[str], 
         try:
             result = api.train(cfg, echo=lambda m: echo(f"  [{trial.number}] {m}"), on_eval=report)
         except _Pruned as exc:
+            trial.set_user_attr("steps", exc.step)
             echo(f"trial {trial.number}: pruned at step {exc.step}")
             raise optuna.TrialPruned(str(exc)) from None
         except TrainingError as exc:  # a diverging learning rate is a result of the search, not its end
@@ -320,7 +321,8 @@ def write_reports(study, spec: SweepConfig, base: dict, metric: str, out: Path) 
     rows = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
              "last_reported": (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
              "steps": t.user_attrs.get("steps"), "seconds": t.user_attrs.get("seconds"),
-             "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error")} for t in trials]
+             "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
+             "interrupted": bool(t.user_attrs.get("interrupted"))} for t in trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
     importances = _importances(study) if len(complete) >= 2 else {}
@@ -332,7 +334,10 @@ def write_reports(study, spec: SweepConfig, base: dict, metric: str, out: Path) 
              "|---|---|" + "---|" * len(keys) + "---|---|---|"]
     for r in rows:
         shown = r["value"] if r["value"] is not None else r["last_reported"]
-        value = "" if shown is None else f"{shown:.4f}" + (" (at pruning)" if r["state"] == "pruned" else "")
+        value = "" if shown is None else f"{shown:.4f}" + {"pruned": " (at pruning)", "fail": " (last evaluation)"}.get(
+            r["state"], "")
+        if r["interrupted"]:
+            value = "interrupted" + (f" after {value}" if value else "")
         lines.append(f"| {r['number']} | {r['state']} | " + " | ".join(_fmt(r["params"].get(k)) for k in keys)
                      + f" | {value} | {r['steps'] or ''} | {r['seconds'] or ''} |")
     if best is not None:
