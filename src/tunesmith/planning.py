@@ -110,6 +110,9 @@ def plan(config: str | Path | dict | RunConfig, overrides: list[str] | None = No
     trainable, peak = int(round(at_depth("trainable"))), int(at_depth("peak"))
     step_s = at_depth("step_s") if one.get("step_s") and last.get("step_s") else None
     memory = _split(cfg, one, total, trainable, peak)
+    # The arithmetic floor: what must be resident whatever the proxies saw (a noisy proxy pair can
+    # extrapolate below it).
+    peak = max(peak, sum(memory.values()))
     device = one["device"]
     p = Plan(model=cfg.model.name_or_path, layers=layers, total_params=total, trainable_params=trainable,
              micro_batch=f"{cfg.training.batch_size} x {cfg.data.max_length} tokens", precision=one["precision"],
