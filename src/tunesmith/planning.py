@@ -1,12 +1,12 @@
 """`tunesmith plan`: what a run will need, worked out before a single weight of the model loads.
 
 Parameter counts come from the model's config (the model built on the meta device: no memory,
-no weights). Peak memory comes from two proxy runs of the very config: the same model with one
-and with two transformer blocks, random weights, the run's method, objective, precision, batch,
-sequence length and data, each trained for two optimizer steps in a fresh process whose peak
-resident memory (or, on a GPU, peak allocated memory) is read. What one more block costs is the
-difference of the two, and the full model's peak is the one-block peak plus that for every other
-block: weights, gradients, optimizer states, activations and the allocator's behaviour are all in
+no weights). Peak memory comes from two proxy runs of the very config: the same model with
+PROXY_DEPTHS transformer blocks, random weights, the run's method, objective, precision, batch,
+sequence length and data, each trained for PROXY_STEPS optimizer steps in a fresh process whose peak
+resident memory (or, on a GPU, peak allocated memory) is read. What one more block costs comes from
+the difference of the two, and the full model's peak is the smaller proxy's plus that for every
+further block: weights, gradients, optimizer states, activations and the allocator's behaviour are all in
 the measured numbers, none assumed. The split shown beside it is arithmetic: weights, gradients and
 optimizer states from the parameter counts, the runtime (interpreter and libraries) as measured in
 the proxy process, activations and step temporaries what remains.
@@ -38,6 +38,7 @@ PROXY_DEPTHS = (2, 6)  # transformer blocks of the two proxies
 MEASURE_STEPS = 4  # real steps for --measure; the first is warm-up and not timed
 MB = 1 << 20
 GB = 1 << 30
+NF4_BYTES = 0.5625  # a 4-bit weight with its share of the block scales
 CUDA_CONTEXT = 600 * MB  # the CUDA runtime and kernels' share of the card, before any tensor
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _SAVED_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM")
@@ -112,7 +113,7 @@ def plan(config: str | Path | dict | RunConfig, overrides: list[str] | None = No
     memory = _split(cfg, one, total, trainable, peak)
     # The arithmetic floor: what must be resident whatever the proxies saw (a noisy proxy pair can
     # extrapolate below it).
-    peak = max(peak, sum(memory.values()))
+    peak = sum(memory.values())  # activations are never below 0, so never below the fixed parts
     device = one["device"]
     p = Plan(model=cfg.model.name_or_path, layers=layers, total_params=total, trainable_params=trainable,
              micro_batch=f"{cfg.training.batch_size} x {cfg.data.max_length} tokens", precision=one["precision"],
@@ -174,7 +175,7 @@ def _split(cfg: RunConfig, proxy: dict, total: int, trainable: int, peak: int) -
     measured it; activations and step temporaries the rest of the estimated peak."""
     frozen = total - trainable
     if cfg.method.type == "qlora":
-        frozen_bytes = frozen * (1 if getattr(cfg.method, "bits", 4) == 8 else 0.5625)  # + block scales
+        frozen_bytes = frozen * (1 if getattr(cfg.method, "bits", 4) == 8 else NF4_BYTES)
     else:
         frozen_bytes = frozen * proxy["weight_bytes"]
     weights = int(frozen_bytes + trainable * 4)
@@ -188,9 +189,7 @@ def _split(cfg: RunConfig, proxy: dict, total: int, trainable: int, peak: int) -
 def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_memory: dict, precision: str) -> dict:
     """What the run needs on a named card, computed: CUDA trains in bf16 with bf16 frozen weights."""
     frozen = total - trainable
-    frozen_bytes = frozen * (0.5625 if cfg.method.type == "qlora" else 2)
-    if cfg.method.type == "full":
-        frozen_bytes = 0
+    frozen_bytes = frozen * (NF4_BYTES if cfg.method.type == "qlora" else 2)
     weights = frozen_bytes + trainable * 4
     act = cpu_memory["activations"] * (0.5 if precision.startswith("fp32") else 1.0)
     need = int(weights + trainable * 12 + act + CUDA_CONTEXT)

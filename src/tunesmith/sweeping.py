@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import apply_overrides, dump_config, load_config, parse_override, read_yaml_mapping, resolve_against
+from .config import apply_overrides, dump_config, load_config, read_yaml_mapping, resolve_against
 from .errors import ConfigError, TrainingError
 
 STUDY_DB = "study.db"
@@ -65,7 +65,6 @@ class SweepConfig(BaseModel):
     seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = Field(3, ge=0, description="Trials finished before the pruner (and TPE) start deciding.")
-    warmup_evals: int = Field(1, ge=0, description="Evaluations of a trial before the median pruner may stop it.")
     name: str | None = None  # default: the sweep file's name
     output: str = "runs/sweeps/{name}"
 
@@ -130,10 +129,8 @@ def prepare(sweep: SweepConfig, folder: Path) -> tuple[dict, str, str]:
     """The base config as data, the metric and its direction; every value of the space is validated
     against the base config now, before any trial trains."""
     base_path = Path(resolve_against(sweep.base, folder))
-    base = read_yaml_mapping(base_path, "sweep base config", "a run config")
-    base = {k: v for k, v in base.items() if v is not None}
-    for item in sweep.set:
-        parse_override(item)
+    if not base_path.is_file():
+        raise ConfigError(f"sweep base config not found: {base_path}")
     cfg = load_config(base_path, sweep.set)  # resolves the base's relative paths against its own folder
     for key, spec in sweep.space.items():
         for value in _values(spec):
@@ -203,11 +200,9 @@ def sweep(path: str | Path, *, trials: int | None = None, echo: Callable[[str], 
     storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
     # A resumed sweep seeds its sampler past the trials already drawn: with the file's seed alone it
     # would draw the first process's values again.
-    drawn = len(optuna.create_study(study_name=spec.name, storage=storage, direction=direction,
-                                    load_if_exists=True).get_trials(deepcopy=False))
     study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction,
-                                sampler=_sampler(optuna, spec, spec.seed + drawn), pruner=_pruner(optuna, spec),
-                                load_if_exists=True)
+                                pruner=_pruner(optuna, spec), load_if_exists=True)
+    study.sampler = _sampler(optuna, spec, spec.seed + len(study.get_trials(deepcopy=False)))
     _check_same_sweep(study, spec, metric, direction)
     _requeue_interrupted(study, spec.sampler == "grid", echo)
     budget = trials or spec.trials or (math.prod(len(_values(v)) for v in spec.space.values())
