@@ -160,6 +160,11 @@ CASES: list[Case] = [
          config={"model": {"name_or_path": "not-really.gguf"}}, category="model"),
     Case("model folder without config.json", "has no config.json", files={"empty-model/readme.txt": "nothing"},
          config={"model": {"name_or_path": "./empty-model"}}, category="model"),
+    Case("distillation teacher folder missing", "objective.teacher: folder not found", config={
+        "objective": {"type": "distill", "teacher": "./no-teacher"}}, category="model"),
+    Case("PPO reward model that is no model folder", "objective.reward_model: ", files={
+        "rm/readme.txt": "nothing", "train.jsonl": "".join(json.dumps({"prompt": q}) + "\n" for q, _ in QA * 3)},
+         config={"objective": {"type": "ppo", "reward_model": "./rm"}}, category="model"),
     Case("export of a run that does not exist", "not found", args=["export", "./no-run"], category="model"),
     Case("serve with a malformed --adapter", "is not NAME=PATH", args=["serve", "./no-run", "--adapter", "x"],
          category="model"),

@@ -66,9 +66,10 @@ def test_plan_refuses_before_any_proxy_runs(tiny_model_dir, alpaca_file, tmp_pat
     cfg = _config(tiny_model_dir, alpaca_file, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"--gpu: unknown card 'A100' \(known: T4, "):
         plan(cfg, gpu="A100")
-    distill = {**cfg, "objective": {"type": "distill", "teacher": str(tiny_model_dir)}, "method": {"type": "full"}}
-    with pytest.raises(ConfigError, match="objective.type distill loads a second model"):
-        plan(distill)
+    no_teacher = {**cfg, "objective": {"type": "distill", "teacher": str(tmp_path / "gone")},
+                  "method": {"type": "full"}, "model": {"name_or_path": str(tiny_model_dir), "init_from_teacher_every": 2}}
+    with pytest.raises(ConfigError, match="objective.teacher: "):
+        plan(no_teacher)
     missing = {**cfg, "model": {"name_or_path": str(tmp_path / "nowhere")}}
     with pytest.raises(ConfigError, match="model.name_or_path: folder not found"):
         plan(missing)
@@ -77,3 +78,61 @@ def test_plan_refuses_before_any_proxy_runs(tiny_model_dir, alpaca_file, tmp_pat
     result = runner.invoke(app, ["plan", str(bad)])
     assert result.exit_code == 2 and "training.batch_sise: unknown key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_plan_of_distillation_counts_the_teacher_once(deep_tiny_dir, alpaca_file, tmp_path):
+    """The teacher is loaded whole in both proxies: its weights are a line of the split, not part of the
+    per-block slope, and the estimate stays near the real run's measured peak."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.planning import plan
+
+    cfg = {**_config(deep_tiny_dir, alpaca_file, tmp_path / "run"), "method": {"type": "full"},
+           "objective": {"type": "distill", "teacher": str(deep_tiny_dir)}, "training": {"precision": "fp32",
+                                                                                        "batch_size": 4}}
+    p = plan(cfg, measure=True)
+    teacher = AutoModelForCausalLM.from_pretrained(deep_tiny_dir)
+    teacher_bytes = sum(t.numel() * 4 for t in {x.data_ptr(): x for x in teacher.state_dict().values()}.values())
+    assert p.memory["second_model"] == p.measured["second_model"] == pytest.approx(teacher_bytes, rel=0.01)
+    assert [x["second_model"] for x in p.proxies] == [p.memory["second_model"]] * 2
+    assert abs(p.peak - p.measured["peak"]) / p.measured["peak"] < 0.25, (p.peak, p.measured)
+
+
+def test_plan_of_a_student_cut_from_its_teacher_counts_the_kept_blocks(deep_tiny_dir, alpaca_file, tmp_path):
+    """model.init_from_teacher_every: the student is the teacher's config with ceil(8 / 2) = 4 blocks."""
+    from tunesmith.planning import model_config
+    from tunesmith.config import load_config
+
+    cfg = {**_config(deep_tiny_dir, alpaca_file, tmp_path / "run"), "method": {"type": "full"},
+           "model": {"name_or_path": str(deep_tiny_dir), "init_from_teacher_every": 2},
+           "objective": {"type": "distill", "teacher": str(deep_tiny_dir)}}
+    assert model_config(load_config(cfg)).num_hidden_layers == 4
+
+
+def test_a_proxy_settles_precision_before_its_peak_is_read(deep_tiny_dir, alpaca_file, tmp_path, monkeypatch):
+    """precision auto's timing race builds models of its own: run inside the first proxy's measured window it
+    raised that proxy's peak alone and flattened the per-block slope (SmolLM2, cold cache: 2,547 MB planned
+    for a run that peaked at 3,951 MB). The child decides the precision, then resets the peak, then trains."""
+    from tunesmith import api, planning
+    from tunesmith.config import load_config
+
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def train(cfg, **kwargs):
+        order.append("train")
+        raise Stop
+
+    monkeypatch.setattr(api, "decide_precision", lambda cfg, **kw: order.append("precision"))
+    monkeypatch.setattr(planning, "_reset_peak_rss", lambda: order.append("reset"))
+    monkeypatch.setattr(api, "train", train)
+    cfg = load_config({**_config(deep_tiny_dir, alpaca_file, tmp_path / "run"), "training": {"precision": "auto"}})
+    (tmp_path / "proxy").mkdir()
+    request = tmp_path / "proxy" / "request.json"
+    request.write_text(json.dumps({"kind": "proxy", "config": cfg.model_dump(mode="json"), "blocks": 2,
+                                   "folder": str(tmp_path / "proxy")}))
+    with pytest.raises(Stop):
+        planning._child(str(request))
+    assert order == ["precision", "reset", "train"]

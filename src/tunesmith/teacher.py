@@ -37,6 +37,34 @@ def _tunesmith_folder(source: str) -> bool:
     return path.is_dir() and (_artifact_in(path) is not None or (path / "adapter_config.json").is_file())
 
 
+def source_model(source: str):
+    """The model a second model's source stands on: a full run's saved model, an adapter's base (a tunesmith
+    run or artifact, or a peft adapter folder), or the source itself."""
+    import json
+
+    from .artifacts import MANIFEST, _artifact_in, _base_config
+    from .config import ModelConfig
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = _artifact_in(path)
+        if found is not None:
+            manifest = json.loads((found / MANIFEST).read_text())
+            return ModelConfig(name_or_path=str(found)) if manifest["artifact"] == "model" else _base_config(manifest)
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if base:
+                return ModelConfig(name_or_path=base)
+    return ModelConfig(name_or_path=source)
+
+
+def check_source(source: str, field: str) -> None:
+    """Refuse, naming `field`, a teacher or reward model source that is missing or no model (before any loading)."""
+    from .models import resolve_source
+
+    resolve_source(source_model(source), field)
+
+
 def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype, field: str = "objective.teacher",
                  kwargs: dict | None = None) -> tuple[nn.Module, Any]:
     """(teacher in eval mode with no parameter that learns, its tokenizer); `field` names it in errors,
