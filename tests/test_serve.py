@@ -276,6 +276,54 @@ def test_engine_refuses_past_its_queue_and_survives_a_failing_batch(base_dir):
         engine.close()
 
 
+def test_a_request_joins_a_running_batch_and_answers_as_alone(base_dir):
+    """Step-level batching: a request arriving mid-generation joins the running batch at the next step
+    (one batch, two rows), finishes long before the first, and both answer as they do alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, max_batch_size=4)
+    long_ids, short_ids = tok("the sky")["input_ids"], tok("what is the capital of france and why")["input_ids"]
+    assert len(short_ids) > len(long_ids)  # the newcomer is longer: the running row's cache gets left-padded
+    texts, done, all_done = {}, {}, threading.Event()
+
+    def job(name, ids, max_tokens, on_text=lambda: None):
+        def emit(ev):
+            if ev.kind == "text":
+                texts[name] = texts.get(name, "") + ev.text
+                on_text()
+            else:
+                assert ev.kind == "done", ev.text
+                done[name] = time.perf_counter()
+                if len(done) == expected[0]:
+                    all_done.set()
+        return Job(ids, max_tokens, emit, temperature=0)
+
+    def generate(first, then=None):
+        texts.clear(), done.clear(), all_done.clear()
+        expected[0] = 1 + (then is not None)
+        sent = []
+
+        def join_now():  # runs on the worker thread, mid-batch: the newcomer waits at most one step
+            if then is not None and not sent:
+                sent.append(engine.submit([then()]))
+        engine.submit([first(join_now)])
+        assert all_done.wait(60)
+        return dict(texts), dict(done)
+
+    expected = [1]
+    try:
+        alone = {**generate(lambda _: job("long", long_ids, 48))[0],
+                 **generate(lambda _: job("short", short_ids, 6))[0]}
+        before = engine.batches
+        texts_now, done_at = generate(lambda hook: job("long", long_ids, 48, hook), lambda: job("short", short_ids, 6))
+        assert engine.batches - before == 1 and engine.largest_batch == 2
+        assert done_at["short"] < done_at["long"]
+        assert texts_now == alone
+    finally:
+        engine.close()
+
+
 def test_text_stream_holds_partial_stops_and_characters(tiny_tokenizer):
     ids = tiny_tokenizer("the sky is blue and the sea", add_special_tokens=False)["input_ids"]
     stream = TextStream(tiny_tokenizer, ["blue and"])
