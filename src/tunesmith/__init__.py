@@ -24,6 +24,14 @@ def sweep(*args, **kwargs):
     return _sweep(*args, **kwargs)
 
 
+def generate_data(*args, **kwargs):
+    """Write Self-Instruct style synthetic instruction data with a teacher model; see
+    `tunesmith.data.synthetic.generate_instructions`."""
+    from .data.synthetic import generate_instructions as _generate
+
+    return _generate(*args, **kwargs)
+
+
 def evaluate(*args, **kwargs):
     """Evaluate a run or a model on data; see `tunesmith.evaluation.api.evaluate`."""
     from .evaluation.api import evaluate as _evaluate

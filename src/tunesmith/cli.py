@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import TunesmithError
+from .errors import ConfigError, TunesmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune language models from one YAML file.")
@@ -132,16 +132,76 @@ def data_inspect(
     max_length: int = typer.Option(1024, help="Length used for the 'would be truncated' share."),
     column_names: Optional[str] = typer.Option(
         None, "--column-names", help="Header of a CSV/TSV file without one, comma-separated (e.g. text,label)."),
+    column: list[str] = typer.Option(
+        [], "--column", help="FIELD=COLUMN: read the format's field from another column (repeatable), "
+                             "e.g. --column text=sentence."),
+    against: Optional[str] = typer.Option(
+        None, "--against", help="A validation/test file: rows of FILE found in it (exactly or nearly) are leaks."),
+    write_clean: Optional[Path] = typer.Option(
+        None, "--write-clean", help="Folder for the cleaned rows (data.jsonl) and their dataset card (README.md)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the report as HTML with plots."),
 ) -> None:
-    """Format, size, field stats, token lengths, duplicates and empty fields of a dataset."""
+    """Format, size, fields, labels, token lengths, and quality: duplicates and near-duplicates, leakage,
+    outliers, languages, echoed prompts, chat structure; optionally a cleaned copy with a dataset card."""
     from .data.inspect import inspect_data, render_report
 
     names = [n.strip() for n in column_names.split(",")] if column_names else None
     try:
-        report = inspect_data(file, format=format, model=model, max_length=max_length, column_names=names)
+        mapping = {}
+        for item in column:
+            field, sep, name = item.partition("=")
+            if not sep or not field.strip() or not name.strip():
+                raise ConfigError(f"--column: '{item}' is not FIELD=COLUMN (e.g. text=sentence)")
+            mapping[field.strip()] = name.strip()
+        report = inspect_data(file, format=format, model=model, max_length=max_length, column_names=names,
+                              columns=mapping, against=against, write_clean=write_clean, html=html)
     except TunesmithError as exc:
         _fail(exc)
     render_report(report, console)
+
+
+@data_app.command("generate")
+def data_generate(
+    seeds: str = typer.Argument(..., help="Seed tasks: Self-Instruct's seed_tasks.jsonl shape or Alpaca rows."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write (Alpaca rows + provenance)."),
+    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8011/v1."),
+    model: str = typer.Option(..., "--model", help="The teacher's model name at that endpoint."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Default: TUNESMITH_API_KEY or OPENAI_API_KEY."),
+    num: int = typer.Option(100, "--num", help="Instructions to keep, counting those a resumed run already has."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight at once."),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    top_p: float = typer.Option(0.5, "--top-p"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="The most tokens of one answer."),
+    similarity_threshold: float = typer.Option(
+        0.7, "--similarity-threshold", help="Drop an instruction whose ROUGE-L F with any kept one reaches this."),
+    prompt_examples: int = typer.Option(3, "--prompt-examples", help="Example tasks shown in each prompt."),
+    max_requests: Optional[int] = typer.Option(
+        None, "--max-requests", help="Stop after this many requests (default: 4 per instruction wanted)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the choice of example tasks and the teacher's sampling."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or finished run's file."),
+) -> None:
+    """Self-Instruct: have a teacher model write new instruction data from SEEDS, filtered for quality
+    and diversity (ROUGE-L)."""
+    from .data.synthetic import generate_instructions
+
+    try:
+        summary = generate_instructions(
+            seeds, output, base_url=base_url, api_key=api_key, model=model, num_instructions=num,
+            num_prompt_instructions=prompt_examples, concurrency=concurrency, temperature=temperature, top_p=top_p,
+            max_tokens=max_tokens, similarity_threshold=similarity_threshold, seed=seed, max_requests=max_requests,
+            overwrite=overwrite, resume=resume, echo=lambda m: console.print(m, highlight=False))
+    except TunesmithError as exc:
+        _fail(exc)
+    except OSError as exc:  # an unwritable output folder, named by the OS error
+        _fail(exc)
+    dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items() if v) or "none"
+    console.print(f"kept {summary['kept']} of {summary['target']} in {summary['output']} "
+                  f"({summary['requests']} requests; dropped: {dropped}); stats: {summary['stats']}",
+                  highlight=False, soft_wrap=True)
+    if not summary["complete"]:
+        console.print(f"[bold yellow]stopped:[/] {summary['max_requests']} requests spent; add --resume to go on",
+                      highlight=False)
 
 
 @app.command()

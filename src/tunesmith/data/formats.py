@@ -470,11 +470,12 @@ def detect_format(columns: set[str], mapping: dict[str, str] | None = None, pref
 
 def normalize_rows(
     rows: list[Row], fmt_name: str, mapping: dict[str, str], *, skip_invalid: bool,
-    errors: list[str] | None = None,
+    errors: list[str] | None = None, kept: list[int] | None = None,
 ) -> tuple[list[dict], int]:
     """Normalize rows to canonical records; returns (records, number of rows skipped).
 
-    With skip_invalid, the message of every skipped row is appended to `errors` when given.
+    With skip_invalid, the message of every skipped row is appended to `errors` when given, and
+    the position in `rows` of every record's row to `kept`.
     """
     if fmt_name not in FORMATS:
         raise DataError(f"unknown data format '{fmt_name}' (known: {', '.join(FORMATS)})")
@@ -484,9 +485,11 @@ def normalize_rows(
         return mapping.get(name, name)
 
     records, skipped = [], 0
-    for row in rows:
+    for i, row in enumerate(rows):
         try:
             records.append(fmt.normalize(row.data, col))
+            if kept is not None:
+                kept.append(i)
         except RowError as err:
             got = "" if err.got is None else f", got {_short(err.got)}"
             message = f"{row.where}: field '{err.field}': expected {err.expected}{got} (format '{fmt_name}')"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -27,19 +28,38 @@ def inspect_data(
     max_length: int = 1024,
     columns: dict[str, str] | None = None,
     column_names: list[str] | None = None,
+    against: str | None = None,
+    write_clean: str | Path | None = None,
+    html: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Describe a dataset: format, size, invalid rows, field stats, duplicates and token lengths.
+    """Describe a dataset: format, size, invalid rows, field stats, duplicates, token lengths, and the
+    quality checks (near-duplicates, leakage into `against`, outliers, languages, echoed prompts,
+    chat structure).
 
     `model` names a tokenizer source; without it the token statistics are left out.
-    `column_names` is the header of a CSV/TSV file that has none.
+    `column_names` is the header of a CSV/TSV file that has none. `write_clean` is a folder that
+    gets the cleaned rows and a dataset card; `html` a report file with plots.
     """
+    from .quality import quality
+
     mapping = columns or {}
+    for out, what in ((write_clean, "--write-clean"), (html, "--html")):
+        if out is not None and Path(out).exists() and not (Path(out).is_dir() and not any(Path(out).iterdir())):
+            raise DataError(f"{what}: {out} already exists; name a new {'folder' if what == '--write-clean' else 'file'}")
     errors: list[str] = []
     rows, unreadable = read_rows(source, skip_invalid=True, errors=errors, column_names=column_names)
     if not rows:
         raise DataError(f"no rows found in {source}" + (f" ({unreadable} unreadable)" if unreadable else ""))
     fmt = detect_format(columns_of(rows), mapping) if format == "auto" else format
-    records, invalid = normalize_rows(rows, fmt, mapping, skip_invalid=True, errors=errors)
+    valid: list[int] = []
+    records, invalid = normalize_rows(rows, fmt, mapping, skip_invalid=True, errors=errors, kept=valid)
+    other = None
+    if against is not None:
+        # Read as training reads a validation file: same format, invalid rows skipped.
+        theirs, _ = read_rows(against, skip_invalid=True, column_names=column_names)
+        other, _ = normalize_rows(theirs, fmt, mapping, skip_invalid=True)
+        if not other:
+            raise DataError(f"--against: no {fmt} rows in {against}")
 
     report: dict[str, Any] = {
         "source": source,
@@ -67,6 +87,20 @@ def inspect_data(
         report["words"] = {"mean": sum(words) / len(words), "min": min(words), "max": max(words)}
     if model is not None and records:
         report["tokens"] = _token_stats(records, model, max_length)
+    if records:
+        report["quality"] = quality(records, [rows[i].where for i in valid],
+                                    labels=report["labels"] if fmt == "text_label" else None,
+                                    against=other, against_name=against)
+    if write_clean is not None and records:
+        from .quality import write_clean as clean
+
+        report["clean"] = {"folder": str(write_clean), **clean(Path(write_clean), source, [r.data for r in rows],
+                                                              valid, report)}
+    if html is not None and records:
+        from .report_html import write_html
+
+        write_html(Path(html), report, records)
+        report["html"] = str(html)
     return report
 
 
@@ -188,6 +222,31 @@ def render_report(report: dict[str, Any], console) -> None:
         empty = f"[yellow]{s['empty']}[/]" if s["empty"] else "0"
         fields.add_row(name, str(s["non_empty"]), empty, f"{s['mean_chars']:.1f}", str(s["max_chars"]))
     console.print(fields)
+
+    q = report.get("quality")
+    if q:
+        table = Table(title="quality" + (f" (against {q['against']})" if q.get("against") else ""))
+        for name, justify in (("check", "left"), ("rows", "right"), ("share", "right"), ("examples", "left")):
+            table.add_column(name, justify=justify)
+        for name, f in q["flags"].items():
+            count = f"[yellow]{f['count']}[/]" if f["count"] else "0"
+            shown = ", ".join(f["examples"]) + (f"; {f['note']}" if f["note"] and f["count"] else "")
+            table.add_row(name, count, f"{f['count'] / max(q['checked'], 1):.1%}", shown)
+        if q.get("label_balance"):
+            b = q["label_balance"]
+            table.add_row("label balance", str(b["classes"]), "", f"largest class / smallest {b['largest_over_smallest']:.1f}x")
+        if q.get("languages"):
+            langs = ", ".join(f"{k} {v:.0%}" for k, v in list(q["languages"]["shares"].items())[:5])
+            table.add_row("languages", str(q["languages"]["sampled"]), "", f"{langs} (py3langid, sampled rows)")
+        console.print(table)
+        if q.get("missing"):
+            console.print(f"[yellow]{q['missing']}[/]")
+    if report.get("clean"):
+        c = report["clean"]
+        console.print(f"cleaned copy: {c['kept']} rows kept in {c['folder']}/data.jsonl (dataset card README.md); "
+                      + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("folder", "kept") and v) + " removed")
+    if report.get("html"):
+        console.print(f"report: {report['html']}")
 
     tok = report["tokens"]
     if tok:
