@@ -244,3 +244,38 @@ def training_steps(cfg: dict):
 
 def window_mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class UvicornThread:
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port, in a daemon thread (test servers)."""
+
+    def __init__(self, app, timeout: float = 30):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.app, self.port = app, free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 from tunesmith.cli import app
 from tunesmith.errors import ConfigError
 
-from conftest import write_jsonl
 
 runner = CliRunner()
 

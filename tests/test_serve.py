@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 import urllib.error
@@ -19,6 +18,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import UvicornThread  # noqa: E402
 from tunesmith.errors import ConfigError  # noqa: E402
 from tunesmith.serving import Limits, build_app  # noqa: E402
 from tunesmith.serving.engine import Engine, Job, QueueFull  # noqa: E402
@@ -59,28 +59,9 @@ def adapters(base_dir):
     return {"alpha": _adapter(base_dir, root / "alpha", 1), "beta": _adapter(base_dir, root / "beta", 2)}
 
 
-class Running:
-    def __init__(self, app):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
+class Running(UvicornThread):
     def client(self, key="unused"):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import sys
-import threading
-import time
 
 import pytest
 
@@ -20,6 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from conftest import UvicornThread, free_port  # noqa: E402
 from tunesmith.cli import app as cli_app  # noqa: E402
 from tunesmith.data.formats import detect_format, normalize_rows  # noqa: E402
 from tunesmith.data.sources import columns_of, read_rows  # noqa: E402
@@ -119,27 +117,16 @@ class Teacher:
     """The stand-in served by uvicorn on a free local port, in a thread."""
 
     def __init__(self, script: list, delay: float = 0.0):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
         self.app = teacher_app(script, delay)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "teacher did not start"
-            time.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.running = UvicornThread(self.app, timeout=20)
+        self.base_url = self.running.url + "/v1"
 
     @property
     def requests(self) -> list[dict]:
         return self.app.state.requests
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.running.stop()
 
 
 @pytest.fixture
@@ -398,16 +385,8 @@ def test_seed_file_problems_name_the_file_and_row(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_unreachable_teacher_is_a_clear_cli_error(seeds, tmp_path):
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     result = runner.invoke(cli_app, ["data", "generate", str(seeds), "--output", str(tmp_path / "o.jsonl"),
                                      "--base-url", url, "--model", "teacher", "--num", "2"])
     assert result.exit_code == 2, result.output

@@ -165,11 +165,11 @@ def train(
         from .evaluation.forgetting import reference_jobs
 
         reference_jobs(cfg.eval.reference)  # a missing or malformed reference set fails now
-    for field in ("teacher", "reward_model"):
-        if getattr(cfg.objective, field, None):
+    for second in ("teacher", "reward_model"):
+        if getattr(cfg.objective, second, None):
             from .teacher import check_source
 
-            check_source(getattr(cfg.objective, field), f"objective.{field}")
+            check_source(getattr(cfg.objective, second), f"objective.{second}")
     with dist.main_process_first():  # one process converts a GGUF into the shared cache
         source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
