@@ -142,6 +142,8 @@ class Engine:
                 joining = self._admit(live, jobs[0].adapter)
                 if joining:
                     try:
+                        for name in {j.adapter for j in joining} - {BASE}:
+                            self._ensure_adapter(name)  # between two steps: the batch's cache stays valid
                         prefilled = self._prefill(joining, extra)
                     except Exception as exc:  # only the newcomers fail; the running rows go on
                         for job in joining:
@@ -193,8 +195,6 @@ class Engine:
                 (joining if fits else rest).append(job)
             rest.extend(self._waiting)
             self._waiting = rest
-        for name in {j.adapter for j in joining} - {BASE}:
-            self._ensure_adapter(name)  # between two steps: the batch's cache stays valid
         return joining
 
     def _emit(self, live: "_Live", r: int, token: int) -> bool:
