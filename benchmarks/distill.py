@@ -50,7 +50,8 @@ def unlabeled_subset(data: Path, skip: int, rows: int, out: Path) -> Path:
     return path
 
 
-def encoder_configs(train: Path, dev: Path, out: Path, epochs: float, unlabeled: Path) -> dict[str, dict]:
+def encoder_configs(train: Path, dev: Path, out: Path, epochs: float, unlabeled: Path,
+                    temperature: float = 2.0, with_plain_kd: bool = True) -> dict[str, dict]:
     common = {
         "data": {"train": str(train), "max_length": 64, "split": {"validation_file": str(dev)}},
         "method": {"type": "full"},
@@ -61,24 +62,27 @@ def encoder_configs(train: Path, dev: Path, out: Path, epochs: float, unlabeled:
     teacher_dir = out / "teacher"
     student = {**common, "model": {"name_or_path": MINILM, "init_from_teacher_every": 2}}
     distill = {"type": "distill", "teacher": str(teacher_dir), "task": "classification", "labels": ["0", "1"]}
-    return {
+    configs = {
         "teacher": {**common, "model": {"name_or_path": MINILM},
                     "objective": {"type": "classification", "labels": ["0", "1"]},
                     "output": {"dir": str(teacher_dir), "overwrite": True, "model_card": False}},
         "student (labels only)": {**student, "objective": {**distill, "kd_ratio": 0.0, "hidden_weight": 0.0},
                                   "output": {"dir": str(out / "student-ce"), "overwrite": True,
                                              "save_model": False, "model_card": False}},
-        "student + KD": {**student, "objective": {**distill, "kd_ratio": 0.5, "temperature": 2.0,
+        "student + KD": {**student, "objective": {**distill, "kd_ratio": 0.5, "temperature": temperature,
                                                   "loss": "forward_kl", "hidden_weight": 1.0},
                          "output": {"dir": str(out / "student-kd"), "overwrite": True,
                                     "save_model": False, "model_card": False}},
         "student + KD + transfer set": {
             **student, "training": {**common["training"], "epochs": 1.0},
-            "objective": {**distill, "kd_ratio": 0.5, "temperature": 2.0, "loss": "forward_kl",
+            "objective": {**distill, "kd_ratio": 0.5, "temperature": temperature, "loss": "forward_kl",
                           "unlabeled": str(unlabeled)},
             "output": {"dir": str(out / "student-kd-transfer"), "overwrite": True, "save_model": False,
                        "model_card": False}},
     }
+    if not with_plain_kd:
+        del configs["student + KD"]
+    return configs
 
 
 def decoder_configs(train: Path, heldout: Path, out: Path, epochs: float) -> dict[str, dict]:
@@ -145,6 +149,8 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=8000)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--unlabeled-rows", type=int, default=24000, help="transfer-set sentences (encoder)")
+    ap.add_argument("--temperature", type=float, default=2.0, help="KD temperature of the encoder students")
+    ap.add_argument("--no-plain-kd", action="store_true", help="skip the KD student without a transfer set")
     ap.add_argument("--alpaca-train", type=int, default=160)
     ap.add_argument("--decoder-epochs", type=float, default=2.0)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -159,11 +165,12 @@ def main() -> None:
     if args.encoder:
         train, dev = subset(args.data, args.train_rows, work)
         unlabeled = unlabeled_subset(args.data, args.train_rows, args.unlabeled_rows, work)
-        enc = run_all(encoder_configs(train, dev, work, args.epochs, unlabeled), work)
+        enc = run_all(encoder_configs(train, dev, work, args.epochs, unlabeled, args.temperature,
+                                      not args.no_plain_kd), work)
         acc = {k: v["metrics"]["eval_accuracy"] for k, v in enc.items()}
         gap = acc["teacher"] - acc["student (labels only)"]
         closed = {k: (acc[k] - acc["student (labels only)"]) / gap if gap > 0 else float("nan")
-                  for k in ("student + KD", "student + KD + transfer set")}
+                  for k in ("student + KD", "student + KD + transfer set") if k in acc}
         print(f"\n{'encoder (SST-2 dev)':24} {'accuracy':>9} {'params':>12} {'tokens/s':>9} {'train s':>8} {'RSS MB':>7}")
         for name, r in enc.items():
             print(f"{name:24} {acc[name]:9.4f} {r['params']:12,} {r['tokens_per_s']:9.1f} {r['train_s']:8.0f} "
