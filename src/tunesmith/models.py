@@ -236,6 +236,16 @@ def kept_layers(n: int, every: int) -> list[int]:
     return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]
 
 
+def thinned_config(config, n: int, keep: list[int]):
+    """`config` (of a model with n blocks) changed in place to hold only the blocks in `keep`."""
+    config.num_hidden_layers = len(keep)
+    for key, value in config.to_dict().items():
+        # Per-layer settings (layer_types: sliding or full attention, ...) follow their layers.
+        if isinstance(value, (list, tuple)) and len(value) == n and n > 1 and hasattr(config, key):
+            setattr(config, key, type(value)(value[i] for i in keep))
+    return config
+
+
 def student_from_teacher(teacher: torch.nn.Module, every: int, dtype: torch.dtype) -> torch.nn.Module:
     """A new model of the teacher's class and config with `kept_layers` of its blocks, weights copied.
 
@@ -254,12 +264,7 @@ def student_from_teacher(teacher: torch.nn.Module, every: int, dtype: torch.dtyp
     name, stack = decoder_layers(teacher)
     n = len(stack)
     keep = kept_layers(n, every)
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(keep)
-    for key, value in config.to_dict().items():
-        # Per-layer settings (layer_types: sliding or full attention, ...) follow their layers.
-        if isinstance(value, (list, tuple)) and len(value) == n and n > 1 and hasattr(config, key):
-            setattr(config, key, type(value)(value[i] for i in keep))
+    config = thinned_config(copy.deepcopy(teacher.config), n, keep)
     new_index = {old: new for new, old in enumerate(keep)}
     prefix = name + "."
     weights = {}

@@ -136,19 +136,13 @@ def model_config(cfg: RunConfig):
     every = cfg.model.init_from_teacher_every
     if every is None:
         return _read_config(cfg.model, "model.name_or_path")
-    from .models import kept_layers
-
+    from .models import kept_layers, thinned_config
     from .teacher import source_model
 
+    # The student is built as models.student_from_teacher builds it (which also needs num_hidden_layers).
     config = _read_config(source_model(cfg.objective.teacher), "objective.teacher")
-    key = next((k for k in _LAYER_KEYS if isinstance(getattr(config, k, None), int)), None)
-    if key is not None:
-        n = getattr(config, key)
-        keep = kept_layers(n, every)
-        setattr(config, key, len(keep))
-        if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
-            config.layer_types = [config.layer_types[i] for i in keep]
-    return config
+    n = config.num_hidden_layers
+    return thinned_config(config, n, kept_layers(n, every))
 
 
 def _read_config(model: ModelConfig, field: str):
