@@ -58,6 +58,17 @@ def _shingles(text: str) -> set[bytes]:
     return {" ".join(words[i:i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)}
 
 
+def _joined(prompt: str, answer: str) -> str:
+    """A record's whole text, as the duplicate, leakage and length checks compare it."""
+    return prompt + "\n" + answer if prompt else answer
+
+
+def _minhashes(sets: list[set[bytes]]) -> list:
+    from datasketch import MinHash
+
+    return MinHash.bulk([sorted(s) for s in sets], num_perm=NUM_PERM, seed=1)
+
+
 def _lsh_ready() -> bool:
     try:
         import datasketch  # noqa: F401
@@ -70,12 +81,12 @@ class NearIndex:
     """MinHash LSH over texts; `similar(text)` = indices of indexed texts at Jaccard >= threshold."""
 
     def __init__(self, texts: list[str], threshold: float = NEAR_THRESHOLD):
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHashLSH
 
         self.threshold = threshold
         self.sets = [_shingles(t) for t in texts]
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-        hashes = MinHash.bulk([sorted(s) for s in self.sets], num_perm=NUM_PERM, seed=1)
+        hashes = _minhashes(self.sets)
         with self.lsh.insertion_session() as session:
             for i, (s, h) in enumerate(zip(self.sets, hashes)):
                 if s:
@@ -106,7 +117,8 @@ def quality(records: list[dict], where: list[str], *, labels: dict | None = None
             against: list[dict] | None = None, against_name: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Every check on the normalized records (`where` says where each came from, for the examples);
     `against` is a validation or test set checked for leakage."""
-    texts = [p + "\n" + a if p else a for p, a in (parts(r) for r in records)]
+    pairs = [parts(r) for r in records]
+    texts = [_joined(*pair) for pair in pairs]
     keys = [normalized(t) for t in texts]
     first: dict[str, int] = {}
     exact_first = [first.setdefault(k, i) for i, k in enumerate(keys)]
@@ -126,11 +138,9 @@ def quality(records: list[dict], where: list[str], *, labels: dict | None = None
     else:
         index = None
         out["missing"] = "near duplicates and languages need pip install 'tunesmith[data]'"
-    empty = [i for i, (p, a) in enumerate(parts(r) for r in records) if not a.strip() and not p.strip()]
-    no_answer = [i for i, r in enumerate(records) if _has_answer_side(r) and not parts(r)[1].strip()]
-    flag("empty text", empty)
-    flag("empty answer", no_answer)
-    flag("answer repeats the prompt", [i for i, r in enumerate(records) if _repeats_prompt(*parts(r))])
+    flag("empty text", [i for i, (p, a) in enumerate(pairs) if not a.strip() and not p.strip()])
+    flag("empty answer", [i for i, r in enumerate(records) if _has_answer_side(r) and not pairs[i][1].strip()])
+    flag("answer repeats the prompt", [i for i, pair in enumerate(pairs) if _repeats_prompt(*pair)])
     flag("chat structure", [i for i, r in enumerate(records) if _structure_problem(r)],
          "two turns of one role in a row, an empty turn, or no final assistant turn")
     long, short, fence = _length_outliers([len(t) for t in texts])
@@ -143,16 +153,15 @@ def quality(records: list[dict], where: list[str], *, labels: dict | None = None
             flag("single class", range(len(records)), f"every row is labelled {next(iter(labels))}")
     if against is not None:
         out["against"] = against_name
-        theirs = [p + "\n" + a if p else a for p, a in (parts(r) for r in against)]
+        theirs = [_joined(*parts(r)) for r in against]
         mine = {k: i for i, k in enumerate(keys)}
-        exact = [i for i, t in enumerate(theirs) if normalized(t) in mine]
-        flag(f"leak: exact in {against_name}", [mine[normalized(theirs[i])] for i in exact],
+        found_in = {i: mine.get(normalized(t)) for i, t in enumerate(theirs)}
+        exact = [i for i, j in found_in.items() if j is not None]
+        flag(f"leak: exact in {against_name}", [found_in[i] for i in exact],
              f"{len(exact)} of {len(theirs)} rows of {against_name} appear in this file")
         if index is not None:
-            from datasketch import MinHash
-
             sets = [_shingles(t) for t in theirs]
-            hashes = MinHash.bulk([sorted(s) for s in sets], num_perm=NUM_PERM, seed=1)
+            hashes = _minhashes(sets)
             exact_set = set(exact)
             near = {}
             for i, (s, h) in enumerate(zip(sets, hashes)):
