@@ -43,9 +43,12 @@ def inspect_data(
     from .quality import quality
 
     mapping = columns or {}
-    for out, what in ((write_clean, "--write-clean"), (html, "--html")):
-        if out is not None and Path(out).exists() and not (Path(out).is_dir() and not any(Path(out).iterdir())):
-            raise DataError(f"{what}: {out} already exists; name a new {'folder' if what == '--write-clean' else 'file'}")
+    # Checked before anything is read: an empty folder may take the cleaned copy, nothing else is replaced.
+    if write_clean is not None and Path(write_clean).exists() and not (
+            Path(write_clean).is_dir() and not any(Path(write_clean).iterdir())):
+        raise DataError(f"--write-clean: {write_clean} already exists; name a new folder")
+    if html is not None and Path(html).exists():
+        raise DataError(f"--html: {html} already exists; name a new file")
     errors: list[str] = []
     rows, unreadable = read_rows(source, skip_invalid=True, errors=errors, column_names=column_names)
     if not rows:
