@@ -322,13 +322,11 @@ def _read_previous(path: Path) -> list[dict]:
 
 
 def _start_partial(partial: Path, rows: list[dict]):
-    """The partial file holding `rows`, open for appending. Rewritten through a temporary file so a
-    crash here cannot lose the rows being carried over."""
-    tmp = Path(f"{partial}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, partial)
+    """The partial file holding `rows`, open for appending. Rewritten atomically so a crash here cannot
+    lose the rows being carried over."""
+    from ..files import write_text_atomic
+
+    write_text_atomic(partial, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return partial.open("a", encoding="utf-8")
 
 
