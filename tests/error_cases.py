@@ -154,6 +154,27 @@ CASES: list[Case] = [
         "objective": {"type": "dpo", "precompute_reference": "maybe"}},
          files={"train.jsonl": "".join(json.dumps({"prompt": q, "chosen": a, "rejected": "no"}) + "\n"
                                        for q, a in QA * 3)}, category="combination"),
+    # ---- multi-task runs
+    Case("a task name used twice", "the task name 'qa' is used twice", config={"data": None, "tasks": [
+        {"name": "qa", "data": {"train": "train.jsonl"}}, {"name": "qa", "data": {"train": "train.jsonl"}}]},
+         category="multitask"),
+    Case("a task whose objective needs a second model", "objective.type 'dpo' cannot be a task", config={
+        "data": None, "tasks": [{"name": "qa", "data": {"train": "train.jsonl"}},
+                                {"name": "prefs", "data": {"train": "train.jsonl"}, "objective": {"type": "dpo"}}]},
+         category="multitask"),
+    Case("tasks whose objectives need different model families", "cannot share one model", config={
+        "data": None, "tasks": [{"name": "qa", "data": {"train": "train.jsonl"}},
+                                {"name": "mlm", "data": {"train": "train.jsonl"}, "objective": {"type": "masked_lm"}}]},
+         category="multitask"),
+    Case("sampling weights that do not match the tasks", "weights needs a weight on every task; missing on b",
+         config={"data": None, "multitask": {"sampling": "weights"}, "tasks": [
+             {"name": "a", "data": {"train": "train.jsonl"}, "weight": 2},
+             {"name": "b", "data": {"train": "train.jsonl"}}]}, category="multitask"),
+    Case("a task's data file missing", "tasks[1] (b): data file not found: missing.jsonl", config={
+        "data": None, "tasks": [{"name": "a", "data": {"train": "train.jsonl"}},
+                                {"name": "b", "data": {"train": "missing.jsonl"}}]}, category="multitask"),
+    Case("the Arrow store for an objective it cannot stream", "data.store: arrow streams rows for objective.type",
+         config={"data": {"store": "arrow"}, "objective": {"type": "classification"}}, category="data"),
     # ---- models and paths
     Case("model folder missing", "not found", config={"model": {"name_or_path": "./no-model"}}, category="model"),
     Case("a .gguf file that is not GGUF", "is not a GGUF file", files={"not-really.gguf": "hello, I am text"},

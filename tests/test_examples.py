@@ -10,7 +10,8 @@ import yaml
 from tunesmith.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-RECIPES = sorted(p for p in EXAMPLES.rglob("*.yaml") if {"model", "data"} <= set(yaml.safe_load(p.read_text()) or {}))
+RECIPES = sorted(p for p in EXAMPLES.rglob("*.yaml")
+                 if (keys := set(yaml.safe_load(p.read_text()) or {})) >= {"model"} and keys & {"data", "tasks"})
 
 
 def test_there_are_recipes_for_alignment():

@@ -126,12 +126,11 @@ def train(
     from .hardware import TORCH_DTYPES, device_type, ensure_threads, keep_freed_memory
 
     from .card import render_card
-    from .data.pipeline import build_data
     from .engine import fit
     from .artifacts import write_manifest
     from .methods import METHODS, MethodContext, trainable_summary
     from .models import load_model, load_tokenizer, materialize
-    from .objectives import build_objective
+    from .objectives import run_objective
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_of(cfg)
@@ -143,7 +142,7 @@ def train(
         run_dir = resume_from.parent.parent
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
-    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
+    method, objective = METHODS[cfg.method.type], run_objective(cfg)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
     from .engine.trackers import check_available
@@ -159,6 +158,9 @@ def train(
     dist.wait_for_everyone()
     if not dist.is_main_process:
         echo = _silent  # one copy of the run log
+    if cfg.tasks and dist.num_processes > 1:
+        raise ConfigError("tasks: a multi-task run trains in one process for now (its extra task heads run "
+                          "outside DDP's forward); launch it without torchrun / accelerate launch")
 
     # Everything that can fail on bad input runs before the model is loaded.
     if cfg.eval.forgetting and objective.auto_class == "AutoModelForCausalLM":
@@ -173,8 +175,7 @@ def train(
     with dist.main_process_first():  # one process converts a GGUF into the shared cache
         source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
-                      objective=objective, objective_cfg=cfg.objective)
+    data = _build_run_data(cfg, tokenizer, objective)
     st = data.stats
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
          f"{st.train_examples} train"
@@ -189,7 +190,9 @@ def train(
     keep_freed_memory()
     chosen = None
     if dist.is_main_process:  # measured once; every process must train in the same precision
-        chosen = _choose_precision(cfg, method, objective, tokenizer, source, model_kwargs, data, echo)
+        # A multi-task run is timed on its first task (the model the run loads).
+        timed, timed_cfg, timed_data = objective.primary_view(data) if cfg.tasks else (objective, cfg, data)
+        chosen = _choose_precision(timed_cfg, method, timed, tokenizer, source, model_kwargs, timed_data, echo)
     if dist.num_processes > 1:
         chosen = broadcast_object_list([chosen], from_process=0)[0]
     precision = chosen.precision
@@ -228,7 +231,12 @@ def train(
                            init_seed=cfg.training.seed, echo=echo, **load_kwargs)
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
+    if cfg.tasks:
+        objective.attach_heads(model, tokenizer, cfg.training.seed, echo)
     trainable, total = trainable_summary(model)
+    if cfg.tasks:  # the extra heads train too
+        heads = sum(p.numel() for p in objective.head_parameters(model))
+        trainable, total = trainable + heads, total + heads
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}; "
          f"{threads if device_type() == 'cpu' else device_type()}")
@@ -284,13 +292,22 @@ def train(
                        fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights", dtype,
                        sum(_tensor_bytes(m) for m in (teacher, reward_model) if m is not None))
     if accelerator.is_main_process:
+        if cfg.tasks:  # each task's final metrics, and their mean
+            write_text_atomic(run_dir / "task_results.json", json.dumps(objective.per_task(fitted.metrics), indent=1))
         if cfg.output.save_model:
             out = run_dir / method.artifact
             unwrapped = accelerator.unwrap_model(model)
             method.save(unwrapped, out)
             reach("artifact")
             tokenizer.save_pretrained(out)
-            write_manifest(out, cfg, base_source=source, labels=data.task.labels)
+            tasks = None
+            if cfg.tasks:
+                heads = objective.save_heads(out)
+                tasks = [{"name": name, "objective": spec.objective.type,
+                          "objective_config": spec.objective.model_dump(mode="json"), "auto_class": sub.auto_class,
+                          "labels": info.labels, "head": heads.get(name)}
+                         for name, spec, sub, info in zip(objective.names, cfg.tasks, objective.subs, objective.infos)]
+            write_manifest(out, cfg, base_source=source, labels=data.task.labels, tasks=tasks)
             result.artifact_dir = out
         if cfg.output.model_card:
             card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,
@@ -334,26 +351,36 @@ def decide_precision(config: str | Path | dict | RunConfig, echo: Callable[[str]
 
     Lets a caller pay for the timing race apart from the run: `tunesmith plan` does, so the race's
     proxy models are not part of the peak memory it measures."""
-    from .data.pipeline import build_data
     from .hardware import ensure_threads, keep_freed_memory
     from .methods import METHODS
     from .models import load_tokenizer, materialize
-    from .objectives import build_objective
+    from .objectives import run_objective
 
     from .precision import choose
 
     cfg = load_config(config)
-    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
+    method, objective = METHODS[cfg.method.type], run_objective(cfg)
     if cfg.training.precision != "auto":
         return choose(cfg.training.precision, method=method)
     source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    data = build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
-                      objective=objective, objective_cfg=cfg.objective)
+    data = _build_run_data(cfg, tokenizer, objective)
+    if cfg.tasks:
+        objective, cfg, data = objective.primary_view(data)
     ensure_threads()
     keep_freed_memory()
     return _choose_precision(cfg, method, objective, tokenizer, source,
                              objective.model_kwargs(cfg.objective, data.task, tokenizer), data, echo)
+
+
+def _build_run_data(cfg: RunConfig, tokenizer, objective):
+    """The run's rows: its data section's, or every task's (tagged with the task) for a multi-task run."""
+    from .data.pipeline import build_data
+
+    if cfg.tasks:
+        return objective.build_data(tokenizer, cfg.training.seed)
+    return build_data(cfg.data, tokenizer, seed=cfg.training.seed, packing=cfg.packing_enabled,
+                      objective=objective, objective_cfg=cfg.objective)
 
 
 def _choose_precision(cfg: RunConfig, method, objective, tokenizer, source: str, model_kwargs: dict, data,
@@ -384,7 +411,11 @@ def _proxy_batch(cfg: RunConfig, objective, tokenizer, data) -> dict | None:
 
     if objective.online:
         return None  # prompts alone: a step needs completions first; random tokens are timed instead
-    rows = [r for r in data.train if 0 < _row_tokens(r) <= PROXY_MAX_TOKENS]
+    if hasattr(data.train, "lengths"):  # a memory-mapped store: lengths from the Arrow offsets, one row read
+        fits = [(n, i) for i, n in enumerate(data.train.lengths()) if 0 < n <= PROXY_MAX_TOKENS]
+        rows = [data.train[max(fits)[1]]] if fits else []
+    else:
+        rows = [r for r in data.train if 0 < _row_tokens(r) <= PROXY_MAX_TOKENS]
     if not rows:
         return None  # rows longer than the proxy times: random tokens of the proxy's length instead
     row = max(rows, key=_row_tokens)

@@ -27,12 +27,16 @@ class Loaded:
     manifest: dict = field(default_factory=dict)
 
 
-def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[str]) -> None:
+def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[str],
+                   tasks: list[dict] | None = None) -> None:
+    """`tasks`: a multi-task run's tasks (name, objective, labels, head file); the artifact itself is the first
+    task's model, so it loads like a single-task one."""
     from .methods import METHODS
     from .objectives import build_objective
 
     # The run's instance: a distill student's head and generativity are its task's.
-    method, objective = METHODS[cfg.method.type], build_objective(cfg.objective)
+    section = cfg.tasks[0].objective if cfg.tasks else cfg.objective
+    method, objective = METHODS[cfg.method.type], build_objective(section)
     manifest = {
         "method": method.name,
         "artifact": method.artifact,
@@ -45,7 +49,8 @@ def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[
         "labels": labels,
         "init_seed": cfg.training.seed,
         "method_config": cfg.method.model_dump(mode="json"),
-        "objective_config": cfg.objective.model_dump(mode="json"),
+        "objective_config": section.model_dump(mode="json"),
+        **({"tasks": tasks} if tasks else {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -60,6 +65,32 @@ def _artifact_in(folder: Path) -> Path | None:
     return None
 
 
+def _task_model(model, tokenizer, found: Path, manifest: dict, task: str, dtype: torch.dtype):
+    """The model that answers `task`: the first model itself, or the task's saved head on its backbone."""
+    from safetensors.torch import load_file
+
+    from .objective_config import lenient_objective_config
+    from .objectives import OBJECTIVES, TaskInfo
+    from .objectives.multitask import head_model, load_head
+
+    tasks = {t["name"]: t for t in manifest.get("tasks", [])}
+    if task not in tasks:
+        known = f"its tasks are {', '.join(tasks)}" if tasks else "it was not trained with tasks:"
+        raise ConfigError(f"task '{task}': not a task of {found} ({known})")
+    entry = tasks[task]
+    picked = {**manifest, "task": task, "objective": entry["objective"], "auto_class": entry["auto_class"],
+              "labels": entry["labels"], "objective_config": entry["objective_config"]}
+    if entry.get("head") is None:
+        return model, picked
+    sub = OBJECTIVES[entry["objective"]](lenient_objective_config(entry["objective_config"]))
+    kwargs = sub.model_kwargs(sub.cfg, TaskInfo(entry["labels"]), tokenizer)
+    head = head_model(model, entry["auto_class"], kwargs, manifest.get("init_seed", 0))
+    load_head(head, load_file(found / entry["head"]))
+    if dtype != torch.float32:
+        head.to(dtype)
+    return head.eval(), picked
+
+
 def _base_config(manifest: dict) -> ModelConfig:
     source = manifest["base_source"]
     # The materialized source (a GGUF cache folder, say) may be gone; fall back to what the user named.
@@ -69,13 +100,15 @@ def _base_config(manifest: dict) -> ModelConfig:
 
 
 def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
-                 full_precision_base: bool = False) -> Loaded:
+                 full_precision_base: bool = False, task: str | None = None) -> Loaded:
     """A model ready to use: a tunesmith run or artifact folder, a peft adapter folder, or any base model.
 
     `source` may be a hub id, a local transformers folder, a `.gguf` file or `pkg://` GGUF, a
     tunesmith run folder (its adapter/ or model/ is used) or an artifact folder; `adapter` adds
     a peft adapter on top of a base model. `full_precision_base` puts a QLoRA adapter on the
-    unquantized base (for merging it into the weights, which 4-bit storage would round).
+    unquantized base (for merging it into the weights, which 4-bit storage would round). `task` picks
+    one task of a multi-task run: the model with that task's head on the shared backbone (default: the
+    first task's).
     """
     from .methods import METHODS, MethodContext
     from .models import load_model, load_tokenizer, materialize
@@ -109,7 +142,11 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
         model.eval()
         if adapter is not None:
             raise ConfigError(f"--adapter: {source} is already a trained artifact; pass its base model instead")
+        if task is not None:
+            model, manifest = _task_model(model, tokenizer, found, manifest, task, dtype)
         return Loaded(model, tokenizer, manifest)
+    if task is not None:
+        raise ConfigError(f"task '{task}': {source} is not a tunesmith multi-task artifact")
 
     if path.is_dir() and (path / "adapter_config.json").is_file() and adapter is None:
         # A plain peft adapter folder: its config names the base model.

@@ -42,9 +42,9 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
                 data_stats: dict, steps: int, library: str | None = None,
                 forgetting: dict | None = None) -> str:
     """The card; `library` is 'peft', 'transformers' or 'tunesmith' (what loads the artifact)."""
-    from .objectives import build_objective
+    from .objectives import run_objective
 
-    auto_class = build_objective(cfg.objective).auto_class
+    auto_class = run_objective(cfg).auto_class
     library = library or ("peft" if artifact == "adapter" else "transformers")
     base = cfg.output.card_base_model or cfg.model.name_or_path
     front = {
@@ -88,6 +88,9 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
         lines.append(f"- {k}: {v}")
     lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
+    if cfg.tasks:
+        lines += ["", "## Tasks", "", _task_table(cfg, metrics)]
+        lines += ["", "Load one task's model: `tunesmith.load_trained(run_folder, task=\"<name>\")`."]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     if forgetting:
@@ -97,3 +100,23 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
                   "| measure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in forgetting.items()]
     return "\n".join(lines) + "\n"
+
+
+def _task_table(cfg: RunConfig, metrics: dict) -> str:
+    """One row per task (objective, data, loss weight, its final eval metrics), and the mean."""
+    names = [t.name for t in cfg.tasks] + ["mean"]
+    found = {n: {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"eval_{n}/")} for n in names}
+    columns = sorted({k for m in found.values() for k in m} - {"tokens"}, key=lambda k: (k != "loss", k))
+    head = ["task", "objective", "data", "loss weight", *columns]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    specs = {t.name: t for t in cfg.tasks}
+    for n in names:
+        if n == "mean" and not found[n]:
+            continue
+        spec = specs.get(n)
+        cells = [n, spec.objective.type if spec else "", str(spec.data.train) if spec else "",
+                 f"{spec.loss_weight:g}" if spec else ""]
+        cells += [f"{found[n][c]:.4f}" if isinstance(found[n].get(c), float) else str(found[n].get(c, ""))
+                  for c in columns]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .objective_config import SECTIONS as OBJECTIVE_SECTIONS
+from .objective_config import ALL_SECTIONS as OBJECTIVE_SECTIONS
 from .objective_config import ObjectiveConfigUnion, ObjectiveSection, objective_config
 from .method_config import SECTIONS as METHOD_SECTIONS
 from .method_config import MethodConfigUnion, MethodSection, method_config, support  # noqa: F401 (re-exported)
@@ -66,6 +66,22 @@ class DataConfig(Section):
         "Keep this many rows: taken after the seeded shuffle (training.seed), so a random sample of the "
         "file, not its first rows (with shuffle: false, the first rows); the validation split comes from them."))
     split: SplitConfig = Field(default_factory=SplitConfig)
+    store: Literal["memory", "arrow"] = Field(
+        "memory", description="arrow: stream the sources chunk by chunk into a tokenized, memory-mapped Arrow "
+        "file, reused by later runs with the same data and settings (docs/data_scale.md).")
+    streaming: bool = Field(False, description="Hub datasets: read as a stream (nothing downloaded whole), into "
+                                               "the Arrow store (needs store: arrow).")
+
+    @model_validator(mode="after")
+    def _store(self) -> "DataConfig":
+        if self.streaming and self.store != "arrow":
+            raise ValueError("data.streaming: true writes the stream into the tokenized Arrow store, which is what "
+                             "a resumed run reads again; set data.store: arrow as well")
+        return self
+
+
+# Objectives whose rows depend on no statistic of the whole data set: what data.store: arrow can stream.
+STREAMABLE_OBJECTIVES = ("sft", "causal_lm", "masked_lm", "seq2seq")
 
 
 # Each method owns its section (method_config.py); `MethodConfig(type=..., ...)` builds one.
@@ -170,6 +186,49 @@ class OutputConfig(Section):
     license: str = Field("other", description="License written into the model card.")
 
 
+# Objectives a task of a multi-task run may have: they need no second model and write no rows of
+# their own. Their model family: a task of family None (a classification head) sits on any backbone.
+TASK_FAMILIES: dict[str, str | None] = {"sft": "decoder", "causal_lm": "decoder", "masked_lm": "encoder",
+                                        "seq2seq": "seq2seq", "classification": None, "token_classification": None}
+# Methods whose model a second task's head cannot share a backbone with, and why.
+_NOT_MULTITASK = {
+    **{m: "rewrites the inputs inside peft's forward, which a second task's head does not run through"
+       for m in ("prefix_tuning", "prompt_tuning", "p_tuning")},
+    "linear_probe": "replaces the model by a frozen-feature probe with one head",
+}
+
+
+class TaskConfig(Section):
+    """One task of a multi-task run: its own data, objective and (for classification) head."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the task in metrics, cards and load_trained.")
+    data: DataConfig
+    objective: ObjectiveConfigUnion = Field(default_factory=objective_config)
+    loss_weight: float = Field(1.0, gt=0, description="Multiplies the task's loss in every step that draws it.")
+    weight: float | None = Field(None, gt=0, description="Sampling weight (multitask.sampling: weights only).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_objective(cls, data: Any) -> Any:
+        section = data.get("objective") if isinstance(data, dict) else None
+        kind = section.get("type", "sft") if isinstance(section, dict) else None
+        if kind is not None and kind not in TASK_FAMILIES:
+            raise ValueError(f"objective.type '{kind}' cannot be a task of a multi-task run (it needs a second model "
+                             f"or writes its own rows); allowed: {', '.join(TASK_FAMILIES)}")
+        return data
+
+
+class MultiTaskConfig(Section):
+    """How a multi-task run draws its micro-batches and weighs the tasks' losses."""
+
+    sampling: Literal["proportional", "temperature", "equal", "weights"] = Field(
+        "proportional", description="proportional: every task's batches once per epoch, in a seeded order; "
+        "temperature: task t drawn with probability ~ rows_t^(1/T); equal: round-robin; weights: ~ tasks[i].weight.")
+    temperature: float = Field(2.0, gt=0, description="T of temperature sampling (1 = proportional, large = equal).")
+    uncertainty_weighting: bool = Field(
+        False, description="Learn one log-variance s_t per task; the loss is exp(-s_t) L_t + s_t (Kendall et al. 2018).")
+
+
 class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
@@ -179,6 +238,23 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tasks: list[TaskConfig] | None = Field(None, min_length=1, description="A multi-task run (docs/multitask.md).")
+    multitask: MultiTaskConfig = Field(default_factory=MultiTaskConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_fill(cls, data: Any) -> Any:
+        """A multi-task run names data and objective per task: the run's own `data` is the first task's and its
+        objective is `multitask` (what every run-level reader of cfg.data and cfg.objective then sees)."""
+        if not isinstance(data, dict) or not data.get("tasks"):
+            return data
+        for key, allowed in (("data", None), ("objective", {"type": "multitask"})):
+            if data.get(key) not in (None, allowed):
+                raise ValueError(f"{key}: a multi-task run takes its {key} from each task (tasks[i].{key}); "
+                                 f"remove the top-level {key} section")
+        first = data["tasks"][0]
+        return {**data, "data": first.get("data") if isinstance(first, dict) else None,
+                "objective": {"type": "multitask"}}
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +268,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":
+        if self.tasks:
+            return self._check_tasks()
+        if self.objective.type == "multitask":
+            raise ValueError("objective.type multitask: list the tasks under `tasks:` (docs/multitask.md)")
         # Torch-free: the sections say what each method and objective refuses.
         why = support(self.method.type, self.objective.type)
         if why:
@@ -199,6 +279,10 @@ class RunConfig(Section):
                 f"method.type '{self.method.type}' cannot train objective.type '{self.objective.type}': {why} "
                 f"(see `tunesmith methods`)"
             )
+        if self.data.store == "arrow" and self.objective.type not in STREAMABLE_OBJECTIVES:
+            raise ValueError(f"data.store: arrow streams rows for objective.type {', '.join(STREAMABLE_OBJECTIVES)}; "
+                             f"'{self.objective.type}' needs the whole data set first (labels, pairs, prompts): "
+                             "use data.store: memory")
         if self.data.packing and not self.objective.can_pack:  # a method that cannot pack says so in its check
             raise ValueError(f"data.packing: objective.type {self.objective.type} does not pack rows (each row "
                              "must stay one example); remove data.packing or set it to false")
@@ -228,9 +312,51 @@ class RunConfig(Section):
             )
         return self
 
+    def _check_tasks(self) -> "RunConfig":
+        """A multi-task run: each task checked as its own run would be, then what the tasks must share."""
+        tasks, problems = self.tasks, []
+        names = [t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"tasks: the task name {', '.join(map(repr, twice))} is used twice; each task needs its "
+                            "own name")
+        arrow = [t.name for t in tasks if t.data.store == "arrow"]
+        if arrow:
+            problems.append(f"tasks: data.store: arrow is for single-task runs for now (set on {', '.join(arrow)})")
+        families = {t.name: TASK_FAMILIES[t.objective.type] for t in tasks if TASK_FAMILIES[t.objective.type]}
+        if len(set(families.values())) > 1:
+            shown = ", ".join(f"{n} ({t.objective.type}: {families[n]})" for n, t in zip(names, tasks) if n in families)
+            problems.append(f"tasks: the objectives cannot share one model (one backbone for every task): {shown}; "
+                            "encoder, decoder and encoder-decoder objectives need different model families")
+        if self.method.type in _NOT_MULTITASK and len(tasks) > 1:
+            problems.append(f"method.type {self.method.type} {_NOT_MULTITASK[self.method.type]}; use a LoRA-family, "
+                            "adapter, bitfit, freeze or full method for a multi-task run")
+        weighted = [t.name for t in tasks if t.weight is not None]
+        if self.multitask.sampling == "weights" and len(weighted) != len(tasks):
+            missing = [n for n in names if n not in weighted]
+            problems.append(f"multitask.sampling: weights needs a weight on every task; missing on {', '.join(missing)}")
+        elif self.multitask.sampling != "weights" and weighted:
+            problems.append(f"tasks[].weight is read only with multitask.sampling: weights (set on "
+                            f"{', '.join(weighted)}, sampling is {self.multitask.sampling})")
+        for i, task in enumerate(tasks):
+            # Each task is checked as the single-task run it would be, its messages prefixed with where it is.
+            alone = self.model_copy(update={"tasks": None, "data": task.data, "objective": task.objective,
+                                            "eval": self.eval.model_copy(update={"early_stopping_patience": None})})
+            try:
+                alone._check_combination()
+            except ValueError as exc:
+                problems += [f"tasks[{i}] ({task.name}): {line.strip()}" for line in str(exc).splitlines()]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        if self.eval.early_stopping_patience and not (self.eval.every and self.has_validation):
+            raise ValueError("eval.early_stopping_patience needs eval.every and a validation split on a task "
+                             "(tasks[i].data.split)")
+        return self
+
     @property
     def has_validation(self) -> bool:
-        return self.data.split.validation_ratio > 0 or self.data.split.validation_file is not None
+        datas = [t.data for t in self.tasks] if self.tasks else [self.data]
+        return any(d.split.validation_ratio > 0 or d.split.validation_file is not None for d in datas)
 
     @property
     def run_name(self) -> str:
@@ -241,9 +367,17 @@ class RunConfig(Section):
 
     @property
     def packing_enabled(self) -> bool:
-        if self.data.packing is not None:
-            return self.data.packing
-        return self.objective.packs and self.method.packs
+        return self.packs(self.data, self.objective)
+
+    def packs(self, data: DataConfig, objective: ObjectiveSection) -> bool:
+        """Whether rows of `data` for `objective` are packed (a multi-task run decides per task)."""
+        if data.packing is not None:
+            return data.packing
+        return objective.packs and self.method.packs
+
+    def plain(self) -> dict:
+        """The config as the user writes it: a multi-task run without the data and objective filled from its tasks."""
+        return self.model_dump(mode="json", exclude={"data", "objective"} if self.tasks else None)
 
 
 def _unknown(path: str, value: str, known: Any) -> str:
@@ -282,11 +416,13 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         section = None
         unions = {"objective": OBJECTIVE_SECTIONS, "method": METHOD_SECTIONS}
-        head = e["loc"][0] if e["loc"] else None
-        if head in unions and len(e["loc"]) > 1 and e["loc"][1] in unions[head]:
-            section = unions[head][e["loc"][1]]
-            e = {**e, "loc": (head, *e["loc"][2:])}  # the union's tag is not a key of the YAML
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        # The union's tag is not a key of the YAML: drop it (also inside a task: tasks.1.objective).
+        at = next((j for j, p in enumerate(e["loc"][:-1]) if p in unions and e["loc"][j + 1] in unions[p]), None)
+        head = e["loc"][at] if at is not None else (e["loc"][0] if e["loc"] else None)
+        if at is not None:
+            section = unions[head][e["loc"][at + 1]]
+            e = {**e, "loc": (*e["loc"][:at + 1], *e["loc"][at + 2:])}
+        loc = tuple(p for p in e["loc"][at or 0:] if not isinstance(p, int))
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
             allowed = list(section.model_fields) if section and len(loc) == 2 else _fields_of(RunConfig, loc[:-1])
@@ -297,8 +433,9 @@ def _format_errors(err: ValidationError) -> str:
                 msg += f" for {head}.type {section.model_fields['type'].default})" if section else ")"
             if section is not None and len(loc) == 2:
                 msg += _owned_by(head, str(loc[-1]), unions[head])
-        elif e["type"] == "value_error" and not e["loc"]:
+        elif e["type"] == "value_error":
             msg = str(e["msg"]).removeprefix("Value error, ")
+            msg = f"{path}: {msg}" if e["loc"] else msg
         else:
             msg = f"{path}: {e['msg']}"
             if "input" in e and e["type"] != "missing":
@@ -362,7 +499,7 @@ def load_config(
     if isinstance(source, RunConfig):
         if not overrides:
             return source
-        source = source.model_dump(mode="json")
+        source = source.plain()
     if isinstance(source, (str, Path)):
         path = Path(source)
         data = read_yaml_mapping(path, "config file", "a mapping of sections at the top level")
@@ -402,10 +539,16 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
     cfg.data.train = fix_all(cfg.data.train)
     if cfg.data.split.validation_file:
         cfg.data.split.validation_file = fix(cfg.data.split.validation_file)
+    for task in cfg.tasks or []:
+        task.data.train = fix_all(task.data.train)
+        if task.data.split.validation_file:
+            task.data.split.validation_file = fix(task.data.split.validation_file)
+    if cfg.tasks:
+        cfg.data = cfg.tasks[0].data
     for key in ("teacher", "unlabeled", "reward_model"):
         if getattr(cfg.objective, key, None):
             setattr(cfg.objective, key, fix_all(getattr(cfg.objective, key)))
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.plain(), sort_keys=False)

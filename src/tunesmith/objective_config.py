@@ -270,6 +270,12 @@ class PPOSection(_OnlineSection):
         return problems
 
 
+class MultiTaskSection(ObjectiveSection):
+    """The objective of a multi-task run: set from `tasks:` (each task has its own section there)."""
+
+    type: Literal["multitask"] = "multitask"
+
+
 SECTIONS: dict[str, type[ObjectiveSection]] = {
     s.model_fields["type"].default: s
     for s in (SFTSection, CausalLMSection, MaskedLMSection, Seq2SeqSection, ClassificationSection,
@@ -284,8 +290,12 @@ def _tag(value: Any) -> str:
     return getattr(value, "type", "sft")
 
 
+# What `objective.type` may say: every objective, and multitask (set from a run's `tasks:`, not an objective
+# of its own: it has no entry in the registry of objectives a method trains).
+ALL_SECTIONS: dict[str, type[ObjectiveSection]] = {**SECTIONS, "multitask": MultiTaskSection}
+
 ObjectiveConfigUnion = Annotated[
-    Union[tuple(Annotated[s, Tag(name)] for name, s in SECTIONS.items())],  # noqa: UP007
+    Union[tuple(Annotated[s, Tag(name)] for name, s in ALL_SECTIONS.items())],  # noqa: UP007
     Discriminator(_tag),
 ]
 _ADAPTER = TypeAdapter(ObjectiveConfigUnion)

@@ -171,9 +171,9 @@ def _meta_param_count(config_obj, cfg: RunConfig) -> int:
     import torch
     import transformers
 
-    from .objectives import build_objective
+    from .objectives import run_objective
 
-    auto = build_objective(cfg.objective).auto_class
+    auto = run_objective(cfg).auto_class
     with torch.device("meta"):
         model = getattr(transformers, auto).from_config(config_obj)
     seen, total = set(), 0
@@ -219,14 +219,15 @@ def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_mem
 
 def _child_config(cfg: RunConfig, out: Path, model_dir: Path | None) -> dict:
     """The run's config for a proxy or measuring run: short, silent, nothing kept."""
-    data = cfg.model_dump(mode="json")
+    data = cfg.plain()
     t = cfg.training
     rows_needed = t.batch_size * t.grad_accum * (MEASURE_STEPS + 1) * (8 if cfg.packing_enabled else 1)
     if model_dir is not None:  # the proxy is the student itself (not cut from the teacher again)
         data["model"] = {**data["model"], "name_or_path": str(model_dir), "gguf_file": None, "tokenizer": None,
                          "init_from_teacher_every": None}
-    data["data"]["max_samples"] = min(cfg.data.max_samples or rows_needed, rows_needed)
-    data["data"]["split"] = {"validation_ratio": 0.0, "validation_file": None}
+    for section in [t["data"] for t in data["tasks"]] if cfg.tasks else [data["data"]]:  # every task's rows
+        section["max_samples"] = min(section["max_samples"] or rows_needed, rows_needed)
+        section["split"] = {"validation_ratio": 0.0, "validation_file": None}
     data["training"] |= {"max_steps": PROXY_STEPS if model_dir is not None else MEASURE_STEPS, "epochs": 1,
                          "log_every": 1, "save_every": None, "progress": False, "max_minutes": None,
                          "checkpoint_on_interrupt": False}
@@ -303,7 +304,7 @@ def _write_proxy(cfg: RunConfig, out: Path, blocks: int) -> Path:
     import torch
     import transformers
 
-    from .objectives import build_objective
+    from .objectives import run_objective
 
     config_obj = model_config(cfg)
     for key in _LAYER_KEYS:
@@ -311,7 +312,7 @@ def _write_proxy(cfg: RunConfig, out: Path, blocks: int) -> Path:
             setattr(config_obj, key, blocks)
     if isinstance(getattr(config_obj, "layer_types", None), list):
         config_obj.layer_types = config_obj.layer_types[:blocks]
-    auto = build_objective(cfg.objective).auto_class
+    auto = run_objective(cfg).auto_class
     torch.manual_seed(0)
     model = getattr(transformers, auto if auto in _SAVED_CLASSES else "AutoModel").from_config(config_obj)
     model.save_pretrained(out)

@@ -123,11 +123,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, objectiv
     return json.loads((path / "state.json").read_text())
 
 
-def restore_weights(path: Path, model: nn.Module) -> None:
+def restore_weights(path: Path, model: nn.Module, objective=None) -> None:
+    """The weights a checkpoint holds, and the objective's own (a multi-task run's extra heads)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, w in load_file(path / "trainable.safetensors").items():
             params[n].copy_(w)
+    if objective is not None and (path / "objective.pt").is_file():
+        objective.load_state_dict(torch.load(path / "objective.pt", weights_only=True))
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

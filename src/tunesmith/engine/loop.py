@@ -40,15 +40,6 @@ class FitResult:
     throughput: dict = field(default_factory=dict)
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
-    """Row indices of every micro-batch of one epoch; the same for a given (seed, epoch)."""
-    if shuffle:
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(n_rows))
-    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
-
-
 @torch.no_grad()
 def evaluate_loss(model, objective: Objective, rows: list[dict], collate, batch_size: int, accelerator,
                   ctx: StepContext | None = None) -> dict:
@@ -245,7 +236,8 @@ def fit(
     ev = cfg.eval
     rank, world = accelerator.process_index, accelerator.num_processes
     # Each process takes every world-th micro-batch, so a process sees 1/world of an epoch.
-    micro_per_epoch = math.ceil(math.ceil(len(train_rows) / t.batch_size) / world)
+    micro_per_epoch = math.ceil(len(objective.epoch_batches(len(train_rows), t.batch_size, t.seed, 0,
+                                                            cfg.data.shuffle)) / world)
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum) * objective.steps_per_window
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
@@ -328,8 +320,8 @@ def fit(
     heap = HeapGuard()
     try:
         while state["step"] < total_steps:
-            batches = shard(epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"], cfg.data.shuffle),
-                            rank, world)
+            batches = shard(objective.epoch_batches(len(train_rows), t.batch_size, t.seed, state["epoch"],
+                                                    cfg.data.shuffle), rank, world)
             while state["micro"] < len(batches) and state["step"] < total_steps:
                 window = batches[state["micro"] : state["micro"] + t.grad_accum]
                 step_start = time.perf_counter()
@@ -488,7 +480,7 @@ def fit(
     if result.stopped_early and result.best_step is not None:
         best = ckpt_dir / f"{ckpt.PREFIX}{result.best_step:07d}"
         if best.is_dir():
-            ckpt.restore_weights(best, unwrapped)
+            ckpt.restore_weights(best, unwrapped, objective)
             echo(f"restored the best weights (step {result.best_step})")
     if ev.at_end and val_rows:
         metrics = evaluate(model, objective, val_rows, eval_collate, eval_bs, accelerator, ctx)

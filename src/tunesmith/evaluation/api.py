@@ -110,6 +110,7 @@ def evaluate(
     *,
     model: str | None = None,
     adapter: str | None = None,
+    task: str | None = None,
     data: str | None = None,
     format: str = "auto",
     columns: dict[str, str] | None = None,
@@ -131,7 +132,8 @@ def evaluate(
     With a run config: the run's artifact on its validation data (or `data`), next to the base
     model (`include_base`) so the table shows whether tuning helped; forgetting uses the
     config's `eval.reference` sets. Ad hoc: `model` (+ `adapter`) on `data`; when the model is
-    an adapter or a tunesmith run, its base is measured on the reference sets for the deltas.
+    an adapter or a tunesmith run, its base is measured on the reference sets for the deltas. `task` picks one
+    task of a multi-task run (its head on the shared backbone).
     """
     from .loading import base_of
 
@@ -160,7 +162,7 @@ def evaluate(
         s = _settings(settings)
         tasks = [prepare_task(TaskSpec(data=data, format=format, columns=columns or {}, max_samples=max_samples,
                                        settings=s))] if data is not None else []
-        specs = [ModelSpec(model=model, adapter=adapter)]
+        specs = [ModelSpec(model=model, adapter=adapter, task=task)]
         base_src = base_of(model, adapter)
         base = ModelSpec(name="base", model=base_src) if base_src else None
         ref_sets = reference if reference is not None else [ReferenceSet().model_dump()]

@@ -106,10 +106,12 @@ def source_fingerprint(source: str, _depth: int = 0) -> str:
     return f"hub:{source}@{_hub_revision(source)}"
 
 
-def model_fingerprint(model: str, adapter: str | None = None) -> str:
+def model_fingerprint(model: str, adapter: str | None = None, task: str | None = None) -> str:
     fp = source_fingerprint(model)
     if adapter:
         fp += "|adapter:" + folder_fingerprint(Path(adapter))
+    if task:
+        fp += "|task:" + task
     return _sha(fp)
 
 

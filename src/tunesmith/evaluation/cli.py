@@ -104,6 +104,7 @@ def eval_command(
     config: Optional[Path] = typer.Argument(None, help="Run config (YAML) of a trained run."),
     model: Optional[str] = typer.Option(None, "--model", help="Model: hub id, folder, .gguf, pkg://, run folder."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="peft adapter folder to put on --model."),
+    task: Optional[str] = typer.Option(None, "--task", help="With --model: one task of a multi-task run."),
     data: Optional[str] = typer.Option(None, "--data", help="Data file to evaluate on (default for a run: "
                                        "its validation data)."),
     format: str = _FORMAT,
@@ -137,7 +138,7 @@ def eval_command(
     try:
         settings = _settings(metrics, extract, pattern, normalize, max_new_tokens, batch_size, max_length,
                              do_sample, temperature, top_p, top_k, seed, no_chat_template)
-        evaluate(str(config) if config else None, model=model, adapter=adapter, data=data, format=format,
+        evaluate(str(config) if config else None, model=model, adapter=adapter, task=task, data=data, format=format,
                  columns=_columns(column), max_samples=max_samples, settings=settings,
                  reference=_references(reference, reference_task),
                  forgetting=False if no_forgetting else None, include_base=not no_base, output=output,

@@ -125,7 +125,7 @@ def run_compare(
     job_fps = {j.name: records_fingerprint(j.records) for j in jobs}
     for m in spec.models:
         label = m.label
-        fp = model_fingerprint(m.model, m.adapter)
+        fp = model_fingerprint(m.model, m.adapter, m.task)
         result.fingerprints[label] = fp
         todo: list[tuple[str, object, str]] = []  # (kind, task or job, cache key)
         per_task: dict[str, EvalResult] = {}
@@ -148,7 +148,7 @@ def run_compare(
                 todo.append(("ref", j, key))
         if todo:
             echo(f"{label}: loading {m.model}" + (f" + adapter {m.adapter}" if m.adapter else ""))
-            loaded = load_model(m.model, m.adapter, spec.dtype)
+            loaded = load_model(m.model, m.adapter, spec.dtype, m.task)
             for kind, item, key in todo:
                 t0 = time.perf_counter()
                 if kind == "task":

@@ -36,11 +36,12 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def load_model(source: str, adapter: str | None = None, dtype: str | None = "fp32") -> LoadedModel:
+def load_model(source: str, adapter: str | None = None, dtype: str | None = "fp32",
+               task: str | None = None) -> LoadedModel:
     from ..artifacts import load_trained
 
     check_source(source, adapter)
-    loaded = load_trained(source, adapter=adapter, dtype=torch_dtype(dtype))
+    loaded = load_trained(source, adapter=adapter, dtype=torch_dtype(dtype), task=task)
     return LoadedModel(loaded.model, loaded.tokenizer, dict(loaded.manifest))
 
 

@@ -86,11 +86,14 @@ class ModelSpec(_Section):
     name: str | None = None
     model: str
     adapter: str | None = None
+    task: str | None = Field(None, description="One task of a multi-task run: its head on the shared backbone.")
 
     @property
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.task:
+            return f"{ModelSpec(model=self.model, adapter=self.adapter).label}[{self.task}]"
         base = Path(self.adapter or self.model.rstrip("/"))
         # A run's artifact folder is called adapter/ or model/: the run's name says more.
         if base.name in ("adapter", "model") and base.parent.name:

@@ -24,8 +24,19 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def build_objective(cfg: ObjectiveSection) -> Objective:
-    """The run's objective instance, configured by its own section."""
+    """An objective instance, configured by its own section."""
+    if cfg.type == "multitask":
+        raise ValueError("a multi-task objective is built from the whole run config: use run_objective(cfg)")
     return OBJECTIVES[cfg.type](cfg)
 
 
-__all__ = ["OBJECTIVES", "LossOutput", "Objective", "StepContext", "TaskInfo", "build_objective"]
+def run_objective(run) -> Objective:
+    """The run's objective instance: its section's, or a multi-task run's dispatcher over its tasks."""
+    if run.tasks:
+        from .multitask import MultiTask
+
+        return MultiTask(run)
+    return build_objective(run.objective)
+
+
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "StepContext", "TaskInfo", "build_objective", "run_objective"]

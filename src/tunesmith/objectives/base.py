@@ -100,6 +100,13 @@ class Objective(ABC):
         moves on to the next rows after that many calls of `window` with the same rows."""
         return 1
 
+    def epoch_batches(self, n_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+        """Row indices of each micro-batch of an epoch, a pure function of (seed, epoch) so a resume redraws
+        them (a multi-task run draws each batch from one task, by its sampler)."""
+        from ..sampling import epoch_batches
+
+        return epoch_batches(n_rows, batch_size, seed, epoch, shuffle)
+
     def own_parameters(self, ctx: StepContext, device: torch.device) -> list[dict]:
         """Parameters the objective trains besides the model's (PPO's value head), as optimizer param
         groups, created on `device` before the optimizer is built; their weights travel in `state_dict`."""
