@@ -279,3 +279,21 @@ class UvicornThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def whole_and_resumed(config, monkeypatch, step: int):
+    """(an uninterrupted run, the same run stopped by SIGINT after `step` and resumed) from `config(out_name)`."""
+    import signal
+
+    import tunesmith
+    from tunesmith import faults
+    from tunesmith.engine.loop import Interrupted
+
+    whole = tunesmith.train(config("whole"), echo=lambda _m: None)
+    monkeypatch.setenv("TUNESMITH_FAULT", f"step:{step}")
+    monkeypatch.setenv("TUNESMITH_FAULT_SIGNAL", str(int(signal.SIGINT)))
+    monkeypatch.setattr(faults, "_counts", {})
+    with pytest.raises(Interrupted):
+        tunesmith.train(config("parts"), echo=lambda _m: None)
+    monkeypatch.delenv("TUNESMITH_FAULT")
+    return whole, tunesmith.train(config("parts"), resume=True, echo=lambda _m: None)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import SENTENCES, metric_records, write_jsonl
+from conftest import whole_and_resumed, SENTENCES, metric_records, write_jsonl
 
 # A second labelled task on the same vocabulary: what the sentence is about (three classes).
 TOPICS = [
@@ -169,13 +169,7 @@ def test_reloaded_head_scores_as_in_training(multitask_config, tmp_path):
 def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multitask_config, tmp_path, monkeypatch):
     """Interrupted after step 7 (SIGINT, checkpoint) and resumed: every logged number and the final weights,
     extra head included, equal an uninterrupted run's; temperature sampling and uncertainty weighting on."""
-    import signal
-
     from safetensors.torch import load_file
-
-    import tunesmith
-    from tunesmith import faults
-    from tunesmith.engine.loop import Interrupted
 
     def config(out: str) -> dict:
         return multitask_config(method={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
@@ -183,14 +177,7 @@ def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multi
                                            "uncertainty_weighting": True},
                                 training={"epochs": 2}, output={"dir": str(tmp_path / out)})
 
-    whole = tunesmith.train(config("whole"), echo=lambda _m: None)
-    monkeypatch.setenv("TUNESMITH_FAULT", "step:7")
-    monkeypatch.setenv("TUNESMITH_FAULT_SIGNAL", str(int(signal.SIGINT)))
-    monkeypatch.setattr(faults, "_counts", {})
-    with pytest.raises(Interrupted):
-        tunesmith.train(config("parts"), echo=lambda _m: None)
-    monkeypatch.delenv("TUNESMITH_FAULT")
-    resumed = tunesmith.train(config("parts"), resume=True, echo=lambda _m: None)
+    whole, resumed = whole_and_resumed(config, monkeypatch, step=7)
 
     def steps(run) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s",)}

@@ -62,15 +62,21 @@ def load_records(cfg: DataConfig, sources: str | list[str] | None = None,
         fmt = detect_format(columns_of(rows), cfg.columns, prefer)
     records, bad = normalize_rows(rows, fmt, cfg.columns, skip_invalid=cfg.skip_invalid)
     skipped += bad
-    if cfg.system_prompt:
-        for r in records:
-            # Conversations, and the prompt turns of preference and prompt-only records.
-            turns = r.get("messages") if "messages" in r else r.get("prompt")
-            if isinstance(turns, list) and turns and turns[0]["role"] != "system":
-                turns.insert(0, {"role": "system", "content": cfg.system_prompt})
+    add_system_prompt(records, cfg.system_prompt)
     if not records:
         raise DataError(f"no usable rows left in {', '.join(sources)} after skipping {skipped} invalid rows")
     return records, fmt, len(rows), skipped
+
+
+def add_system_prompt(records: list[dict], prompt: str | None) -> None:
+    """data.system_prompt as the first turn of every conversation (and of preference and prompt-only
+    records' prompt turns) that has no system turn of its own."""
+    if not prompt:
+        return
+    for r in records:
+        turns = r.get("messages") if "messages" in r else r.get("prompt")
+        if isinstance(turns, list) and turns and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": prompt})
 
 
 def split_records(records: list[dict], cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -140,6 +146,10 @@ def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objectiv
 
     objective = objective or OBJECTIVES["sft"]()
     objective_cfg = objective_cfg or objective.cfg
+    if cfg.store == "arrow":
+        from .store import build_store
+
+        return build_store(cfg, tokenizer, seed=seed, packing=packing, objective=objective)
     stats = DataStats()
     records, stats.format, stats.rows_read, stats.rows_skipped = load_records(cfg, prefer=objective.formats)
     check_format(stats.format, objective, cfg.train)
