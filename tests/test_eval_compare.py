@@ -56,9 +56,9 @@ def counted_loads(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = compare_mod.load_model
 
-    def load(source, adapter=None, dtype="fp32"):
+    def load(source, adapter=None, dtype="fp32", task=None):
         calls.append(source)
-        return real(source, adapter, dtype)
+        return real(source, adapter, dtype, task)
 
     monkeypatch.setattr(compare_mod, "load_model", load)
     return calls

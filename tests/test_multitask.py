@@ -235,3 +235,16 @@ def test_instruction_mixture_trains_one_lm_and_reports_each_source(run_config, t
         assert result.metrics[f"eval_{source}/perplexity"] > 1
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not (result.run_dir / "adapter" / "heads").exists()
+
+    # The CLI scores one task of the run (--task); an unknown task is refused, naming the run's tasks.
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--model", str(result.run_dir), "--task", "reverse", "--data", str(other),
+                                   "-m", "perplexity", "--no-forgetting", "-o", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    assert "run/reverse" in res.output and (tmp_path / "report").is_dir()
+    res = CliRunner().invoke(app, ["eval", "--model", str(result.run_dir), "--task", "nope", "--data", str(other),
+                                   "-m", "perplexity", "--no-forgetting", "-o", str(tmp_path / "report2")])
+    assert res.exit_code != 0 and "its tasks are qa, reverse" in res.output

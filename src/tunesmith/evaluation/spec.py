@@ -93,7 +93,7 @@ class ModelSpec(_Section):
         if self.name:
             return self.name
         if self.task:
-            return f"{ModelSpec(model=self.model, adapter=self.adapter).label}[{self.task}]"
+            return f"{ModelSpec(model=self.model, adapter=self.adapter).label}/{self.task}"
         base = Path(self.adapter or self.model.rstrip("/"))
         # A run's artifact folder is called adapter/ or model/: the run's name says more.
         if base.name in ("adapter", "model") and base.parent.name:
