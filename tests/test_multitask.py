@@ -169,6 +169,7 @@ def test_reloaded_head_scores_as_in_training(multitask_config, tmp_path):
 def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multitask_config, tmp_path, monkeypatch):
     """Interrupted after step 7 (SIGINT, checkpoint) and resumed: every logged number and the final weights,
     extra head included, equal an uninterrupted run's; temperature sampling and uncertainty weighting on."""
+    import torch
     from safetensors.torch import load_file
 
     def config(out: str) -> dict:
@@ -188,14 +189,8 @@ def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multi
     assert any("topic/uncertainty_weight" in r for r in steps(whole))
     for file in ("adapter/adapter_model.safetensors", "adapter/heads/topic.safetensors"):
         a, b = load_file(whole.run_dir / file), load_file(resumed.run_dir / file)
-        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["eval_topic/accuracy"] == whole.metrics["eval_topic/accuracy"]
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)
 
 
 def test_early_stopping_on_one_tasks_metric_restores_its_head(multitask_config):

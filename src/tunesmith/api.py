@@ -300,13 +300,7 @@ def train(
             method.save(unwrapped, out)
             reach("artifact")
             tokenizer.save_pretrained(out)
-            tasks = None
-            if cfg.tasks:
-                heads = objective.save_heads(out)
-                tasks = [{"name": name, "objective": spec.objective.type,
-                          "objective_config": spec.objective.model_dump(mode="json"), "auto_class": sub.auto_class,
-                          "labels": info.labels, "head": heads.get(name)}
-                         for name, spec, sub, info in zip(objective.names, cfg.tasks, objective.subs, objective.infos)]
+            tasks = objective.save_heads(out) if cfg.tasks else None
             write_manifest(out, cfg, base_source=source, labels=data.task.labels, tasks=tasks)
             result.artifact_dir = out
         if cfg.output.model_card:
@@ -411,14 +405,12 @@ def _proxy_batch(cfg: RunConfig, objective, tokenizer, data) -> dict | None:
 
     if objective.online:
         return None  # prompts alone: a step needs completions first; random tokens are timed instead
-    if hasattr(data.train, "lengths"):  # a memory-mapped store: lengths from the Arrow offsets, one row read
-        fits = [(n, i) for i, n in enumerate(data.train.lengths()) if 0 < n <= PROXY_MAX_TOKENS]
-        rows = [data.train[max(fits)[1]]] if fits else []
-    else:
-        rows = [r for r in data.train if 0 < _row_tokens(r) <= PROXY_MAX_TOKENS]
-    if not rows:
+    # A memory-mapped store reads its lengths from the Arrow offsets instead of converting every row.
+    lengths = data.train.lengths() if hasattr(data.train, "lengths") else [_row_tokens(r) for r in data.train]
+    fits = [i for i, n in enumerate(lengths) if 0 < n <= PROXY_MAX_TOKENS]
+    if not fits:
         return None  # rows longer than the proxy times: random tokens of the proxy's length instead
-    row = max(rows, key=_row_tokens)
+    row = data.train[max(fits, key=lengths.__getitem__)]
     return objective.collator(tokenizer, cfg.objective, data.task, train=True)([row])
 
 

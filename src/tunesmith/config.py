@@ -544,7 +544,7 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
         if task.data.split.validation_file:
             task.data.split.validation_file = fix(task.data.split.validation_file)
     if cfg.tasks:
-        cfg.data = cfg.tasks[0].data
+        cfg.data = cfg.tasks[0].data  # validated as its own copy: follow the first task's resolved paths
     for key in ("teacher", "unlabeled", "reward_model"):
         if getattr(cfg.objective, key, None):
             setattr(cfg.objective, key, fix_all(getattr(cfg.objective, key)))

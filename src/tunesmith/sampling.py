@@ -57,6 +57,11 @@ def _allocate(n: int, probabilities: list[float]) -> list[int]:
     return counts
 
 
+def epoch_length(spans: list[tuple[int, int]], batch_size: int) -> int:
+    """Micro-batches of a multi-task epoch: every task's rows cut into batches once, whatever the sampling."""
+    return sum(math.ceil((end - start) / batch_size) for start, end in spans)
+
+
 def task_batches(spans: list[tuple[int, int]], batch_size: int, seed: int, epoch: int, sampling: str,
                  temperature: float = 2.0, weights: list[float] | None = None,
                  shuffle: bool = True) -> list[list[int]]:
@@ -70,8 +75,7 @@ def task_batches(spans: list[tuple[int, int]], batch_size: int, seed: int, epoch
     """
     sizes = [end - start for start, end in spans]
     per_task = [math.ceil(n / batch_size) for n in sizes]
-    total = sum(per_task)
-    counts = per_task if sampling == "proportional" else _allocate(total, task_probabilities(
+    counts = per_task if sampling == "proportional" else _allocate(epoch_length(spans, batch_size), task_probabilities(
         sizes, sampling, temperature, weights))
 
     def batches_of(t: int, cycle: int) -> list[list[int]]:

@@ -10,6 +10,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import DataError
@@ -42,6 +43,18 @@ def read_rows(
     With skip_invalid, the message of every skipped row is appended to `errors` when given.
     `column_names` is the header of CSV/TSV files that have none (every line is then a row).
     """
+    read = list(iter_rows(source, hub_split=hub_split, hub_config=hub_config, skip_invalid=skip_invalid,
+                          errors=errors, column_names=column_names))
+    rows = [r for r in read if r is not None]
+    return rows, len(read) - len(rows)
+
+
+def iter_rows(
+    source: str, *, hub_split: str = "train", hub_config: str | None = None, skip_invalid: bool = False,
+    errors: list[str] | None = None, column_names: list[str] | None = None, streaming: bool = False,
+) -> Iterator[Row | None]:
+    """The source's rows one by one, None for each unreadable row skipped (skip_invalid). JSONL, CSV/TSV and
+    Parquet are read incrementally; a hub dataset is streamed with `streaming`, else downloaded first."""
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if path.is_dir():
@@ -50,33 +63,41 @@ def read_rows(
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         try:
-            return _read_local(path, skip_invalid, errors, column_names)
+            yield from _iter_local(path, skip_invalid, errors, column_names)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
                             f"{exc.start}); save the file as UTF-8") from None
+        return
     if "/" in source and not source.startswith((".", "/")):
-        return _read_hub(source, hub_split, hub_config), 0
+        yield from _iter_hub(source, hub_split, hub_config, streaming)
+        return
     raise DataError(
         f"data source '{source}' is neither an existing file ({', '.join(sorted(LOCAL_SUFFIXES))}) "
         "nor a hub dataset id (owner/name)"
     )
 
 
-def _read_local(path: Path, skip_invalid: bool, errors: list[str] | None,
-                column_names: list[str] | None = None) -> tuple[list[Row], int]:
+def _iter_local(path: Path, skip_invalid: bool, errors: list[str] | None,
+                column_names: list[str] | None = None) -> Iterator[Row | None]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, skip_invalid, errors)
-    if suffix == ".json":
-        return _read_json(path, skip_invalid, errors)
-    if suffix in {".csv", ".tsv"}:
-        return _read_csv(path, "\t" if suffix == ".tsv" else ",", column_names, skip_invalid, errors)
-    if suffix == ".parquet":
+        yield from _iter_jsonl(path, skip_invalid, errors)
+    elif suffix == ".json":
+        rows, skipped = _read_json(path, skip_invalid, errors)  # one document: read whole
+        yield from rows
+        yield from [None] * skipped
+    elif suffix in {".csv", ".tsv"}:
+        yield from _iter_csv(path, "\t" if suffix == ".tsv" else ",", column_names, skip_invalid, errors)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        return [Row(r, str(path), i + 1) for i, r in enumerate(table.to_pylist())], 0
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})")
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                index += 1
+                yield Row(record, str(path), index)
+    else:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(LOCAL_SUFFIXES))})")
 
 
 def _invalid(message: str, skip_invalid: bool, errors: list[str] | None) -> None:
@@ -87,8 +108,7 @@ def _invalid(message: str, skip_invalid: bool, errors: list[str] | None) -> None
         errors.append(message)
 
 
-def _read_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
-    rows, skipped = [], 0
+def _iter_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> Iterator[Row | None]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -99,10 +119,9 @@ def _read_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None)
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             except ValueError as exc:
                 _invalid(f"{path} line {lineno}: not a valid JSON object: {exc}", skip_invalid, errors)
-                skipped += 1
+                yield None
                 continue
-            rows.append(Row(obj, str(path), lineno))
-    return rows, skipped
+            yield Row(obj, str(path), lineno)
 
 
 def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
@@ -111,7 +130,8 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
     except ValueError as exc:
         # Many "JSON" files are really JSON Lines.
         try:
-            return _read_jsonl(path, skip_invalid, errors)
+            read = list(_iter_jsonl(path, skip_invalid, errors))
+            return [r for r in read if r is not None], read.count(None)
         except DataError:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
     if isinstance(obj, dict):
@@ -131,8 +151,8 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
     return rows, skipped
 
 
-def _read_csv(path: Path, delimiter: str, column_names: list[str] | None = None, skip_invalid: bool = False,
-              errors: list[str] | None = None) -> tuple[list[Row], int]:
+def _iter_csv(path: Path, delimiter: str, column_names: list[str] | None = None, skip_invalid: bool = False,
+              errors: list[str] | None = None) -> Iterator[Row | None]:
     with path.open(encoding="utf-8", newline="") as fh:
         if not column_names:
             reader = csv.DictReader(fh, delimiter=delimiter)
@@ -140,36 +160,35 @@ def _read_csv(path: Path, delimiter: str, column_names: list[str] | None = None,
                 raise DataError(f"{path}: empty file or no header row")
             # Data rows are numbered from 1; the header is not a row. A row with more fields than
             # the header (csv puts the extras under None) would lose them silently.
-            rows, skipped = [], 0
             for i, r in enumerate(reader, 1):
                 if None in r:
                     _invalid(f"{path} row {i}: {len(reader.fieldnames) + len(r[None])} fields, but the header has "
                              f"{len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); quote fields that "
                              "contain the delimiter", skip_invalid, errors)
-                    skipped += 1
+                    yield None
                     continue
-                rows.append(Row(dict(r), str(path), i))
-            return rows, skipped
+                yield Row(dict(r), str(path), i)
+            return
         # Without a header a short or long line would silently shift values between
         # columns, so every line must have exactly one field per name.
-        rows, skipped = [], 0
         for i, fields in enumerate(csv.reader(fh, delimiter=delimiter), 1):
             if not fields:
                 continue
             if len(fields) != len(column_names):
                 _invalid(f"{path} row {i}: {len(fields)} fields, but data.column_names names "
                          f"{len(column_names)} ({', '.join(column_names)})", skip_invalid, errors)
-                skipped += 1
+                yield None
                 continue
-            rows.append(Row(dict(zip(column_names, fields)), str(path), i))
-        return rows, skipped
+            yield Row(dict(zip(column_names, fields)), str(path), i)
 
 
-def _read_hub(dataset_id: str, split: str, config: str | None) -> list[Row]:
+def _iter_hub(dataset_id: str, split: str, config: str | None, streaming: bool) -> Iterator[Row]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, config, split=split)
+        ds = datasets.load_dataset(dataset_id, config, split=split, streaming=streaming)
     except Exception as exc:  # the hub raises many kinds; the message is what matters
-        raise DataError(f"could not load hub dataset '{dataset_id}' (split {split}): {exc}") from exc
-    return [Row(dict(r), f"{dataset_id}[{split}]", i + 1) for i, r in enumerate(ds)]
+        raise DataError(f"could not load hub dataset '{dataset_id}' (split {split}"
+                        f"{', streaming' if streaming else ''}): {exc}") from exc
+    for i, r in enumerate(ds):
+        yield Row(dict(r), f"{dataset_id}[{split}]", i + 1)

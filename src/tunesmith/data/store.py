@@ -22,7 +22,6 @@ the loop as always). A validation file is read in memory (it is small).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -36,7 +35,7 @@ from ..config import STREAMABLE_OBJECTIVES, DataConfig
 from ..errors import DataError
 from .formats import detect_format, normalize_rows
 from .packing import pack, unpacked_rows
-from .sources import LOCAL_SUFFIXES, Row, columns_of
+from .sources import Row, columns_of, iter_rows
 
 if TYPE_CHECKING:
     from ..objectives.base import Objective
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 STORE_VERSION = 1
 CHUNK = 2048  # source rows normalized and encoded together
 PACK_CHUNK = 2048  # examples packed together (first-fit-decreasing within each chunk)
-STREAMABLE = STREAMABLE_OBJECTIVES
 
 
 class ArrowRows(Sequence):
@@ -121,77 +119,13 @@ def store_root() -> Path:
 
 # -- streaming the sources ----------------------------------------------------------------------------------
 
-def iter_rows(source: str, cfg: DataConfig) -> Iterator[Row]:
-    """The source's rows one by one: JSONL, CSV/TSV and Parquet read incrementally, a hub dataset streamed
-    (`data.streaming`) or downloaded, then read row by row from its memory-mapped cache."""
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError(f"data file not found: {path}")
-        if suffix == ".jsonl":
-            yield from _iter_jsonl(path, cfg.skip_invalid)
-        elif suffix in (".csv", ".tsv"):
-            yield from _iter_csv(path, "\t" if suffix == ".tsv" else ",", cfg.column_names)
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            index = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK):
-                for record in batch.to_pylist():
-                    index += 1
-                    yield Row(record, str(path), index)
-        else:  # a JSON array is one document: read whole
-            from .sources import read_rows
-
-            yield from read_rows(str(path), skip_invalid=cfg.skip_invalid, column_names=cfg.column_names)[0]
-        return
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(source, cfg.hub_config, split=cfg.hub_split, streaming=cfg.streaming)
-    except Exception as exc:  # the hub raises many kinds; the message is what matters
-        raise DataError(f"could not stream hub dataset '{source}' (split {cfg.hub_split}): {exc}") from exc
-    for index, record in enumerate(stream, start=1):
-        yield Row(dict(record), f"{source}[{cfg.hub_split}]", index)
-
-
-def _iter_jsonl(path: Path, skip_invalid: bool) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if skip_invalid:
-                    continue
-                raise DataError(f"{path} line {line_no}: not a valid JSON object: {exc}") from None
-            if not isinstance(record, dict):
-                if skip_invalid:
-                    continue
-                raise DataError(f"{path} line {line_no}: not a JSON object")
-            yield Row(record, str(path), line_no)
-
-
-def _iter_csv(path: Path, delimiter: str, column_names: list[str] | None) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = column_names or next(reader, None)
-        if header is None:
-            return
-        for index, fields in enumerate(reader, start=1 if column_names else 2):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise DataError(f"{path} row {index}: {len(fields)} fields, but the header has {len(header)} "
-                                f"({', '.join(header)})")
-            yield Row(dict(zip(header, fields)), str(path), index)
-
-
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+def _chunks(rows: Iterator[Row | None], size: int, skipped: list[int]) -> Iterator[list[Row]]:
+    """Readable rows in lists of `size`; rows skipped as unreadable (skip_invalid) are counted in skipped[0]."""
     chunk: list[Row] = []
     for row in rows:
+        if row is None:
+            skipped[0] += 1
+            continue
         chunk.append(row)
         if len(chunk) == size:
             yield chunk
@@ -240,8 +174,8 @@ def build_store(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objecti
     from .pipeline import DataBundle, DataStats, add_system_prompt, check_format, encode_all, load_records
     from .templates import ensure_chat_template
 
-    if objective.name not in STREAMABLE:
-        raise DataError(f"data.store: arrow streams rows for objectives {', '.join(STREAMABLE)}; "
+    if objective.name not in STREAMABLE_OBJECTIVES:
+        raise DataError(f"data.store: arrow streams rows for objectives {', '.join(STREAMABLE_OBJECTIVES)}; "
                         f"'{objective.name}' needs the whole data set first (labels, pairs): use data.store: memory")
     fallback_template = ensure_chat_template(tokenizer)
     key = store_key(cfg, tokenizer, objective, packing, seed)
@@ -260,10 +194,13 @@ def build_store(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objecti
     train_out, val_out = _Writer(tmp / "train.arrow"), _Writer(tmp / "val.arrow")
     pending: list[dict] = []
     fmt = None if cfg.format == "auto" else cfg.format
-    position = 0
+    ratio = cfg.split.validation_ratio if not cfg.split.validation_file else 0.0
+    position, unreadable = 0, [0]
     try:
         for source in sources:
-            for chunk in _chunks(iter_rows(source, cfg), CHUNK):
+            rows = iter_rows(source, hub_split=cfg.hub_split, hub_config=cfg.hub_config, skip_invalid=cfg.skip_invalid,
+                             column_names=cfg.column_names, streaming=cfg.streaming)
+            for chunk in _chunks(rows, CHUNK, unreadable):
                 if cfg.max_samples and position >= cfg.max_samples:
                     break
                 if cfg.max_samples:
@@ -276,7 +213,6 @@ def build_store(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objecti
                 records, bad = normalize_rows(chunk, fmt, cfg.columns, skip_invalid=cfg.skip_invalid)
                 add_system_prompt(records, cfg.system_prompt)
                 stats.rows_skipped += bad
-                ratio = cfg.split.validation_ratio if not cfg.split.validation_file else 0.0
                 train_recs, val_recs = [], []
                 for offset, record in enumerate(records):
                     (val_recs if ratio and _to_validation(seed, position + offset, ratio) else train_recs).append(record)
@@ -294,6 +230,7 @@ def build_store(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objecti
                     pending = []
                 echo(f"data: {stats.rows_read:,} rows read, {train_out.rows:,} training rows written")
         train_out.write(pack(pending, cfg.max_length) if packing else unpacked_rows(pending))
+        stats.rows_skipped += unreadable[0]
         if cfg.split.validation_file:
             val_records, _, _, _ = load_records(cfg, cfg.split.validation_file)
             val = encode_all(val_records, tokenizer, cfg, stats, objective, task)

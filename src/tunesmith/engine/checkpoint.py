@@ -112,22 +112,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, objectiv
             f"checkpoint {path} does not match this run's trainable parameters "
             f"(missing {missing[:3]}, unexpected {unknown[:3]}); was the method or model changed?"
         )
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
+    restore_weights(path, model, objective, weights)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    if objective is not None and (path / "objective.pt").is_file():
-        objective.load_state_dict(torch.load(path / "objective.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
-def restore_weights(path: Path, model: nn.Module, objective=None) -> None:
-    """The weights a checkpoint holds, and the objective's own (a multi-task run's extra heads)."""
+def restore_weights(path: Path, model: nn.Module, objective=None, weights: dict | None = None) -> None:
+    """The weights a checkpoint holds (`weights` when already read), and the objective's own state (a
+    multi-task run's extra heads, PPO's value head and coefficients)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for n, w in load_file(path / "trainable.safetensors").items():
+        for n, w in (weights if weights is not None else load_file(path / "trainable.safetensors")).items():
             params[n].copy_(w)
     if objective is not None and (path / "objective.pt").is_file():
         objective.load_state_dict(torch.load(path / "objective.pt", weights_only=True))

@@ -236,8 +236,7 @@ def fit(
     ev = cfg.eval
     rank, world = accelerator.process_index, accelerator.num_processes
     # Each process takes every world-th micro-batch, so a process sees 1/world of an epoch.
-    micro_per_epoch = math.ceil(len(objective.epoch_batches(len(train_rows), t.batch_size, t.seed, 0,
-                                                            cfg.data.shuffle)) / world)
+    micro_per_epoch = math.ceil(objective.batches_per_epoch(len(train_rows), t.batch_size) / world)
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum) * objective.steps_per_window
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 

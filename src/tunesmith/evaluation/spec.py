@@ -92,13 +92,11 @@ class ModelSpec(_Section):
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.task:
-            return f"{ModelSpec(model=self.model, adapter=self.adapter).label}/{self.task}"
         base = Path(self.adapter or self.model.rstrip("/"))
         # A run's artifact folder is called adapter/ or model/: the run's name says more.
         if base.name in ("adapter", "model") and base.parent.name:
             base = base.parent
-        return base.stem
+        return f"{base.stem}/{self.task}" if self.task else base.stem
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":

@@ -107,6 +107,10 @@ class Objective(ABC):
 
         return epoch_batches(n_rows, batch_size, seed, epoch, shuffle)
 
+    def batches_per_epoch(self, n_rows: int, batch_size: int) -> int:
+        """How many micro-batches `epoch_batches` gives (known without drawing them)."""
+        return -(-n_rows // batch_size)
+
     def own_parameters(self, ctx: StepContext, device: torch.device) -> list[dict]:
         """Parameters the objective trains besides the model's (PPO's value head), as optimizer param
         groups, created on `device` before the optimizer is built; their weights travel in `state_dict`."""

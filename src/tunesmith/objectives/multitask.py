@@ -160,6 +160,11 @@ class MultiTask(Objective):
         weights = [t.weight for t in self.run.tasks] if mt.sampling == "weights" else None
         return task_batches(self.spans, batch_size, seed, epoch, mt.sampling, mt.temperature, weights, shuffle)
 
+    def batches_per_epoch(self, n_rows: int, batch_size: int) -> int:
+        from ..sampling import epoch_length
+
+        return epoch_length(self.spans, batch_size)
+
     def encode(self, tokenizer, record, data, task):
         raise NotImplementedError("multi-task rows are encoded by each task's objective (build_data)")
 
@@ -227,17 +232,22 @@ class MultiTask(Objective):
         if self.log_vars is not None and "log_vars" in state:
             self.log_vars.data.copy_(state["log_vars"])
 
-    def save_heads(self, out: Path) -> dict[str, str]:
-        """Each extra head as `heads/<task>.safetensors` (beside the first task's artifact); task -> file."""
+    def save_heads(self, out: Path) -> list[dict]:
+        """Each extra head as `heads/<task>.safetensors` beside the first task's artifact; returns the tasks as
+        the manifest lists them (name, objective and its section, head class, labels, head file or None)."""
         from safetensors.torch import save_file
 
-        saved = {}
-        for t, head in self.heads.items():
-            (out / HEADS).mkdir(parents=True, exist_ok=True)
-            path = f"{HEADS}/{self.names[t]}.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in head_state(head).items()}, out / path)
-            saved[self.names[t]] = path
-        return saved
+        tasks = []
+        for t, (spec, sub, info) in enumerate(zip(self.run.tasks, self.subs, self.infos)):
+            path = None
+            if t in self.heads:
+                (out / HEADS).mkdir(parents=True, exist_ok=True)
+                path = f"{HEADS}/{spec.name}.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in head_state(self.heads[t]).items()}, out / path)
+            tasks.append({"name": spec.name, "objective": spec.objective.type,
+                          "objective_config": spec.objective.model_dump(mode="json"), "auto_class": sub.auto_class,
+                          "labels": info.labels, "head": path})
+        return tasks
 
     # -- loss and evaluation -------------------------------------------------------------------------------
     def count(self, batch: dict[str, torch.Tensor]) -> int:
