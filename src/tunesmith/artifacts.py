@@ -80,6 +80,10 @@ def _task_model(model, tokenizer, found: Path, manifest: dict, task: str, dtype:
     entry = tasks[task]
     picked = {**manifest, "task": task, "objective": entry["objective"], "auto_class": entry["auto_class"],
               "labels": entry["labels"], "objective_config": entry["objective_config"]}
+    if entry.get("adapter"):  # the task's own adapter (multitask.shared: false) replaces the first task's
+        from .methods import METHODS
+
+        METHODS[manifest["method"]].load_task_adapter(model, found / entry["adapter"], entry["adapter_id"])
     if entry.get("head") is None:
         return model, picked
     sub = OBJECTIVES[entry["objective"]](lenient_objective_config(entry["objective_config"]))

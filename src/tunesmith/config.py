@@ -227,6 +227,9 @@ class MultiTaskConfig(Section):
     temperature: float = Field(2.0, gt=0, description="T of temperature sampling (1 = proportional, large = equal).")
     uncertainty_weighting: bool = Field(
         False, description="Learn one log-variance s_t per task; the loss is exp(-s_t) L_t + s_t (Kendall et al. 2018).")
+    shared: bool = Field(
+        True, description="LoRA-family, IA3 and bottleneck-adapter methods: one set of adapter weights trained by "
+        "every task (true), or each task its own adapter on the shared frozen base (false).")
 
 
 class RunConfig(Section):
@@ -331,6 +334,10 @@ class RunConfig(Section):
         if self.method.type in _NOT_MULTITASK and len(tasks) > 1:
             problems.append(f"method.type {self.method.type} {_NOT_MULTITASK[self.method.type]}; use a LoRA-family, "
                             "adapter, bitfit, freeze or full method for a multi-task run")
+        if not self.multitask.shared and not self.method.task_adapters:
+            problems.append(f"multitask.shared: false gives each task its own adapter, and method.type "
+                            f"{self.method.type} adds none (its weights are the model's own); use a LoRA-family, "
+                            "ia3 or adapter method, or multitask.shared: true")
         weighted = [t.name for t in tasks if t.weight is not None]
         if self.multitask.sampling == "weights" and len(weighted) != len(tasks):
             missing = [n for n in names if n not in weighted]

@@ -30,6 +30,9 @@ class MethodSection(BaseModel):
     packs: ClassVar[bool] = True
     # objective name -> why this method cannot train it. Every other cell is supported.
     unsupported: ClassVar[dict[str, str]] = {}
+    # Whether a multi-task run may give each task its own set of this method's weights
+    # (multitask.shared: false): methods that add weights beside a frozen base.
+    task_adapters: ClassVar[bool] = False
 
     def check(self, run: "RunConfig") -> list[str]:
         """Run settings this method refuses (engine features it cannot work with)."""
@@ -93,6 +96,7 @@ class _Targeted(MethodSection):
     )
     layers_to_transform: list[int] | None = Field(None, description="Only these block indices get adapters.")
     artifact: ClassVar[str] = "adapter"
+    task_adapters: ClassVar[bool] = True
 
 
 class LoraSection(_Targeted):
@@ -153,6 +157,7 @@ class AdapterSection(MethodSection):
     reduction_factor: int = Field(16, gt=0)
     adapter_activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     artifact: ClassVar[str] = "adapter"
+    task_adapters: ClassVar[bool] = True
 
 
 # peft builds prompt-learning models per task type; masked LM has none (peft raises KeyError).

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..method_config import MethodSection
 from ..errors import ConfigError
-from .base import Method, MethodContext, task_heads
+from .base import FIRST_ADAPTER, Method, MethodContext, task_heads
 from .lora import block_linears, is_attention
 
 WEIGHTS = "bottleneck_adapter.safetensors"
@@ -54,6 +54,8 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.bypassed = False  # True while the base model alone is asked for (a reference policy)
+        self.adapter_id = FIRST_ADAPTER  # a multi-task run's per-task adapters sit beside the first set
+        self.active = True  # False while another task's set runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
@@ -61,7 +63,7 @@ class Bottleneck(nn.Module):
 
 def _residual_hook(adapter: Bottleneck):
     def hook(module, inputs, out):
-        if adapter.bypassed:
+        if adapter.bypassed or not adapter.active:
             return out
         # The adapter keeps its own dtype (fp32 on a bf16 base) and hands back the base's.
         delta = adapter(out.to(adapter.up.weight.dtype))
@@ -99,8 +101,9 @@ def _key(rel: str) -> str:
 
 
 def inject(model: nn.Module, placements: list[tuple[str, str, str]], reduction_factor: int,
-           activation: str) -> list[str]:
-    """Add one adapter per placement to its block and hook it to the projection; returns their names."""
+           activation: str, adapter_id: str = FIRST_ADAPTER) -> list[str]:
+    """Add one adapter per placement to its block and hook it to the projection; returns their names.
+    A task's own set (`adapter_id` other than the first) is keyed `<projection>__<id>` and starts inactive."""
     names = []
     for block_path, rel, _ in placements:
         block = model.get_submodule(block_path)
@@ -109,11 +112,13 @@ def inject(model: nn.Module, placements: list[tuple[str, str, str]], reduction_f
         weight = next(projection.parameters())
         adapter = Bottleneck(hidden, max(1, hidden // reduction_factor), activation)
         adapter.to(device=weight.device, dtype=torch.float32)
+        adapter.adapter_id, adapter.active = adapter_id, adapter_id == FIRST_ADAPTER
         if not hasattr(block, CONTAINER):
             block.add_module(CONTAINER, nn.ModuleDict())
-        getattr(block, CONTAINER)[_key(rel)] = adapter
+        key = _key(rel) if adapter_id == FIRST_ADAPTER else f"{_key(rel)}__{adapter_id}"
+        getattr(block, CONTAINER)[key] = adapter
         projection.register_forward_hook(_residual_hook(adapter))
-        names.append(f"{block_path}.{CONTAINER}.{_key(rel)}")
+        names.append(f"{block_path}.{CONTAINER}.{key}")
     return names
 
 
@@ -128,8 +133,59 @@ def _freeze_base(model: nn.Module) -> None:
         head.requires_grad_(True)
 
 
-def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _task_modules(model: nn.Module):
+    """Modules that belong to one adapter set: the bottleneck adapters, and a task's own copies of the
+    trainable modules inside the backbone (a BERT pooler) that per-task adapters add."""
+    return [m for m in model.modules() if getattr(m, "adapter_id", None) is not None]
+
+
+def _trained_state(model: nn.Module, adapter_id: str = FIRST_ADAPTER) -> dict[str, torch.Tensor]:
+    """What learned, for one adapter set: its adapters, and with the first set the task head too."""
+    other = {id(p) for m in _task_modules(model) if m.adapter_id != adapter_id for p in m.parameters()}
+    mine = None if adapter_id == FIRST_ADAPTER else {
+        id(p) for m in _task_modules(model) if m.adapter_id == adapter_id for p in m.parameters()}
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in other and (mine is None or id(p) in mine)}
+
+
+TASK_COPIES = "task_copies"  # where a backbone module keeps each task's own copy of itself
+
+
+def _run_task_copy(module, args, kwargs, out):
+    """A module in the shared backbone that learns (a BERT pooler) answers with the active task's copy."""
+    for copy_ in getattr(module, TASK_COPIES).values():
+        if copy_.active:
+            return copy_(*args, **kwargs)
+    return out
+
+
+def _backbone_trainables(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the trainable task-head modules that sit inside the backbone every task runs."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    heads = [m for _, m in task_heads(model)]
+    base = getattr(model, "base_model", None)
+    inside = {id(m) for m in base.modules()} if isinstance(base, nn.Module) and base is not model else set()
+    return [(paths[id(m)], m) for m in heads if id(m) in inside]
+
+
+def _add_task_copies(model: nn.Module, paths: list[str], adapter_id: str) -> None:
+    """Give each module at `paths` an inactive copy of itself (its weights as they are now) for `adapter_id`."""
+    import copy
+
+    for path in paths:
+        module = model.get_submodule(path)
+        replica = copy.deepcopy(module)
+        replica._modules.pop(TASK_COPIES, None)
+        replica._forward_hooks.clear()
+        replica.adapter_id, replica.active = adapter_id, False
+        if not hasattr(module, TASK_COPIES):
+            module.add_module(TASK_COPIES, nn.ModuleDict())
+            module.register_forward_hook(_run_task_copy, with_kwargs=True)
+        getattr(module, TASK_COPIES)[adapter_id] = replica
+
+
+def _placements(spec: dict) -> list[tuple[str, str, str]]:
+    return [(p["block"], p["projection"], p["kind"]) for p in spec["placements"]]
 
 
 class BottleneckAdapter(Method):
@@ -179,12 +235,39 @@ class BottleneckAdapter(Method):
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         spec = json.loads((artifact / SPEC).read_text())
-        placements = [(p["block"], p["projection"], p["kind"]) for p in spec["placements"]]
-        inject(base, placements, spec["reduction_factor"], spec["activation"])
+        inject(base, _placements(spec), spec["reduction_factor"], spec["activation"])
         base.tunesmith_adapter_spec = spec
         _freeze_base(base)  # as trained, so a reloaded model can train on or be saved again
         load_partial(base, load_file(artifact / WEIGHTS), artifact / WEIGHTS)
         return base
+
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+        spec = model.tunesmith_adapter_spec
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inject(model, _placements(spec), spec["reduction_factor"], spec["activation"], adapter_id)
+        # What learns inside the backbone besides the adapters (a BERT pooler feeding a classifier) is the
+        # task's own too, or one task's batches would move what another task's adapters feed.
+        _add_task_copies(model, [path for path, _ in _backbone_trainables(model)], adapter_id)
+
+    def use_task_adapter(self, model: nn.Module, adapter_id: str) -> None:
+        for m in _task_modules(model):
+            m.active = m.adapter_id == adapter_id
+
+    def save_task_adapter(self, model: nn.Module, adapter_id: str, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(_trained_state(model, adapter_id), folder / WEIGHTS, metadata={"format": "pt"})
+        copied = [n for n, m in model.named_modules() if hasattr(m, TASK_COPIES)]
+        (folder / SPEC).write_text(json.dumps({**model.tunesmith_adapter_spec, "adapter_id": adapter_id,
+                                               "task_copies": copied}, indent=1))
+
+    def load_task_adapter(self, model: nn.Module, folder: Path, adapter_id: str) -> None:
+        spec = json.loads((folder / SPEC).read_text())
+        saved_as = spec.get("adapter_id", adapter_id)  # the saved names carry the id it trained under
+        inject(model, _placements(spec), spec["reduction_factor"], spec["activation"], saved_as)
+        _add_task_copies(model, spec.get("task_copies", []), saved_as)
+        load_partial(model, load_file(folder / WEIGHTS), folder / WEIGHTS)
+        self.use_task_adapter(model, saved_as)
 
 
 def load_partial(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

@@ -77,9 +77,85 @@ class Method(ABC):
         """The trained model from its base and a saved artifact (artifact == 'adapter')."""
         raise NotImplementedError(f"method {self.name} saves complete models; load them directly")
 
+    # Per-task adapters (a multi-task run with multitask.shared: false; methods whose section says
+    # task_adapters). The weights `apply` added are the adapter FIRST_ADAPTER, the first task's; the
+    # one `save` writes. Every other task gets its own set beside them, active only while its task runs.
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+        """Another set of this method's weights, initialised from `seed` as the first set was, learning
+        what the first set learns; inactive until use_task_adapter."""
+        raise NotImplementedError(f"method {self.name} has no per-task adapters")
+
+    def use_task_adapter(self, model: nn.Module, adapter_id: str) -> None:
+        """Make `adapter_id`'s weights the ones the forward pass runs (which weights learn is unchanged)."""
+        raise NotImplementedError(f"method {self.name} has no per-task adapters")
+
+    def save_task_adapter(self, model: nn.Module, adapter_id: str, folder: Path) -> None:
+        raise NotImplementedError(f"method {self.name} has no per-task adapters")
+
+    def load_task_adapter(self, model: nn.Module, folder: Path, adapter_id: str) -> None:
+        """Add the adapter saved in `folder` to a loaded artifact's model and make it the active one."""
+        raise NotImplementedError(f"method {self.name} has no per-task adapters")
+
+
+FIRST_ADAPTER = "default"  # peft's name for the adapter get_peft_model adds
+
+
+def keep_grad_flags(model: nn.Module):
+    """A context restoring every parameter's requires_grad on exit (peft's adapter switches change them)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    @contextmanager
+    def restore():
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    return restore()
+
 
 class PeftMethod(Method):
     """A method peft implements: its artifact is a peft adapter folder (PeftModel.from_pretrained loads it)."""
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        # The first adapter only: a multi-task run's other tasks' adapters are saved by their task.
+        configs = getattr(model, "peft_config", {})
+        model.save_pretrained(out, selected_adapters=[FIRST_ADAPTER] if len(configs) > 1 else None)
+
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+        import copy
+
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.add_adapter(adapter_id, copy.deepcopy(model.peft_config[FIRST_ADAPTER]))
+        # peft marks trainable what it likes while adding; each new tensor learns when its first-adapter
+        # twin does (LoRA-FA's A stays frozen), and every other tensor keeps its flag.
+        mine, first = f".{adapter_id}.", f".{FIRST_ADAPTER}."
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name.replace(mine, first), False) if mine in name else flags.get(name, False))
+
+    def use_task_adapter(self, model: nn.Module, adapter_id: str) -> None:
+        if model.active_adapter == adapter_id:
+            return
+        with keep_grad_flags(model):  # peft's set_adapter freezes the other adapters, which learn too
+            model.set_adapter(adapter_id)
+
+    def save_task_adapter(self, model: nn.Module, adapter_id: str, folder: Path) -> None:
+        import shutil
+
+        # peft writes a named adapter into <dir>/<name>/: write it beside the target, then move it there.
+        staging = folder.parent / f".{folder.name}.saving"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), selected_adapters=[adapter_id])
+        shutil.rmtree(folder, ignore_errors=True)
+        (staging / adapter_id).rename(folder)
+        shutil.rmtree(staging)
+
+    def load_task_adapter(self, model: nn.Module, folder: Path, adapter_id: str) -> None:
+        model.load_adapter(str(folder), adapter_name=adapter_id)
+        model.set_adapter(adapter_id)
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         from peft import PeftModel

@@ -9,6 +9,10 @@ trained by every task, while each extra head is this objective's own parameters 
 optimizer, checkpoints and the saved artifact as `heads/<task>.safetensors`). Tasks with the
 first task's head (an instruction mixture of SFT sources) use the first model itself.
 
+With `multitask.shared: false` each task after the first also gets its own set of the method's
+weights (a peft adapter, or bottleneck adapters) on the shared frozen base, made active while
+its task's batches run and saved as `adapters/<task>/`.
+
 Every micro-batch holds rows of one task, drawn by the sampler (sampling.task_batches), a pure
 function of (seed, epoch): a resumed run draws the same batches. Evaluation runs each task's
 own evaluation on its own validation rows: `eval_<task>/<metric>`, plus `eval_loss` (the mean of
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from ..config import RunConfig
 
 HEADS = "heads"  # folder of the extra task heads inside the artifact
+ADAPTERS = "adapters"  # folder of the per-task adapters (multitask.shared: false)
 
 
 def _without_task(row: dict) -> dict:
@@ -109,6 +114,8 @@ class MultiTask(Objective):
         self.infos: list[TaskInfo] = []
         self.spans: list[tuple[int, int]] = []
         self.heads: dict[int, nn.Module] = {}  # task index -> its head model (sharing the backbone)
+        self.adapter_ids: dict[int, str] = {}  # task index -> its own adapter (multitask.shared: false)
+        self.method = None
         self.log_vars = (nn.Parameter(torch.zeros(len(self.subs))) if run.multitask.uncertainty_weighting
                          else None)
 
@@ -183,6 +190,30 @@ class MultiTask(Objective):
         return self.subs[0].model_kwargs(self.subs[0].cfg, self.infos[0], tokenizer)
 
     # -- model ----------------------------------------------------------------------------------------------
+    def attach_tasks(self, model: nn.Module, method, tokenizer, seed: int,
+                     echo: Callable[[str], None] = print) -> None:
+        """Give every task whose head differs from the first task's a head model sharing `model`'s backbone
+        and, with multitask.shared: false, every task after the first its own adapter."""
+        self.attach_heads(model, tokenizer, seed, echo)
+        if self.run.multitask.shared:
+            return
+        from ..methods.base import head_modules
+
+        def trainable() -> int:
+            return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        self.method, before = method, trainable()
+        for i in range(1, len(self.subs)):
+            self.adapter_ids[i] = f"task{i}"
+            method.add_task_adapter(model, self.adapter_ids[i], seed + len(self.subs) + i)
+            if i in self.heads:  # peft copies the first model's head for every adapter; this task has its own
+                for _, module in head_modules(model):
+                    for name, p in module.named_parameters():
+                        if f".{self.adapter_ids[i]}." in f".{name}.":
+                            p.requires_grad_(False)
+        echo(f"tasks: each has its own {method.name} adapter ({(trainable() - before) // (len(self.subs) - 1):,} "
+             "trainable parameters per task after the first; multitask.shared: false)")
+
     def attach_heads(self, model: nn.Module, tokenizer, seed: int, echo: Callable[[str], None] = print) -> None:
         """Give every task whose head differs from the first task's a head model sharing `model`'s backbone."""
         first = (self.subs[0].auto_class, self.model_kwargs(None, self.infos[0], tokenizer))
@@ -200,6 +231,11 @@ class MultiTask(Objective):
                  f"({n:,} parameters) on the shared backbone")
 
     def policy_for(self, policy: nn.Module, t: int) -> nn.Module:
+        """The model that runs task t: its head on the shared backbone, its adapter made the active one."""
+        if self.adapter_ids:
+            from ..methods.base import FIRST_ADAPTER
+
+            self.method.use_task_adapter(getattr(policy, "module", policy), self.adapter_ids.get(t, FIRST_ADAPTER))
         head = self.heads.get(t)
         if head is None:
             return policy
@@ -232,21 +268,27 @@ class MultiTask(Objective):
         if self.log_vars is not None and "log_vars" in state:
             self.log_vars.data.copy_(state["log_vars"])
 
-    def save_heads(self, out: Path) -> list[dict]:
-        """Each extra head as `heads/<task>.safetensors` beside the first task's artifact; returns the tasks as
-        the manifest lists them (name, objective and its section, head class, labels, head file or None)."""
+    def save_tasks(self, model: nn.Module, out: Path) -> list[dict]:
+        """Each extra head as `heads/<task>.safetensors` and each task's own adapter as `adapters/<task>/` beside
+        the first task's artifact; returns the tasks as the manifest lists them (name, objective and its
+        section, head class, labels, head file or None, adapter folder and id or None)."""
         from safetensors.torch import save_file
 
         tasks = []
         for t, (spec, sub, info) in enumerate(zip(self.run.tasks, self.subs, self.infos)):
-            path = None
+            path = adapter = None
             if t in self.heads:
                 (out / HEADS).mkdir(parents=True, exist_ok=True)
                 path = f"{HEADS}/{spec.name}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in head_state(self.heads[t]).items()}, out / path)
+            if t in self.adapter_ids:
+                (out / ADAPTERS).mkdir(parents=True, exist_ok=True)
+                adapter = f"{ADAPTERS}/{spec.name}"
+                self.method.save_task_adapter(model, self.adapter_ids[t], out / adapter)
             tasks.append({"name": spec.name, "objective": spec.objective.type,
                           "objective_config": spec.objective.model_dump(mode="json"), "auto_class": sub.auto_class,
-                          "labels": info.labels, "head": path})
+                          "labels": info.labels, "head": path, "adapter": adapter,
+                          "adapter_id": self.adapter_ids.get(t)})
         return tasks
 
     # -- loss and evaluation -------------------------------------------------------------------------------
@@ -290,6 +332,7 @@ class MultiTask(Objective):
             scores = {k.removeprefix("eval_"): v for k, v in scores.items()}
             per_task.append(scores)
             metrics.update({f"eval_{name}/{k}": v for k, v in scores.items()})
+        self.policy_for(policy, 0)  # the first task's adapter active again (what the run saves and reports)
         policy.train(was_training)
         for head in self.heads.values():
             head.train(was_training)
