@@ -297,3 +297,25 @@ def whole_and_resumed(config, monkeypatch, step: int):
         tunesmith.train(config("parts"), echo=lambda _m: None)
     monkeypatch.delenv("TUNESMITH_FAULT")
     return whole, tunesmith.train(config("parts"), resume=True, echo=lambda _m: None)
+
+
+# A second labelled task on the same vocabulary: what the sentence is about (three classes).
+TOPICS = [
+    ("the movie was good and great", "film"), ("a bad and terrible movie", "film"),
+    ("you will like this movie it is great", "film"), ("the water was bad", "water"),
+    ("call the water", "water"), ("blue water", "water"), ("what a great day", "day"),
+    ("a terrible way to look", "day"), ("good people make good time", "day"),
+]
+
+
+def classification_tasks(tmp_path, *, sentiment_rows: int = 4) -> list[dict]:
+    """Two classification tasks of a multi-task run: sentiment (2 labels) and topic (3 labels)."""
+    sentiment = write_jsonl(tmp_path / "sentiment.jsonl",
+                            [{"text": t, "label": y} for t, y in SENTENCES * sentiment_rows])
+    topic = write_jsonl(tmp_path / "topic.jsonl", [{"text": t, "label": y} for t, y in TOPICS * 2])
+    return [
+        {"name": "sentiment", "data": {"train": str(sentiment), "max_length": 32, "split": {"validation_ratio": 0.25}},
+         "objective": {"type": "classification"}},
+        {"name": "topic", "data": {"train": str(topic), "max_length": 32, "split": {"validation_ratio": 0.25}},
+         "objective": {"type": "classification"}},
+    ]

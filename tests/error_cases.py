@@ -170,6 +170,11 @@ CASES: list[Case] = [
          config={"data": None, "multitask": {"sampling": "weights"}, "tasks": [
              {"name": "a", "data": {"train": "train.jsonl"}, "weight": 2},
              {"name": "b", "data": {"train": "train.jsonl"}}]}, category="multitask"),
+    Case("per-task adapters with a method that adds none", "multitask.shared: false gives each task its own adapter",
+         config={"data": None, "method": {"type": "full", "r": None, "alpha": None, "dropout": None},
+                 "multitask": {"shared": False}, "tasks": [
+             {"name": "a", "data": {"train": "train.jsonl"}}, {"name": "b", "data": {"train": "train.jsonl"}}]},
+         category="multitask"),
     Case("a task's data file missing", "tasks[1] (b): data file not found: missing.jsonl", config={
         "data": None, "tasks": [{"name": "a", "data": {"train": "train.jsonl"}},
                                 {"name": "b", "data": {"train": "missing.jsonl"}}]}, category="multitask"),

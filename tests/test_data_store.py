@@ -123,3 +123,34 @@ def test_sft_rows_stream_too(run_config, tiny_tokenizer, tmp_path, cache):
     arrow = build_data(cfg.data, tiny_tokenizer, seed=1, packing=False, objective=objective)
     assert list(arrow.train) == memory.train
     assert json.dumps(arrow.stats.format) == json.dumps(memory.stats.format)
+
+
+def test_a_streamed_hub_dataset_fills_the_store_row_by_row(run_config, tiny_tokenizer, tmp_path, cache, monkeypatch):
+    """data.streaming: the hub dataset is asked for as a stream (datasets' IterableDataset, here a local
+    generator standing in for the hub) and written chunk by chunk; the rows equal those of the same data
+    read from a file, and a second build reuses the store without opening the stream."""
+    import datasets
+
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import build_data
+    from tunesmith.objectives import build_objective
+
+    corpus = _text_file(tmp_path, 200)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    opened = []
+
+    def load_dataset(name, config=None, *, split, streaming):
+        opened.append((name, split, streaming))
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    settings = {"store": "arrow", "streaming": True, "shuffle": False, "packing": False}
+    cfg = load_config(run_config(data={"train": "someone/corpus", **settings}, objective={"type": "causal_lm"}))
+    objective = build_objective(cfg.objective)
+    streamed = build_data(cfg.data, tiny_tokenizer, seed=1, packing=False, objective=objective)
+    assert opened == [("someone/corpus", "train", True)]
+    from_file = build_data(cfg.data.model_copy(update={"train": str(corpus), "streaming": False}), tiny_tokenizer,
+                           seed=1, packing=False, objective=objective)
+    assert len(streamed.train) == 200 and list(streamed.train) == list(from_file.train)
+    again = build_data(cfg.data, tiny_tokenizer, seed=1, packing=False, objective=objective)
+    assert len(opened) == 1 and list(again.train) == list(streamed.train)

@@ -7,35 +7,14 @@ from collections import Counter
 
 import pytest
 
-from conftest import whole_and_resumed, SENTENCES, metric_records, write_jsonl
-
-# A second labelled task on the same vocabulary: what the sentence is about (three classes).
-TOPICS = [
-    ("the movie was good and great", "film"), ("a bad and terrible movie", "film"),
-    ("you will like this movie it is great", "film"), ("the water was bad", "water"),
-    ("call the water", "water"), ("blue water", "water"), ("what a great day", "day"),
-    ("a terrible way to look", "day"), ("good people make good time", "day"),
-]
-
-
-def _tasks(tmp_path, *, sentiment_rows: int = 4) -> list[dict]:
-    sentiment = write_jsonl(tmp_path / "sentiment.jsonl",
-                            [{"text": t, "label": y} for t, y in SENTENCES * sentiment_rows])
-    topic = write_jsonl(tmp_path / "topic.jsonl", [{"text": t, "label": y} for t, y in TOPICS * 2])
-    return [
-        {"name": "sentiment", "data": {"train": str(sentiment), "max_length": 32, "split": {"validation_ratio": 0.25}},
-         "objective": {"type": "classification"}},
-        {"name": "topic", "data": {"train": str(topic), "max_length": 32, "split": {"validation_ratio": 0.25}},
-         "objective": {"type": "classification"}},
-    ]
-
+from conftest import TOPICS, classification_tasks, metric_records, whole_and_resumed, write_jsonl
 
 @pytest.fixture
 def multitask_config(tiny_bert_wide_dir, tmp_path):
     def make(method: dict | None = None, **sections) -> dict:
         cfg = {
             "model": {"name_or_path": str(tiny_bert_wide_dir)},
-            "tasks": _tasks(tmp_path),
+            "tasks": classification_tasks(tmp_path),
             "method": method or {"type": "full"},
             "training": {"epochs": 4, "batch_size": 4, "learning_rate": 3e-3, "progress": False, "log_every": 1,
                          "precision": "fp32"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,9 +159,6 @@ def train(
     dist.wait_for_everyone()
     if not dist.is_main_process:
         echo = _silent  # one copy of the run log
-    if cfg.tasks and dist.num_processes > 1:
-        raise ConfigError("tasks: a multi-task run trains in one process for now (its extra task heads run "
-                          "outside DDP's forward); launch it without torchrun / accelerate launch")
 
     # Everything that can fail on bad input runs before the model is loaded.
     if cfg.eval.forgetting and objective.auto_class == "AutoModelForCausalLM":
@@ -175,7 +173,10 @@ def train(
     with dist.main_process_first():  # one process converts a GGUF into the shared cache
         source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    data = _build_run_data(cfg, tokenizer, objective)
+    # The Arrow store is tokenized once, by the main process; the others then memory-map the same file
+    # and each reads only the rows of its own micro-batches.
+    with dist.main_process_first() if cfg.data.store == "arrow" else contextlib.nullcontext():
+        data = _build_run_data(cfg, tokenizer, objective)
     st = data.stats
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
          f"{st.train_examples} train"

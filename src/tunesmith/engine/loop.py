@@ -105,6 +105,28 @@ def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     return batches[rank::world]
 
 
+def average_gradients(params: list[torch.Tensor], accelerator) -> None:
+    """Every parameter's gradient averaged over processes, as DDP would (a process that did not touch a
+    parameter contributes zeros); a parameter no process touched keeps no gradient, so the optimizer
+    skips it as a one-process run would."""
+    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    touched = accelerator.reduce(touched, "sum")
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p, t in zip(params, touched.tolist()):
+        if t:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+    world = accelerator.num_processes
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        flat = accelerator.reduce(flat, "sum") / world
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
 def reduce_sum(values: list[float], accelerator) -> list[float]:
     """Sums over processes (as they are with one process)."""
     if accelerator.num_processes == 1:
@@ -118,8 +140,12 @@ def merge_step(loss: float, tokens: int, logs: dict[str, list[float]], into: dic
     """One step's loss, token count and objective logs summed over processes (one collective);
     the logs are added to `into`. The logged numbers of a multi-process run are then those of a
     one-process run with the same global batch."""
-    names = sorted(logs)  # every process runs the same objective, hence the same names
-    flat = reduce_sum([loss, tokens, *(x for n in names for x in logs[n])], accelerator)
+    names = sorted(logs)
+    if accelerator.num_processes > 1:  # a multi-task step logs the tasks each process drew: take them all
+        from accelerate.utils import gather_object
+
+        names = sorted(set().union(*gather_object([names])))
+    flat = reduce_sum([loss, tokens, *(x for n in names for x in logs.get(n, (0.0, 0.0)))], accelerator)
     for i, name in enumerate(names):
         acc = into.setdefault(name, [0.0, 0.0])
         acc[0] += flat[2 + 2 * i]
@@ -263,7 +289,14 @@ def fit(
         optimizer.add_param_group(group)
     own_params = [p for g in own_groups for p in g["params"]]
     scheduler = build_scheduler(optimizer, t, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # DDP averages gradients in its backward hooks, which need every forward to go through its wrapper;
+    # otherwise the model stays unwrapped and the window's gradients are averaged below.
+    ddp = world > 1 and objective.ddp_forward
+    if world == 1 or ddp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
     params = [p for p in model.parameters() if p.requires_grad] + own_params
     generate = partial(generate_ids, model, tokenizer) if tokenizer is not None else None
     ctx = StepContext(policy=model, tokenizer=tokenizer, reference=reference, teacher=teacher, generate=generate,
@@ -352,10 +385,12 @@ def fit(
                     add_logs(step_logs, out.logs)
                     step_tokens += batch_tokens(cpu_batch)
                 step_loss, step_tokens = merge_step(step_loss, step_tokens, step_logs, state["log_extra"], accelerator)
-                if world > 1:  # DDP averages the model's gradients; the objective's own are averaged here
+                if ddp:  # DDP averages the model's gradients; the objective's own are averaged here
                     for p in own_params:
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, "mean")
+                elif world > 1:
+                    average_gradients(params, accelerator)
                 window_tokens += step_tokens
                 train_tokens += step_tokens
                 grad_norm = None

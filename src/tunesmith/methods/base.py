@@ -71,7 +71,12 @@ class Method(ABC):
         return None
 
     def save(self, model: nn.Module, out: Path) -> None:
-        model.save_pretrained(out)
+        configs = getattr(model, "peft_config", None)
+        if isinstance(configs, dict) and len(configs) > 1:
+            # The first adapter only: a multi-task run's other tasks' adapters are saved by their task.
+            model.save_pretrained(out, selected_adapters=[FIRST_ADAPTER])
+        else:
+            model.save_pretrained(out)
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
         """The trained model from its base and a saved artifact (artifact == 'adapter')."""
@@ -117,11 +122,6 @@ def keep_grad_flags(model: nn.Module):
 
 class PeftMethod(Method):
     """A method peft implements: its artifact is a peft adapter folder (PeftModel.from_pretrained loads it)."""
-
-    def save(self, model: nn.Module, out: Path) -> None:
-        # The first adapter only: a multi-task run's other tasks' adapters are saved by their task.
-        configs = getattr(model, "peft_config", {})
-        model.save_pretrained(out, selected_adapters=[FIRST_ADAPTER] if len(configs) > 1 else None)
 
     def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
         import copy

@@ -88,6 +88,13 @@ class Objective(ABC):
     # (online RL): no collated training row can stand in for a step.
     online: bool = False
 
+    @property
+    def ddp_forward(self) -> bool:
+        """Whether every forward of a step runs through the policy as the engine hands it over. When not (a
+        multi-task run's extra heads call the shared backbone themselves), a multi-process run cannot use
+        DDP's gradient hooks: the engine averages every trainable gradient over processes itself."""
+        return True
+
     def __init__(self, cfg: ObjectiveSection | None = None):
         self.cfg = cfg if cfg is not None else objective_config(type=self.name)
 

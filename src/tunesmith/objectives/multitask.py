@@ -145,6 +145,10 @@ class MultiTask(Objective):
         stats.format = ", ".join(formats)
         return DataBundle(train, val, stats, val_records=records, task=self.infos[0])
 
+    @property
+    def ddp_forward(self) -> bool:
+        return not (self.heads or self.adapter_ids)  # heads run the backbone directly; adapters switch per batch
+
     def task_of(self, rows: list[dict]) -> int:
         tasks = {r["task"] for r in rows}
         if len(tasks) != 1:
