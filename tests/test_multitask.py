@@ -90,7 +90,8 @@ def test_two_heads_on_one_backbone_learn_both_tasks_and_reload(multitask_config,
     import tunesmith
     from tunesmith.artifacts import load_trained
 
-    result = tunesmith.train(multitask_config(eval={"every": 4, "forgetting": False}))
+    cfg = multitask_config(eval={"every": 4, "forgetting": False})
+    result = tunesmith.train(cfg)
     records = metric_records(result.run_dir)
     steps = [r for r in records if "loss" in r and "eval_loss" not in r]
     assert any("sentiment/loss" in r for r in steps) and any("topic/loss" in r for r in steps)
@@ -120,6 +121,11 @@ def test_two_heads_on_one_backbone_learn_both_tasks_and_reload(multitask_config,
     assert load_trained(result.run_dir).model.config.num_labels == 2  # default: the first task
     with pytest.raises(tunesmith.errors.ConfigError, match="its tasks are sentiment, topic"):
         load_trained(result.run_dir, task="ner")
+    # `tunesmith eval run.yaml` scores generative tasks; classification tasks were scored in training.
+    from tunesmith.evaluation.api import evaluate
+
+    with pytest.raises(tunesmith.errors.ConfigError, match="sentiment: classification, topic: classification"):
+        evaluate(cfg, echo=lambda _m: None)
 
 
 def test_reloaded_head_scores_as_in_training(multitask_config, tmp_path):
@@ -293,8 +299,9 @@ def test_per_task_adapters_learn_only_from_their_task_and_reload(multitask_confi
 
 
 def test_decoder_mixture_with_per_task_adapters_answers_each_source_with_its_own(run_config, tmp_path):
-    """Two SFT sources, multitask.shared: false: each source's adapter fits its own held-out rows better than
-    the other source's adapter does, and load_trained(task=...) picks the adapter by task name."""
+    """Two SFT sources, multitask.shared: false: `tunesmith eval` on the run's config scores every task's
+    model (its own adapter, picked by task name) on every task's held-out rows, and each source's adapter
+    fits its own rows better than the other source's adapter does."""
     from conftest import QA
 
     import tunesmith
@@ -303,21 +310,20 @@ def test_decoder_mixture_with_per_task_adapters_answers_each_source_with_its_own
     base = run_config()
     forward = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA * 4])
     reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"instruction": a, "input": "", "output": q} for q, a in QA * 4])
+    split = {"validation_ratio": 0.25}
     cfg = {k: v for k, v in base.items() if k != "data"}
-    cfg["tasks"] = [{"name": "qa", "data": {"train": str(forward), "max_length": 64}},
-                    {"name": "reverse", "data": {"train": str(reverse), "max_length": 64}}]
+    cfg["tasks"] = [{"name": "qa", "data": {"train": str(forward), "max_length": 64, "split": split}},
+                    {"name": "reverse", "data": {"train": str(reverse), "max_length": 64, "split": split}}]
     cfg["multitask"] = {"shared": False}
     cfg["training"].update(epochs=3, learning_rate=1e-2)
     cfg["eval"] = {"at_end": False, "forgetting": False}
+    cfg["output"]["name"] = "mix"
     result = tunesmith.train(cfg, echo=lambda _m: None)
     assert (result.run_dir / "adapter" / "adapters" / "reverse" / "adapter_config.json").is_file()
 
-    def loss(task: str, data) -> float:
-        report = evaluate(model=str(result.run_dir), task=task, data=str(data), settings={"metrics": ["perplexity"]},
-                          forgetting=False, output=tmp_path / f"eval-{task}-{data.stem}", echo=lambda _m: None)
-        (model,) = [m for m in report.results if m.endswith(f"/{task}")]
-        (scores,) = report.results[model].values()
-        return scores.metrics["perplexity"]
-
-    assert loss("reverse", reverse) < loss("qa", reverse)
-    assert loss("qa", forward) < loss("reverse", forward)
+    report = evaluate(cfg, settings={"metrics": ["perplexity"]}, forgetting=False, include_base=False,
+                      output=tmp_path / "eval", echo=lambda _m: None)
+    assert sorted(report.results) == ["mix/qa", "mix/reverse"]
+    ppl = {(m, t): report.metric(m, t, "perplexity") for m in report.results for t in ("qa", "reverse")}
+    assert ppl[("mix/reverse", "reverse")] < ppl[("mix/qa", "reverse")]
+    assert ppl[("mix/qa", "qa")] < ppl[("mix/reverse", "qa")]

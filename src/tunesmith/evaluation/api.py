@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +107,32 @@ def _run_tasks(cfg: RunConfig, data: str | None, settings: EvalSettings, fmt: st
                          val, str(source))]
 
 
+def _multitask_jobs(cfg: RunConfig, run_dir: Path, settings: EvalSettings, fmt: str,
+                    columns: dict[str, str] | None, max_samples: int | None):
+    """A multi-task run judged on each language-model task's validation split: with an adapter per task,
+    every task's model on every split (how much each adapter transfers to the other sources); with shared
+    weights, the one model on each split. Classification tasks are scored during training."""
+    from ..objectives import OBJECTIVES
+
+    lm = [t for t in cfg.tasks if OBJECTIVES[t.objective.type].generative]
+    if not lm:
+        raise ConfigError(f"tunesmith eval scores generative tasks; the tasks of {run_dir} "
+                          f"({', '.join(f'{t.name}: {t.objective.type}' for t in cfg.tasks)}) are scored during "
+                          f"training, their final scores in {run_dir / 'task_results.json'}")
+    tasks = []
+    for t in lm:
+        alone = cfg.model_copy(update={"tasks": None, "data": t.data, "objective": t.objective})
+        try:
+            (prepared,) = _run_tasks(alone, None, settings.model_copy(update={"max_length": t.data.max_length}),
+                                     fmt, columns, max_samples)
+        except ConfigError as exc:
+            raise ConfigError(f"tasks ({t.name}): {exc}") from None
+        tasks.append(dataclasses.replace(prepared, label=t.name, spec=prepared.spec.model_copy(update={"name": t.name})))
+    if cfg.multitask.shared:
+        return tasks, [ModelSpec(name=cfg.run_name, model=str(run_dir))]
+    return tasks, [ModelSpec(name=f"{cfg.run_name}/{t.name}", model=str(run_dir), task=t.name) for t in lm]
+
+
 def evaluate(
     config: str | Path | dict | RunConfig | None = None,
     *,
@@ -151,8 +179,11 @@ def evaluate(
             raise ConfigError(f"run folder {run_dir} does not exist; train it first (tunesmith train)")
         s = _settings(settings, metrics=["perplexity"], max_length=cfg.data.max_length,
                       batch_size=cfg.eval.batch_size or 8)
-        tasks = _run_tasks(cfg, data, s, format, columns, max_samples)
-        specs = [ModelSpec(name=cfg.run_name, model=str(run_dir))]
+        if cfg.tasks and data is None:
+            tasks, specs = _multitask_jobs(cfg, run_dir, s, format, columns, max_samples)
+        else:
+            tasks = _run_tasks(cfg, data, s, format, columns, max_samples)
+            specs = [ModelSpec(name=cfg.run_name, model=str(run_dir))]
         base = ModelSpec(name="base", model=cfg.model.name_or_path if not cfg.model.gguf_file
                          else str(Path(cfg.model.name_or_path) / cfg.model.gguf_file))
         ref_sets = reference if reference is not None else [r.model_dump() for r in cfg.eval.reference]
