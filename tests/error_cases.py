@@ -170,7 +170,7 @@ CASES: list[Case] = [
          config={"data": None, "multitask": {"sampling": "weights"}, "tasks": [
              {"name": "a", "data": {"train": "train.jsonl"}, "weight": 2},
              {"name": "b", "data": {"train": "train.jsonl"}}]}, category="multitask"),
-    Case("per-task adapters with a method that adds none", "multitask.shared: false gives each task its own adapter",
+    Case("per-task adapters with a method that adds none", "which method.type full cannot: it adds no adapter",
          config={"data": None, "method": {"type": "full", "r": None, "alpha": None, "dropout": None},
                  "multitask": {"shared": False}, "tasks": [
              {"name": "a", "data": {"train": "train.jsonl"}}, {"name": "b", "data": {"train": "train.jsonl"}}]},

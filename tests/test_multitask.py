@@ -62,7 +62,8 @@ def test_task_batches_are_one_task_each_and_reproducible():
     ({"method": {"type": "prompt_tuning"}}, "rewrites the inputs inside peft's forward"),
     ({"method": {"type": "linear_probe"}}, "linear_probe"),
     ({"tasks": "packing"}, "tasks[1] (topic): data.packing: objective.type classification does not pack"),
-    ({"multitask": {"shared": False}}, "multitask.shared: false gives each task its own adapter, and method.type full"),
+    ({"multitask": {"shared": False}}, "its own adapter, which method.type full cannot: it adds no adapter"),
+    ({"multitask": {"shared": False}, "method": {"type": "lora_fa"}}, "LoRA-FA optimizer updates every B matrix"),
 ])
 def test_bad_task_configs_are_refused_naming_the_task(multitask_config, change, expected):
     from tunesmith.config import load_config
@@ -238,8 +239,11 @@ def test_instruction_mixture_trains_one_lm_and_reports_each_source(run_config, t
 
 
 PER_TASK_METHODS = {"lora": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                    "dora": {"type": "dora", "r": 4, "alpha": 8, "dropout": 0.0},
+                    "ia3": {"type": "ia3"},
                     "adapter": {"type": "adapter", "reduction_factor": 4}}
-FIRST_ARTIFACT = {"lora": "adapter_model.safetensors", "adapter": "bottleneck_adapter.safetensors"}
+FIRST_ARTIFACT = {"lora": "adapter_model.safetensors", "dora": "adapter_model.safetensors",
+                  "ia3": "adapter_model.safetensors", "adapter": "bottleneck_adapter.safetensors"}
 
 
 @pytest.mark.parametrize("method", list(PER_TASK_METHODS))

@@ -335,9 +335,9 @@ class RunConfig(Section):
             problems.append(f"method.type {self.method.type} {_NOT_MULTITASK[self.method.type]}; use a LoRA-family, "
                             "adapter, bitfit, freeze or full method for a multi-task run")
         if not self.multitask.shared and not self.method.task_adapters:
-            problems.append(f"multitask.shared: false gives each task its own adapter, and method.type "
-                            f"{self.method.type} adds none (its weights are the model's own); use a LoRA-family, "
-                            "ia3 or adapter method, or multitask.shared: true")
+            problems.append(f"multitask.shared: false gives each task its own adapter, which method.type "
+                            f"{self.method.type} cannot: {self.method.no_task_adapters}; use lora, dora, rslora, "
+                            "qlora, ia3 or adapter, or multitask.shared: true")
         weighted = [t.name for t in tasks if t.weight is not None]
         if self.multitask.sampling == "weights" and len(weighted) != len(tasks):
             missing = [n for n in names if n not in weighted]

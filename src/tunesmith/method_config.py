@@ -31,8 +31,9 @@ class MethodSection(BaseModel):
     # objective name -> why this method cannot train it. Every other cell is supported.
     unsupported: ClassVar[dict[str, str]] = {}
     # Whether a multi-task run may give each task its own set of this method's weights
-    # (multitask.shared: false): methods that add weights beside a frozen base.
+    # (multitask.shared: false): methods that add weights beside a frozen base; else why not.
     task_adapters: ClassVar[bool] = False
+    no_task_adapters: ClassVar[str] = "it adds no adapter (its weights are the model's own)"
 
     def check(self, run: "RunConfig") -> list[str]:
         """Run settings this method refuses (engine features it cannot work with)."""
@@ -120,6 +121,9 @@ class RsLoraSection(LoraSection):
 
 class LoraFASection(LoraSection):
     type: Literal["lora_fa"] = "lora_fa"
+    task_adapters: ClassVar[bool] = False
+    no_task_adapters: ClassVar[str] = ("peft's LoRA-FA optimizer updates every B matrix at every step and fails on "
+                                       "the adapter of a task the step did not draw")
 
     def check(self, run: "RunConfig") -> list[str]:
         if self.loraplus_lr_ratio is not None:

@@ -131,7 +131,7 @@ class PeftMethod(Method):
             torch.manual_seed(seed)
             model.add_adapter(adapter_id, copy.deepcopy(model.peft_config[FIRST_ADAPTER]))
         # peft marks trainable what it likes while adding; each new tensor learns when its first-adapter
-        # twin does (LoRA-FA's A stays frozen), and every other tensor keeps its flag.
+        # twin does, and every other tensor keeps its flag.
         mine, first = f".{adapter_id}.", f".{FIRST_ADAPTER}."
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name.replace(mine, first), False) if mine in name else flags.get(name, False))
