@@ -241,9 +241,10 @@ def test_instruction_mixture_trains_one_lm_and_reports_each_source(run_config, t
 PER_TASK_METHODS = {"lora": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                     "dora": {"type": "dora", "r": 4, "alpha": 8, "dropout": 0.0},
                     "ia3": {"type": "ia3"},
+                    "qlora": {"type": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
                     "adapter": {"type": "adapter", "reduction_factor": 4}}
 FIRST_ARTIFACT = {"lora": "adapter_model.safetensors", "dora": "adapter_model.safetensors",
-                  "ia3": "adapter_model.safetensors", "adapter": "bottleneck_adapter.safetensors"}
+                  "ia3": "adapter_model.safetensors", "qlora": "adapter_model.safetensors", "adapter": "bottleneck_adapter.safetensors"}
 
 
 @pytest.mark.parametrize("method", list(PER_TASK_METHODS))
