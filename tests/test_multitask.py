@@ -279,9 +279,10 @@ def test_per_task_adapters_learn_only_from_their_task_and_reload(multitask_confi
     _, own_flipped, _ = run(False, True)
     assert own_weights.keys() == own_flipped.keys()
     assert [k for k in own_weights if not torch.equal(own_weights[k], own_flipped[k])] == []
-    _, shared, _ = run(True, False)
-    _, shared_flipped, _ = run(True, True)
-    assert any(not torch.equal(shared[k], shared_flipped[k]) for k in shared if "classifier" not in k)
+    if method == "lora":  # the control, once: a shared adapter does move with the other task's labels
+        _, shared, _ = run(True, False)
+        _, shared_flipped, _ = run(True, True)
+        assert any(not torch.equal(shared[k], shared_flipped[k]) for k in shared if "classifier" not in k)
 
     topic_dir = own.run_dir / "adapter" / "adapters" / "topic"
     assert topic_dir.is_dir() and not (own.run_dir / "adapter" / "adapters" / "sentiment").exists()
