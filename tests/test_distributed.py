@@ -33,11 +33,11 @@ def pair_data(tmp_path):
 
 
 CASES = {
-    # Packed SFT rows hold different numbers of label tokens on the two processes.
-    "sft": ({"type": "sft"}, sft_data, {"packing": True}),
-    "dpo": ({"type": "dpo", "beta": 0.5}, pair_data, {}),
-    # Rows from the memory-mapped Arrow store: built once by the main process, read by both.
+    # Packed SFT rows hold different numbers of label tokens on the two processes; they come from the
+    # memory-mapped Arrow store, built once by the main process and read by both (the in-memory rows of
+    # packed SFT on two processes: the full fine-tuning resume test below).
     "sft-arrow-store": ({"type": "sft"}, sft_data, {"packing": True, "store": "arrow"}),
+    "dpo": ({"type": "dpo", "beta": 0.5}, pair_data, {}),
 }
 
 
