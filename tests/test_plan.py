@@ -135,3 +135,19 @@ def test_a_proxy_settles_precision_before_its_peak_is_read(deep_tiny_dir, alpaca
     with pytest.raises(Stop):
         planning._child(str(request))
     assert order == ["precision", "reset", "train"]
+
+
+def test_plan_of_a_multi_task_run_counts_every_tasks_adapter(tiny_bert_wide_dir, tmp_path):
+    """A multi-task config plans like any run (its tasks' rows feed the proxy); with an adapter and a head per
+    task its trainable count is the training run's own."""
+    import tunesmith
+    from conftest import classification_tasks
+    from tunesmith.planning import plan
+
+    cfg = {"model": {"name_or_path": str(tiny_bert_wide_dir)}, "tasks": classification_tasks(tmp_path),
+           "method": {"type": "lora", "r": 4}, "multitask": {"shared": False},
+           "training": {"batch_size": 4, "max_steps": 1, "progress": False, "precision": "fp32"},
+           "eval": {"at_end": False, "forgetting": False}, "output": {"dir": str(tmp_path / "run")}}
+    planned = plan(cfg)
+    assert not (tmp_path / "run").exists()
+    assert planned.trainable_params == tunesmith.train(cfg, echo=lambda _m: None).trainable_params

@@ -242,7 +242,7 @@ def _run_child(kind: str, cfg: RunConfig, folder: Path, blocks: int = 0) -> dict
     """Run a proxy (or the real model, for --measure) in a fresh process: its peak memory is its own."""
     folder.mkdir(parents=True)
     request = folder / "request.json"
-    request.write_text(json.dumps({"kind": kind, "config": cfg.model_dump(mode="json"), "blocks": blocks,
+    request.write_text(json.dumps({"kind": kind, "config": cfg.plain(), "blocks": blocks,
                                    "folder": str(folder)}))
     proc = subprocess.run([sys.executable, "-m", "tunesmith.planning", str(request)], capture_output=True,
                           text=True)
