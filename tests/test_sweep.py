@@ -156,3 +156,25 @@ def test_a_resumed_study_with_another_space_is_refused_and_the_cli_reports(base_
     assert result.exit_code == 2
     assert "was run with a different space; give the sweep another name" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_a_multi_task_base_config_sweeps(run_config, tmp_path):
+    """A sweep over a multi-task run: every point is checked and becomes a trial config as written (tasks, no
+    filled-in top-level data), scored on the mean of the tasks' losses."""
+    from conftest import QA, write_jsonl
+    from tunesmith.sweeping import SweepConfig, prepare
+
+    base = run_config()
+    other = write_jsonl(tmp_path / "other.jsonl", [{"instruction": a, "input": "", "output": q} for q, a in QA * 4])
+    cfg = {k: v for k, v in base.items() if k != "data"}
+    split = {"validation_ratio": 0.25}
+    cfg["tasks"] = [{"name": "qa", "data": {**base["data"], "split": split}},
+                    {"name": "reverse", "data": {"train": str(other), "max_length": 64, "split": split}}]
+    cfg["eval"] = {"every": 2, "forgetting": False}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    spec = SweepConfig(base="base.yaml", metric="eval_loss", space={"multitask.temperature": [1.0, 3.0]},
+                       output=str(tmp_path / "sweeps"), name="mt")
+    data, metric, direction = prepare(spec, tmp_path)
+    assert "data" not in data and [t["name"] for t in data["tasks"]] == ["qa", "reverse"]
+    assert load_config(data, ["multitask.temperature=3.0"]).multitask.temperature == 3.0
+    assert (metric, direction) == ("eval_loss", "minimize")

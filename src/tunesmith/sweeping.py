@@ -135,7 +135,7 @@ def prepare(sweep: SweepConfig, folder: Path) -> tuple[dict, str, str]:
     for key, spec in sweep.space.items():
         for value in _values(spec):
             try:
-                load_config(cfg.model_dump(mode="json"), [_override(key, value)])
+                load_config(cfg.plain(), [_override(key, value)])
             except ConfigError as exc:
                 raise ConfigError(f"space.{key} = {value!r} is not a valid run setting: {exc}") from None
     metric = sweep.metric or cfg.eval.metric
@@ -153,7 +153,7 @@ def prepare(sweep: SweepConfig, folder: Path) -> tuple[dict, str, str]:
     if sweep.pruner != "none" and not cfg.eval.every:
         raise ConfigError(f"pruner {sweep.pruner} stops trials on their evaluations during training; the base "
                           "config has no eval.every (set it, or pruner: none)")
-    return cfg.model_dump(mode="json"), metric, direction
+    return cfg.plain(), metric, direction
 
 
 def _optuna():
