@@ -191,9 +191,7 @@ def train(
     keep_freed_memory()
     chosen = None
     if dist.is_main_process:  # measured once; every process must train in the same precision
-        # A multi-task run is timed on its first task (the model the run loads).
-        timed, timed_cfg, timed_data = objective.primary_view(data) if cfg.tasks else (objective, cfg, data)
-        chosen = _choose_precision(timed_cfg, method, timed, tokenizer, source, model_kwargs, timed_data, echo)
+        chosen = _choose_precision(cfg, method, objective, tokenizer, source, model_kwargs, data, echo)
     if dist.num_processes > 1:
         chosen = broadcast_object_list([chosen], from_process=0)[0]
     precision = chosen.precision
@@ -360,8 +358,6 @@ def decide_precision(config: str | Path | dict | RunConfig, echo: Callable[[str]
     source = materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     data = _build_run_data(cfg, tokenizer, objective)
-    if cfg.tasks:
-        objective, cfg, data = objective.primary_view(data)
     ensure_threads()
     keep_freed_memory()
     return _choose_precision(cfg, method, objective, tokenizer, source,
@@ -382,6 +378,8 @@ def _choose_precision(cfg: RunConfig, method, objective, tokenizer, source: str,
                       echo: Callable[[str], None]):
     from .precision import PROXY_MAX_TOKENS, choose
 
+    if cfg.tasks:  # a multi-task run is timed on its first task (the model the run loads)
+        objective, cfg, data = objective.primary_view(data)
     return choose(cfg.training.precision, model_config=_model_config(cfg, source), method=method,
                   method_cfg=cfg.method,
                   build_proxy=partial(_proxy_step, cfg, method, objective, tokenizer, source, model_kwargs,

@@ -241,7 +241,7 @@ class BottleneckAdapter(Method):
         load_partial(base, load_file(artifact / WEIGHTS), artifact / WEIGHTS)
         return base
 
-    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int, *, own_head: bool = False) -> None:
         spec = model.tunesmith_adapter_spec
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -82,12 +82,13 @@ class Method(ABC):
         """The trained model from its base and a saved artifact (artifact == 'adapter')."""
         raise NotImplementedError(f"method {self.name} saves complete models; load them directly")
 
-    # Per-task adapters (a multi-task run with multitask.shared: false; methods whose section says
-    # task_adapters). The weights `apply` added are the adapter FIRST_ADAPTER, the first task's; the
-    # one `save` writes. Every other task gets its own set beside them, active only while its task runs.
-    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+    # Per-task adapters (a multi-task run with multitask.shared: false; methods whose section has no
+    # no_task_adapters reason). The weights `apply` added are the adapter FIRST_ADAPTER, the first task's;
+    # the one `save` writes. Every other task gets its own set beside them, active only while its task runs.
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int, *, own_head: bool = False) -> None:
         """Another set of this method's weights, initialised from `seed` as the first set was, learning
-        what the first set learns; inactive until use_task_adapter."""
+        what the first set learns; inactive until use_task_adapter. `own_head`: the task runs a head of its
+        own, so a copy of the first model's head made for this adapter would never train."""
         raise NotImplementedError(f"method {self.name} has no per-task adapters")
 
     def use_task_adapter(self, model: nn.Module, adapter_id: str) -> None:
@@ -123,7 +124,7 @@ def keep_grad_flags(model: nn.Module):
 class PeftMethod(Method):
     """A method peft implements: its artifact is a peft adapter folder (PeftModel.from_pretrained loads it)."""
 
-    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int) -> None:
+    def add_task_adapter(self, model: nn.Module, adapter_id: str, seed: int, *, own_head: bool = False) -> None:
         import copy
 
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -135,6 +136,11 @@ class PeftMethod(Method):
         mine, first = f".{adapter_id}.", f".{FIRST_ADAPTER}."
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name.replace(mine, first), False) if mine in name else flags.get(name, False))
+        if own_head:  # peft copies the first model's head (modules_to_save) for every adapter
+            for _, module in head_modules(model):
+                for name, p in module.named_parameters():
+                    if mine in f".{name}.":
+                        p.requires_grad_(False)
 
     def use_task_adapter(self, model: nn.Module, adapter_id: str) -> None:
         if model.active_adapter == adapter_id:

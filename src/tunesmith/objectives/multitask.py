@@ -201,20 +201,13 @@ class MultiTask(Objective):
         self.attach_heads(model, tokenizer, seed, echo)
         if self.run.multitask.shared:
             return
-        from ..methods.base import head_modules
-
         def trainable() -> int:
             return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         self.method, before = method, trainable()
         for i in range(1, len(self.subs)):
             self.adapter_ids[i] = f"task{i}"
-            method.add_task_adapter(model, self.adapter_ids[i], seed + len(self.subs) + i)
-            if i in self.heads:  # peft copies the first model's head for every adapter; this task has its own
-                for _, module in head_modules(model):
-                    for name, p in module.named_parameters():
-                        if f".{self.adapter_ids[i]}." in f".{name}.":
-                            p.requires_grad_(False)
+            method.add_task_adapter(model, self.adapter_ids[i], seed + len(self.subs) + i, own_head=i in self.heads)
         echo(f"tasks: each has its own {method.name} adapter ({(trainable() - before) // (len(self.subs) - 1):,} "
              "trainable parameters per task after the first; multitask.shared: false)")
 
@@ -239,7 +232,8 @@ class MultiTask(Objective):
         if self.adapter_ids:
             from ..methods.base import FIRST_ADAPTER
 
-            self.method.use_task_adapter(getattr(policy, "module", policy), self.adapter_ids.get(t, FIRST_ADAPTER))
+            # Never DDP-wrapped: per-task adapters make ddp_forward False.
+            self.method.use_task_adapter(policy, self.adapter_ids.get(t, FIRST_ADAPTER))
         head = self.heads.get(t)
         if head is None:
             return policy
