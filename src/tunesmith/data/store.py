@@ -7,8 +7,8 @@ chunk, and appends the rows to an Arrow IPC file. Training memory-maps that file
 when a batch needs it, so the process holds the pages it touches, not the corpus, and every
 process of a multi-process run maps the same file and reads only its own batches.
 
-The file is keyed by everything that decides its content (the data section, each source's size
-and modification time or hub revision, the tokenizer, the objective and its settings, packing,
+The file is keyed by everything that decides its content (the data section, each source's content
+or size and modification time, a hub dataset's id, config and split, the tokenizer, the objective and its settings, packing,
 the seed, this format's version): a second run with the same key opens it without tokenizing.
 A build writes into a temporary folder and renames it when complete, so a killed build leaves no
 half-written store behind, and a resumed run reads exactly the rows the first session trained on.
@@ -81,10 +81,11 @@ class ArrowRows(Sequence):
 # -- the key ------------------------------------------------------------------------------------------------
 
 def _source_fingerprint(source: str, cfg: DataConfig) -> str:
+    from ..evaluation.cache import file_fingerprint  # the evaluation cache's: content, or path/size/mtime
+
     path = Path(source)
     if path.is_file():
-        st = path.stat()
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return "file:" + file_fingerprint(path)
     return f"hub:{source}:{cfg.hub_config}:{cfg.hub_split}"
 
 
