@@ -190,12 +190,6 @@ class OutputConfig(Section):
 # their own. Their model family: a task of family None (a classification head) sits on any backbone.
 TASK_FAMILIES: dict[str, str | None] = {"sft": "decoder", "causal_lm": "decoder", "masked_lm": "encoder",
                                         "seq2seq": "seq2seq", "classification": None, "token_classification": None}
-# Methods whose model a second task's head cannot share a backbone with, and why.
-_NOT_MULTITASK = {
-    **{m: "rewrites the inputs inside peft's forward, which a second task's head does not run through"
-       for m in ("prefix_tuning", "prompt_tuning", "p_tuning")},
-    "linear_probe": "replaces the model by a frozen-feature probe with one head",
-}
 
 
 class TaskConfig(Section):
@@ -331,10 +325,10 @@ class RunConfig(Section):
             shown = ", ".join(f"{n} ({t.objective.type}: {families[n]})" for n, t in zip(names, tasks) if n in families)
             problems.append(f"tasks: the objectives cannot share one model (one backbone for every task): {shown}; "
                             "encoder, decoder and encoder-decoder objectives need different model families")
-        if self.method.type in _NOT_MULTITASK and len(tasks) > 1:
-            problems.append(f"method.type {self.method.type} {_NOT_MULTITASK[self.method.type]}; use a LoRA-family, "
+        if self.method.no_multitask and len(tasks) > 1:
+            problems.append(f"method.type {self.method.type} {self.method.no_multitask}; use a LoRA-family, "
                             "adapter, bitfit, freeze or full method for a multi-task run")
-        if not self.multitask.shared and not self.method.task_adapters:
+        elif not self.multitask.shared and self.method.no_task_adapters:
             problems.append(f"multitask.shared: false gives each task its own adapter, which method.type "
                             f"{self.method.type} cannot: {self.method.no_task_adapters}; use lora, dora, rslora, "
                             "qlora, ia3 or adapter, or multitask.shared: true")

@@ -30,10 +30,10 @@ class MethodSection(BaseModel):
     packs: ClassVar[bool] = True
     # objective name -> why this method cannot train it. Every other cell is supported.
     unsupported: ClassVar[dict[str, str]] = {}
-    # Whether a multi-task run may give each task its own set of this method's weights
-    # (multitask.shared: false): methods that add weights beside a frozen base; else why not.
-    task_adapters: ClassVar[bool] = False
-    no_task_adapters: ClassVar[str] = "it adds no adapter (its weights are the model's own)"
+    # Multi-task runs: why the method cannot share its model's backbone with a second task's head (None:
+    # it can), and why it cannot give each task its own set of weights (multitask.shared: false; None: it can).
+    no_multitask: ClassVar[str | None] = None
+    no_task_adapters: ClassVar[str | None] = "it adds no adapter (its weights are the model's own)"
 
     def check(self, run: "RunConfig") -> list[str]:
         """Run settings this method refuses (engine features it cannot work with)."""
@@ -67,6 +67,7 @@ class LinearProbeSection(MethodSection):
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
 
     artifact: ClassVar[str] = "adapter"  # the head only, rebuilt on a freshly loaded base
+    no_multitask: ClassVar[str | None] = "replaces the model by a frozen-feature probe with one head"
     unsupported: ClassVar[dict[str, str]] = {
         "sft": _NO_HEAD.format(what=_GENERATIVE.format("instruction tuning"), head="lm_head"),
         "causal_lm": _NO_HEAD.format(what=_GENERATIVE.format("next-token prediction"), head="lm_head"),
@@ -97,7 +98,7 @@ class _Targeted(MethodSection):
     )
     layers_to_transform: list[int] | None = Field(None, description="Only these block indices get adapters.")
     artifact: ClassVar[str] = "adapter"
-    task_adapters: ClassVar[bool] = True
+    no_task_adapters: ClassVar[str | None] = None
 
 
 class LoraSection(_Targeted):
@@ -121,8 +122,7 @@ class RsLoraSection(LoraSection):
 
 class LoraFASection(LoraSection):
     type: Literal["lora_fa"] = "lora_fa"
-    task_adapters: ClassVar[bool] = False
-    no_task_adapters: ClassVar[str] = ("peft's LoRA-FA optimizer updates every B matrix at every step and fails on "
+    no_task_adapters: ClassVar[str | None] = ("peft's LoRA-FA optimizer updates every B matrix at every step and fails on "
                                        "the adapter of a task the step did not draw")
 
     def check(self, run: "RunConfig") -> list[str]:
@@ -161,7 +161,7 @@ class AdapterSection(MethodSection):
     reduction_factor: int = Field(16, gt=0)
     adapter_activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     artifact: ClassVar[str] = "adapter"
-    task_adapters: ClassVar[bool] = True
+    no_task_adapters: ClassVar[str | None] = None
 
 
 # peft builds prompt-learning models per task type; masked LM has none (peft raises KeyError).
@@ -179,6 +179,8 @@ class _PromptFamily(MethodSection):
     artifact: ClassVar[str] = "adapter"
     packs: ClassVar[bool] = False  # virtual tokens are prepended per row
     unsupported: ClassVar[dict[str, str]] = {"masked_lm": NO_MASKED_LM}
+    no_multitask: ClassVar[str | None] = ("rewrites the inputs inside peft's forward, which a second task's head "
+                                          "does not run through")
 
     def check(self, run: "RunConfig") -> list[str]:
         if run.data.packing:
