@@ -43,10 +43,15 @@ def read_rows(
     With skip_invalid, the message of every skipped row is appended to `errors` when given.
     `column_names` is the header of CSV/TSV files that have none (every line is then a row).
     """
-    read = list(iter_rows(source, hub_split=hub_split, hub_config=hub_config, skip_invalid=skip_invalid,
-                          errors=errors, column_names=column_names))
-    rows = [r for r in read if r is not None]
-    return rows, len(read) - len(rows)
+    return _counted(iter_rows(source, hub_split=hub_split, hub_config=hub_config, skip_invalid=skip_invalid,
+                              errors=errors, column_names=column_names))
+
+
+def _counted(rows: Iterator[Row | None]) -> tuple[list[Row], int]:
+    """(the readable rows, how many were skipped as unreadable)."""
+    read = list(rows)
+    kept = [r for r in read if r is not None]
+    return kept, len(read) - len(kept)
 
 
 def iter_rows(
@@ -130,8 +135,7 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
     except ValueError as exc:
         # Many "JSON" files are really JSON Lines.
         try:
-            read = list(_iter_jsonl(path, skip_invalid, errors))
-            return [r for r in read if r is not None], read.count(None)
+            return _counted(_iter_jsonl(path, skip_invalid, errors))
         except DataError:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
     if isinstance(obj, dict):
