@@ -86,3 +86,52 @@ def test_training_runs_use_segment_attention(run_config):
                           torch.float32)
     assert explicit.config._attn_implementation == "eager"
     assert json.loads(json.dumps(tunesmith.train(cfg, echo=lambda m: None).metrics))["loss"] > 0
+
+
+def test_continuation_runs_see_their_shared_prompt_and_themselves_only(pair):
+    """[prompt, a1, a2 at the prompt's length, a3 likewise][prompt', b1, b2]: each answer's logits and the
+    gradients of a loss on them equal those of prompt + answer run as its own row (the dense reference)."""
+    ref, ours = pair
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 100, (5,)), torch.randint(0, 100, (4,))]
+    answers = [[torch.randint(0, 100, (n,)) for n in (4, 3, 6)], [torch.randint(0, 100, (n,)) for n in (1, 2)]]
+    tokens, positions, spans = [], [], []
+    for prompt, group in zip(prompts, answers):
+        tokens.append(prompt)
+        positions += range(len(prompt))
+        for answer in group:
+            start = sum(len(t) for t in tokens)
+            tokens.append(answer)
+            positions += range(len(prompt), len(prompt) + len(answer))
+            spans.append((start, len(answer)))
+    ids = torch.cat(tokens)[None]
+    pos = torch.tensor([positions])
+    weights = torch.linspace(-1, 1, 100)
+
+    packed = ours(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    got = [packed[start:start + n] for start, n in spans]
+    (sum((g * weights).sum() for g in got)).backward()
+    got_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    alone = []
+    for prompt, group in zip(prompts, answers):
+        for answer in group:
+            logits = ref(input_ids=torch.cat([prompt, answer])[None], use_cache=False).logits[0, len(prompt):]
+            alone.append(logits)
+    (sum((a * weights).sum() for a in alone)).backward()
+    for g, a in zip(got, alone):
+        torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_segments_read_restarts_and_continuations():
+    from tunesmith.attention import _segments
+
+    # Packed examples as before: positions restart at 0.
+    assert _segments(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [[(0, 3, -1, 0), (3, 5, -1, 0), (5, 9, -1, 0)]]
+    # Two continuations of a 3-token prompt (the first answer follows it), then a new example.
+    assert _segments(torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 3, 0, 1]])) == [
+        [(0, 5, -1, 0), (5, 8, 0, 3), (8, 9, 0, 3), (9, 11, -1, 0)]]
+    # A jump past anything its example has seen is not a continuation (stays inside, as before).
+    assert _segments(torch.tensor([[0, 1, 5, 6, 0, 1]])) == [[(0, 4, -1, 0), (4, 6, -1, 0)]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith import scoring
+from tunesmith import attention, scoring
 from tunesmith.data.templates import IGNORE
 from tunesmith.scoring import labelled_nll, linear_cross_entropy
 
@@ -121,3 +121,79 @@ def test_temperature_and_entropy_match_on_the_fused_and_plain_paths(tiny_model_d
         nll.sum().backward()
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def _rows_with_shared_prompts():
+    """Right-padded prompt + answer rows: three answers to prompt A, one to B, one to A after it, one with
+    nothing labelled (a masked truncated completion)."""
+    torch.manual_seed(3)
+    a, b = torch.randint(5, 100, (6,)).tolist(), torch.randint(5, 100, (4,)).tolist()
+    rows = [(a, 5), (a, 2), (a, 7), (b, 3), (a, 1), (b, 0)]
+    width = max(len(p) + n + 1 for p, n in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for i, (prompt, n) in enumerate(rows):
+        seq = prompt + torch.randint(5, 100, (max(n, 2),)).tolist()
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        labels[i, len(prompt):len(prompt) + n] = ids[i, len(prompt):len(prompt) + n]
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.attention import use_segment_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    assert use_segment_attention(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def test_shared_prompts_score_like_separate_rows_with_gradients(monkeypatch):
+    model = _lora_llama()
+    inputs, labels = _rows_with_shared_prompts()
+    packed = []
+
+    def spy(*args):
+        packed.append(attention.shared_prompt_rows(*args))
+        return packed[-1]
+
+    monkeypatch.setattr(scoring, "shared_prompt_rows", spy)
+    upstream = torch.linspace(-1, 2, int((labels[:, 1:] != IGNORE).sum()))
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        nll, ent, states = scoring.labelled_scores(model, inputs, labels, temperature=0.7, entropy=True, hidden=True,
+                                                   share_prompts=share)
+        ((nll * upstream).sum() + states.pow(2).mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((nll.detach(), ent, states.detach(), grads))
+    assert len(packed) == 1 and packed[0] is not None  # the shared layout ran (share_prompts=False never asks)
+    for got, want in zip(results[1][:3], results[0][:3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert results[0][3] and results[0][3].keys() == results[1][3].keys()
+    for name, g in results[0][3].items():
+        torch.testing.assert_close(results[1][3][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_rows_runs_each_prompt_once_and_refuses_other_shapes():
+    from tunesmith.attention import shared_prompt_rows
+
+    inputs, labels = _rows_with_shared_prompts()
+    packed, index = shared_prompt_rows(inputs, labels)
+    assert packed["input_ids"].shape[1] == 6 + (5 + 2 + 7 + 1) + 4 + 3  # two prompts, every labelled answer
+    assert len(index) == int((labels[:, 1:] != IGNORE).sum())
+    gap = labels.clone()
+    gap[0, 8] = IGNORE  # a hole inside a labelled run: not prompt + one answer
+    assert shared_prompt_rows(inputs, gap) is None
+    left = {**inputs, "attention_mask": inputs["attention_mask"].flip(1)}
+    assert shared_prompt_rows(left, labels) is None  # left padding
+    assert shared_prompt_rows({**inputs, "token_type_ids": inputs["input_ids"]}, labels) is None

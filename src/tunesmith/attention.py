@@ -12,22 +12,52 @@ encoders) goes to transformers' own SDPA function unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 SEGMENTS = "tunesmith_segments"
 
 
-def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, (start, end) of each example: a new one starts wherever positions restart at 0."""
-    starts = position_ids == 0
-    starts[:, 0] = True
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """Per row, (start, end, root, shared) of each example.
+
+    A new example starts wherever positions restart at 0 (root -1, shared 0). A run whose
+    positions jump back to s > 0 continues the first s tokens of the latest example that started
+    at 0: it attends to them and to itself (root = that example's start, shared = s). That is how
+    several answers packed after one shared prompt are scored (`scoring.shared_prompt_rows`). Any
+    other jump stays inside its example, as it did before continuations existed.
+    """
     bounds = []
-    length = position_ids.shape[1]
-    for row in starts.cpu():
-        idx = row.nonzero().flatten().tolist()
-        bounds.append(list(zip(idx, idx[1:] + [length])))
+    for row in position_ids.cpu():
+        jumps = ((row[1:] != row[:-1] + 1).nonzero().flatten() + 1).tolist()
+        values = row[jumps].tolist()
+        segments = []
+        start, shared = 0, 0
+        root, root_end = (0 if int(row[0]) == 0 else None), None
+        for i, pos in zip(jumps, values):
+            if pos != 0:
+                if root is None or pos > (root_end if root_end is not None else i) - root:
+                    continue
+            segments.append((start, i, root if shared else -1, shared))
+            if start == root and root_end is None:
+                root_end = i
+            start = i
+            if pos == 0:
+                root, root_end, shared = i, None, 0
+            else:
+                shared = pos
+        segments.append((start, row.shape[0], root if shared else -1, shared))
+        bounds.append(segments)
     return bounds
+
+
+@functools.lru_cache(maxsize=512)
+def _continuation_mask(length: int, shared: int, device: str) -> torch.Tensor:
+    """(length, shared + length) bool: every shared prefix token, then causal over the run itself."""
+    own = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(length, shared, dtype=torch.bool, device=device), own], dim=1)
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -49,9 +79,19 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         query, key, value = query.float(), key.float(), value.float()
     rows = []
     for b, row in enumerate(_segments(position_ids)):
-        parts = [F.scaled_dot_product_attention(
-            query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end],
-            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa).to(dtype) for start, end in row]
+        parts = []
+        for start, end, root, shared in row:
+            q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
+            if shared:
+                k = torch.cat([key[b : b + 1, :, root : root + shared], k], dim=2)
+                v = torch.cat([value[b : b + 1, :, root : root + shared], v], dim=2)
+                mask = _continuation_mask(end - start, shared, str(q.device))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                     enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                     enable_gqa=gqa)
+            parts.append(out.to(dtype))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
@@ -82,3 +122,65 @@ def use_segment_attention(model) -> bool:
         return False
     model.set_attn_implementation(register())
     return True
+
+
+def segments_active(model) -> bool:
+    """True when `model` (or the backbone it wraps) runs `segment_attention`."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == SEGMENTS
+
+
+def shared_prompt_rows(inputs: dict[str, torch.Tensor], labels: torch.Tensor
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """Right-padded rows of prompt + answer as one packed row in which each distinct prompt appears once.
+
+    Online RL scores G answers per prompt and DPO two; as separate rows every prompt is run G
+    times. Here a prompt's first answer follows it and every further answer continues at the
+    prompt's length (a continuation run of `_segments`), so each answer sees exactly its own prompt
+    and itself, as in its own row. The prompt of a row is everything before its first labelled
+    token; its labelled tokens must form one run (IGNORE elsewhere).
+
+    Returns (input_ids and position_ids of shape (1, N), index): index[k] is the packed position
+    whose hidden state predicts the k-th labelled token of labels[:, 1:] in row-major order (what
+    `labels[:, 1:] != IGNORE` selects). None when the rows do not have that shape or the inputs
+    carry more than ids and a right-padding mask: the caller scores the rows as they are.
+    """
+    from .data.templates import IGNORE
+
+    if set(inputs) - {"input_ids", "attention_mask"}:
+        return None
+    ids, lab = inputs["input_ids"].cpu(), labels.cpu()
+    width = ids.shape[1]
+    mask = inputs.get("attention_mask")
+    lengths = mask.sum(1).cpu() if mask is not None else torch.full((ids.shape[0],), width)
+    if mask is not None and not torch.equal(mask.cpu().bool(), torch.arange(width) < lengths[:, None]):
+        return None  # not right-padded
+    counted = lab[:, 1:] != IGNORE
+    groups: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    for b in range(ids.shape[0]):
+        cols = counted[b].nonzero().flatten()
+        if not len(cols):
+            continue
+        first, last = int(cols[0]) + 1, int(cols[-1]) + 1
+        if last - first + 1 != len(cols) or last >= int(lengths[b]):
+            return None
+        groups.setdefault(tuple(ids[b, :first].tolist()), []).append((b, first, last))
+    if not groups:
+        return None
+    tokens: list[int] = []
+    positions: list[int] = []
+    picks: dict[int, list[int]] = {}
+    for prompt, members in groups.items():
+        root, p = len(tokens), len(prompt)
+        tokens += prompt
+        positions += range(p)
+        for b, first, last in members:
+            at = len(tokens)
+            tokens += ids[b, first:last + 1].tolist()
+            positions += range(p, p + last + 1 - first)
+            picks[b] = [root + p - 1, *range(at, at + last - first)]
+    device = inputs["input_ids"].device
+    index = torch.tensor([i for b in sorted(picks) for i in picks[b]], dtype=torch.long, device=device)
+    packed = {"input_ids": torch.tensor([tokens], dtype=torch.long, device=device),
+              "position_ids": torch.tensor([positions], dtype=torch.long, device=device)}
+    return packed, index

@@ -14,9 +14,9 @@ lives past its chunk. On a 2-core CPU those buffers cost more than the head's ma
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import segments_active, shared_prompt_rows
 from .data.templates import IGNORE
 from .hardware import matmul_dtype
 
@@ -128,11 +128,19 @@ def _plain_head(head: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
 
 
-def _labelled_hidden(backbone: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final hidden states of the positions that predict a label, those labels), flat over the batch."""
+def _labelled_hidden(backbone: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                     share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states of the positions that predict a label, those labels), flat over the batch.
+
+    With `share_prompts`, rows that repeat a prompt run it once (`attention.shared_prompt_rows`)
+    when the backbone runs segment attention and the rows have that shape.
+    """
     targets = labels[:, 1:]
     mask = targets != IGNORE
+    shared = shared_prompt_rows(inputs, labels) if share_prompts and segments_active(backbone) else None
+    if shared is not None:
+        packed, index = shared
+        return backbone(**packed, use_cache=False).last_hidden_state[0, index], targets[mask]
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
     return hidden[mask], targets[mask]
 
@@ -154,31 +162,37 @@ def labelled_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
     return logits[:, -inputs["input_ids"].shape[1]:][:, :-1][mask], targets[mask]
 
 
-def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+                 share_prompts: bool = False) -> torch.Tensor:
     """fp32 negative log-likelihood of every labelled token, flat over the batch in row order.
 
-    labels[:, t] is predicted from position t - 1; IGNORE labels are not scored.
+    labels[:, t] is predicted from position t - 1; IGNORE labels are not scored. `share_prompts`:
+    see `labelled_scores`.
     """
-    return labelled_nll_and_entropy(model, inputs, labels)[0]
+    return labelled_nll_and_entropy(model, inputs, labels, share_prompts=share_prompts)[0]
 
 
 def labelled_nll_and_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-                             temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                             temperature: float = 1.0, entropy: bool = False, share_prompts: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """`labelled_nll` of the distribution softmax(logits / temperature) (how online RL scores what it sampled
     at that temperature) and, with `entropy`, that distribution's entropy per labelled token (no gradient;
     else an empty tensor)."""
-    nll, ent, _ = labelled_scores(model, inputs, labels, temperature=temperature, entropy=entropy)
+    nll, ent, _ = labelled_scores(model, inputs, labels, temperature=temperature, entropy=entropy,
+                                  share_prompts=share_prompts)
     return nll, ent
 
 
 def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-                    temperature: float = 1.0, entropy: bool = False, hidden: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    temperature: float = 1.0, entropy: bool = False, hidden: bool = False,
+                    share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`labelled_nll_and_entropy`, and with `hidden` the final hidden state of every labelled position
-    (flat, in the same order): what PPO's value head reads, from the same forward pass."""
+    (flat, in the same order): what PPO's value head reads, from the same forward pass. `share_prompts`:
+    rows that repeat a prompt (a group of sampled answers, a preference pair) run it once where the
+    model allows (`_labelled_hidden`); the numbers are those of the rows scored apart."""
     parts = head_and_backbone(model)
     if parts is not None:
-        states, picked = _labelled_hidden(parts[0], inputs, labels)
+        states, picked = _labelled_hidden(parts[0], inputs, labels, share_prompts)
         if _plain_head(parts[1]):
             scaled = states / temperature if temperature != 1.0 else states  # (h / T) W^T = logits / T
             nll, ent = linear_cross_entropy_and_entropy(scaled, parts[1].weight, picked, entropy)
@@ -205,15 +219,15 @@ def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
     return torch.cat(nll), (torch.cat(ent) if entropy else logits.new_zeros(0, dtype=torch.float32)), states
 
 
-def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+                   share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's labelled tokens, their count per row).
 
     The per-sequence form of `labelled_nll` that preference losses compare between the policy
     and its reference: the same head, chunking and dtype rules, so a DPO log-prob and an SFT
     loss are the same number for the same tokens.
     """
-    nll = labelled_nll(model, inputs, labels)
+    nll = labelled_nll(model, inputs, labels, share_prompts=share_prompts)
     mask = labels[:, 1:] != IGNORE
     return sum_by_row(-nll, mask), mask.sum(1)
 

@@ -172,7 +172,7 @@ class PPO(GRPO):
         labels = answer_labels(batch["input_ids"], batch["completion_mask"])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         nll, ent, states = labelled_scores(model, inputs, labels, temperature=self.cfg.temperature,
-                                           entropy=entropy, hidden=True)
+                                           entropy=entropy, hidden=True, share_prompts=True)
         mask = labels[:, 1:] != IGNORE
         logps = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, -nll)
         head_values = self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()

@@ -59,7 +59,7 @@ def pair_scores(model, batch: dict[str, torch.Tensor], *, whole_chosen: bool = F
         scored = scored.clone()
         scored[:n] = attention[:n].bool()
     labels = ids.masked_fill(~scored, IGNORE)
-    nll = labelled_nll(model, {"input_ids": ids, "attention_mask": attention}, labels)
+    nll = labelled_nll(model, {"input_ids": ids, "attention_mask": attention}, labels, share_prompts=True)
     positions = labels[:, 1:] != IGNORE
     in_completion = completion[:, 1:][positions].bool()
     sums = sum_by_row(-nll.masked_fill(~in_completion, 0.0), positions)
