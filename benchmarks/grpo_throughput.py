@@ -5,8 +5,10 @@ arithmetic word problems of grpo_arithmetic.py (one operation, seeded) as chat p
 completions per prompt of at most 48 new tokens (temperature 1, top_p 1, no top-k), 4 prompts
 (32 completions) per optimizer step as 2 micro-batches of 16 completions, one optimizer step per
 rollout, loss dapo, beta 0 (no reference), reward = the correctness of the last number, lr 1e-5,
-seed 42, --steps optimizer steps. TRL runs tuned for this CPU (bf16 autocast, gradient
-checkpointing off: its default turns it on); tunesmith runs with precision auto.
+seed 42, --steps optimizer steps. tunesmith runs with precision auto and runs first; TRL runs tuned
+for this CPU: gradient checkpointing off (its default turns it on), and bf16 autocast exactly when
+tunesmith's auto chose bf16 (on a CPU without fast bf16, e.g. AVX2 only, bf16 is emulated and
+several times slower, so TRL runs fp32 there).
 
 Reported per tool: seconds per optimizer step (rollout, rewards and update together), completion
 tokens generated per step (sampling differs between the tools, so the lengths are shown beside the
@@ -72,10 +74,11 @@ def run_tunesmith(data: Path, work: Path, steps: int) -> dict:
     return {"steps": result.steps, "train_runtime_s": result.throughput["train_runtime_s"],
             "completion_tokens_per_step": sum(lengths) / len(lengths) * HP["generations"] * HP["prompts_per_micro"]
             * HP["accum"], "peak_rss_mb": peak_rss_mb(), "reward": sum(r["reward"] for r in records if "reward" in r)
-            / max(1, len(lengths)), "settings": f"precision auto = {result.precision}"}
+            / max(1, len(lengths)), "settings": f"precision auto = {result.precision}",
+            "bf16": result.precision.startswith("bf16")}
 
 
-def run_trl(data: Path, work: Path, steps: int) -> dict:
+def run_trl(data: Path, work: Path, steps: int, bf16: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -96,7 +99,7 @@ def run_trl(data: Path, work: Path, steps: int) -> dict:
         gradient_accumulation_steps=HP["accum"], num_generations=HP["generations"],
         max_completion_length=HP["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
         learning_rate=HP["lr"], lr_scheduler_type="constant", seed=HP["seed"], gradient_checkpointing=False,
-        bf16=True, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+        bf16=bf16, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -114,8 +117,10 @@ def run_trl(data: Path, work: Path, steps: int) -> dict:
 
 
 def worker(args) -> None:
-    fn = run_tunesmith if args.worker == "tunesmith" else run_trl
-    res = fn(Path(args.train), Path(args.work), args.steps)
+    if args.worker == "tunesmith":
+        res = run_tunesmith(Path(args.train), Path(args.work), args.steps)
+    else:
+        res = run_trl(Path(args.train), Path(args.work), args.steps, args.trl_bf16 == "1")
     res["seconds_per_step"] = res["train_runtime_s"] / res["steps"]
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -137,6 +142,7 @@ def main() -> None:
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
+    p.add_argument("--trl-bf16", dest="trl_bf16", choices=["0", "1"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -147,7 +153,8 @@ def main() -> None:
 
     materialize(ModelConfig(name_or_path=SMOLLM2))  # convert the GGUF once, outside both timings
     common = ["--work", str(work), "--train", str(train), "--steps", str(args.steps)]
-    ours, trl = launch("tunesmith", common), launch("trl", common)
+    ours = launch("tunesmith", common)
+    trl = launch("trl", [*common, "--trl-bf16", "1" if ours["bf16"] else "0"])
     started = time.strftime("%Y-%m-%d")
     print(f"\n{'tool':10} {'s/step':>7} {'completion tok/step':>20} {'peak RSS MB':>12} {'reward':>7}  settings ({started})")
     for name, r in (("tunesmith", ours), ("TRL", trl)):
