@@ -76,3 +76,49 @@ def test_max_new_tokens_must_be_positive(tiny_model_dir, tiny_tokenizer, bad):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(model, tiny_tokenizer, [[1, 2]], max_new_tokens=bad)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_copies_of_a_prompt_are_prefilled_once_with_the_same_completions(tiny_model_dir, tiny_tokenizer, monkeypatch,
+                                                                         sample):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.generation as generation
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    short = tiny_tokenizer("the movie")["input_ids"]
+    long = tiny_tokenizer("you will like this movie it is great and good")["input_ids"]
+    prompts = [long] * 3 + [short] * 3  # two groups of three copies, left-padded to different lengths
+    prefills = []
+    real = generation._shared_prefill
+
+    def spy(model, ids, mask, repeats):
+        prefills.append((ids.shape[0], repeats))
+        return real(model, ids, mask, repeats)
+
+    def run() -> list[list[int]]:
+        torch.manual_seed(5)
+        return generate_ids(model, tiny_tokenizer, prompts, max_new_tokens=8, do_sample=sample, top_k=0,
+                            temperature=0.8).completion_ids
+
+    monkeypatch.setattr(generation, "_shared_prefill", spy)
+    shared = run()
+    assert prefills == [(6, 3)]
+    monkeypatch.setattr(generation, "_repeats", lambda chunk: 1)
+    assert run() == shared
+    assert len(prefills) == 1  # the second run computed every copy's prompt
+    if sample:
+        assert len({tuple(c) for c in shared[:3]}) > 1  # the copies were sampled apart
+
+
+def test_only_runs_of_equal_prompts_share_a_prefill():
+    from tunesmith.generation import _repeats
+
+    assert _repeats([[1, 2]] * 4) == 4
+    assert _repeats([[1], [1], [2], [2]]) == 2
+    assert _repeats([[1], [1], [2]]) == 1  # runs of unequal length
+    assert _repeats([[1], [2], [1], [2]]) == 1  # equal prompts not next to each other
+    assert _repeats([[1]]) == 1

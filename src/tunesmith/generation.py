@@ -5,6 +5,9 @@ edge) and on the right for encoder-decoders; `model.generate` runs with its KV c
 mode, without gradients, and the model's train/eval mode is restored afterwards. A DDP-wrapped
 model is unwrapped first (its forward would synchronise gradients).
 
+When a batch is runs of equal prompts (an online-RL group's copies), each distinct prompt is run
+once and its KV cache repeated for the copies (`_shared_prefill`).
+
 Each completion is cut after its first end-of-sequence token (kept: it is part of what the
 policy chose), or marked truncated when it hit `max_new_tokens` without one. Sampling draws
 from torch's global generator, so a run that seeds it (and restores its state on resume)
@@ -52,6 +55,34 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def _repeats(chunk: list[list[int]]) -> int:
+    """r when `chunk` is runs of r equal prompts (an online-RL rollout's groups), else 1."""
+    r = 1
+    while r < len(chunk) and chunk[r] == chunk[0]:
+        r += 1
+    if r > 1 and len(chunk) % r == 0 and all(chunk[i] == chunk[i - i % r] for i in range(len(chunk))):
+        return r
+    return 1
+
+
+def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt and
+    repeated for its copies: a group's G completions then cost one prompt forward, not G.
+
+    Positions follow `generate`'s own rule for left padding, so `generate` continuing from this cache
+    computes what it would have computed from scratch.
+    """
+    from transformers import DynamicCache
+
+    distinct, distinct_mask = ids[::repeats, :-1], mask[::repeats, :-1]
+    positions = (distinct_mask.long().cumsum(-1) - 1).masked_fill(distinct_mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=distinct, attention_mask=distinct_mask, position_ids=positions, past_key_values=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -85,8 +116,11 @@ def generate_ids(
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             ids, mask = _pad(chunk, pad_id, left=not seq2seq)
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs)
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            repeats = 1 if seq2seq or ids.shape[1] < 2 else _repeats(chunk)
+            cache = {"past_key_values": _shared_prefill(model, ids, mask, repeats)} if repeats > 1 else {}
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 **cache, **kwargs)
             new = out if seq2seq else out[:, ids.shape[1]:]
             for row in new.tolist():
                 if seq2seq and row and row[0] == model.config.decoder_start_token_id:
