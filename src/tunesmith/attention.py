@@ -5,6 +5,11 @@ a dense block-diagonal (rows x L x L) mask, which sends SDPA down its masked pat
 computes every cross-example block only to discard it. Here each example of a row is one causal
 SDPA call over its own tokens, so attention costs sum(n_i^2) instead of L^2 and no mask exists.
 
+The same position ids also describe answers that share a prompt (online RL's groups, a DPO
+pair): after a prompt and its first answer, each further answer's positions restart at the
+prompt's length, and its attention covers the prompt's keys and its own, nothing else
+(`shared_prompt_rows` builds such rows; the scoring core uses them).
+
 Registered through transformers' attention and mask interfaces under one name; anything that
 is not plain causal self-attention over whole rows (a padding mask, a KV cache, bidirectional
 encoders) goes to transformers' own SDPA function unchanged.
