@@ -39,6 +39,18 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+def sdpa_llama(seed: int = 0):
+    """A 2-layer Llama (vocab 100, grouped-query attention) on transformers' SDPA, in memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
 def build_llama(folder: Path, vocab_size: int, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -7,19 +7,14 @@ import json
 import pytest
 import torch
 
+from conftest import sdpa_llama
 from tunesmith.attention import SEGMENTS, use_segment_attention
 
 
 @pytest.fixture
 def pair():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    ref = LlamaForCausalLM(cfg)
-    ours = LlamaForCausalLM(cfg)
+    ref = sdpa_llama()
+    ours = sdpa_llama()
     ours.load_state_dict(ref.state_dict())
     assert use_segment_attention(ours) and ours.config._attn_implementation == SEGMENTS
     return ref, ours

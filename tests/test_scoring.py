@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import sdpa_llama
 from tunesmith import attention, scoring
 from tunesmith.data.templates import IGNORE
 from tunesmith.scoring import labelled_nll, linear_cross_entropy
@@ -143,18 +144,12 @@ def _rows_with_shared_prompts():
 
 def _lora_llama():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunesmith.attention import use_segment_attention
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    model = sdpa_llama()
     assert use_segment_attention(model)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    return model
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 
 
 def test_shared_prompts_score_like_separate_rows_with_gradients(monkeypatch):
