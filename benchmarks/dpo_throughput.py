@@ -6,8 +6,9 @@ answers = assistant turns, SmolLM2's chat template), max length 256 (keep_start;
 prompt alone does not fit are dropped by both), LoRA r=16 alpha=32 dropout=0.05 on all linear
 layers, 2 pairs per micro-batch x 4 accumulation, sigmoid loss, beta 0.1, lr 5e-5 linear, seed 42.
 The reference is the base with the adapter switched off in both tools (no second copy, no
-precomputation). TRL runs tuned for this CPU (bf16 autocast, no gradient checkpointing: its
-defaults turn checkpointing on); tunesmith runs with precision auto.
+precomputation). tunesmith runs with precision auto, first; TRL runs tuned for this CPU: no gradient
+checkpointing (its defaults turn it on), and bf16 autocast exactly when tunesmith's auto chose bf16
+(on a CPU without fast bf16, e.g. AVX2 only, bf16 is emulated and several times slower).
 
 Tokens counted the same way for both: the non-padding tokens of prompt+chosen and prompt+rejected
 of every trained pair, after truncation. Each tool runs in its own process so peak RSS is its
@@ -78,10 +79,11 @@ def run_tunesmith(data: Path, work: Path) -> dict:
     result = tunesmith.train(cfg, echo=lambda m: print("  [tunesmith]", m, file=sys.stderr))
     return {"train_tokens": result.throughput["train_tokens"], "train_runtime_s": result.throughput["train_runtime_s"],
             "peak_rss_mb": peak_rss_mb(), "steps": result.steps, "final_loss": result.metrics.get("loss"),
-            "settings": f"batch {HP['batch']} x accum {HP['accum']}, precision auto = {result.precision}"}
+            "settings": f"batch {HP['batch']} x accum {HP['accum']}, precision auto = {result.precision}",
+            "bf16": result.precision.startswith("bf16")}
 
 
-def run_trl(data: Path, work: Path) -> dict:
+def run_trl(data: Path, work: Path, bf16: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -96,7 +98,7 @@ def run_trl(data: Path, work: Path) -> dict:
         output_dir=str(work / "trl"), num_train_epochs=1, per_device_train_batch_size=HP["batch"],
         gradient_accumulation_steps=HP["accum"], learning_rate=HP["lr"], lr_scheduler_type="linear",
         warmup_steps=0, seed=HP["seed"], max_length=HP["max_length"], beta=HP["beta"], loss_type="sigmoid",
-        gradient_checkpointing=False, bf16=True, logging_steps=5, save_strategy="no", report_to="none",
+        gradient_checkpointing=False, bf16=bf16, logging_steps=5, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -118,8 +120,10 @@ def run_trl(data: Path, work: Path) -> dict:
 
 def worker(args) -> None:
     start = time.perf_counter()
-    fn = run_tunesmith if args.worker == "tunesmith" else run_trl
-    res = fn(Path(args.train), Path(args.work))
+    if args.worker == "tunesmith":
+        res = run_tunesmith(Path(args.train), Path(args.work))
+    else:
+        res = run_trl(Path(args.train), Path(args.work), args.trl_bf16 == "1")
     res["tokens_per_s"] = res["train_tokens"] / res["train_runtime_s"]
     res["wall_s"] = time.perf_counter() - start
     print("RESULT " + json.dumps(res), flush=True)
@@ -143,6 +147,7 @@ def main() -> None:
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
+    p.add_argument("--trl-bf16", dest="trl_bf16", choices=["0", "1"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -153,7 +158,8 @@ def main() -> None:
     train.write_text("".join(json.dumps(r) + "\n" for r in conversations(args.data, args.pairs)))
     model_folder()  # convert the GGUF once, outside both timings
     common = ["--work", str(work), "--train", str(train)]
-    ours, trl = launch("tunesmith", common), launch("trl", common)
+    ours = launch("tunesmith", common)
+    trl = launch("trl", [*common, "--trl-bf16", "1" if ours["bf16"] else "0"])
     print(f"\n{'tool':12} {'tokens/s':>9} {'tokens':>8} {'train s':>8} {'peak RSS MB':>12} {'steps':>6} {'last loss':>10}"
           f"  settings")
     for name, r in (("tunesmith", ours), ("TRL", trl)):
