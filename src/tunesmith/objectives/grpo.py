@@ -246,7 +246,6 @@ class GRPO(Objective):
     def evaluate(self, ctx: StepContext, rows: list[dict], batch_size: int) -> dict[str, float] | None:
         if not rows:
             return {}
-        cfg = self.cfg
         out, per_fn, rewards = self._complete(ctx, rows, sample=False, copies=1, batch_size=batch_size)
         scored = ~torch.isnan(rewards)
         metrics: dict[str, Any] = {
