@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--lr", type=float, default=3e-5, help="GRPO learning rate (LoRA)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="GRPO learning rate (LoRA; SFT uses 2e-4 too)")
     ap.add_argument("--warm-start", type=float, default=0.0,
                     help="also run sft+grpo: SFT for this many minutes, then GRPO for the rest of --minutes")
     ap.add_argument("--runs", default="grpo,sft", help="which training runs (grpo, sft; sft+grpo is added by --warm-start)")
