@@ -169,17 +169,16 @@ def labelled_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torc
     labels[:, t] is predicted from position t - 1; IGNORE labels are not scored. `share_prompts`:
     see `labelled_scores`.
     """
-    return labelled_nll_and_entropy(model, inputs, labels, share_prompts=share_prompts)[0]
+    return labelled_scores(model, inputs, labels, share_prompts=share_prompts)[0]
 
 
 def labelled_nll_and_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-                             temperature: float = 1.0, entropy: bool = False, share_prompts: bool = False
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`labelled_nll` of the distribution softmax(logits / temperature) (how online RL scores what it sampled
     at that temperature) and, with `entropy`, that distribution's entropy per labelled token (no gradient;
-    else an empty tensor)."""
+    else an empty tensor). Rows are prompt + completion: a group's shared prompt runs once (`share_prompts`)."""
     nll, ent, _ = labelled_scores(model, inputs, labels, temperature=temperature, entropy=entropy,
-                                  share_prompts=share_prompts)
+                                  share_prompts=True)
     return nll, ent
 
 
@@ -219,15 +218,16 @@ def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
     return torch.cat(nll), (torch.cat(ent) if entropy else logits.new_zeros(0, dtype=torch.float32)), states
 
 
-def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-                   share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's labelled tokens, their count per row).
 
     The per-sequence form of `labelled_nll` that preference losses compare between the policy
     and its reference: the same head, chunking and dtype rules, so a DPO log-prob and an SFT
-    loss are the same number for the same tokens.
+    loss are the same number for the same tokens. Rows are prompt + answer, so a prompt that
+    several rows repeat (a preference pair) runs once (`share_prompts`).
     """
-    nll = labelled_nll(model, inputs, labels, share_prompts=share_prompts)
+    nll = labelled_nll(model, inputs, labels, share_prompts=True)
     mask = labels[:, 1:] != IGNORE
     return sum_by_row(-nll, mask), mask.sum(1)
 

@@ -203,7 +203,7 @@ class GRPO(Objective):
         labels = answer_labels(batch["input_ids"], batch["completion_mask"])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         nll, ent = labelled_nll_and_entropy(model, inputs, labels, temperature=self.cfg.temperature,
-                                            entropy=entropy, share_prompts=True)
+                                            entropy=entropy)
         mask = labels[:, 1:] != IGNORE
         logps = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, -nll)
         return logps, ent, mask

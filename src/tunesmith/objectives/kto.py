@@ -109,7 +109,7 @@ class KTO(Objective):
     def _logps(model, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         ids = batch[f"{prefix}input_ids"]
         inputs = {"input_ids": ids, "attention_mask": batch[f"{prefix}attention_mask"]}
-        return sequence_logps(model, inputs, answer_labels(ids, batch[f"{prefix}completion_mask"]), share_prompts=True)[0]
+        return sequence_logps(model, inputs, answer_labels(ids, batch[f"{prefix}completion_mask"]))[0]
 
     @torch.no_grad()
     def _reference_logps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ class DPO(Objective):
             return batch["ref_logps"].to(batch["input_ids"].device)
         inputs, labels = pair_inputs(batch)
         with ctx.reference() as reference:
-            return sequence_logps(reference, inputs, labels, share_prompts=True)[0]
+            return sequence_logps(reference, inputs, labels)[0]
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """With precompute_ref_logps, score every pair with the reference once (then no reference is kept)."""
@@ -92,7 +92,7 @@ class DPO(Objective):
     def loss(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> LossOutput:
         cfg = self.cfg
         inputs, labels = pair_inputs(batch)
-        logps, lengths = sequence_logps(ctx.policy, inputs, labels, share_prompts=True)
+        logps, lengths = sequence_logps(ctx.policy, inputs, labels)
         ref = self._reference_logps(ctx, batch)
         n = logps.shape[0] // 2
         losses, chosen_rewards, rejected_rewards = dpo_loss(
