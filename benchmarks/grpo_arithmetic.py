@@ -9,7 +9,8 @@ number of one greedy answer of at most --max-new-tokens tokens (the evaluation p
 Runs, each in its own process:
   base  the untrained model on the held-out problems;
   grpo  LoRA r 16, --generations answers per problem, rewards: correctness (last number) +
-        0.2 x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes);
+        0.2 x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes); with
+        --dynamic-sampling only the groups whose rewards differ are trained on;
   sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget;
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
         GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
@@ -96,7 +97,8 @@ def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes
         objective = {"type": "grpo", "num_generations": args.generations, "max_completion_length": args.max_new_tokens,
                      "rewards": [{"function": "correctness", "args": {"extract": "last_number"}},
                                  {"function": "overlong", "weight": 0.2,
-                                  "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}]}
+                                  "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}],
+                     "dynamic_sampling": args.dynamic_sampling}
         training = {"batch_size": 2, "grad_accum": 2, "learning_rate": args.lr}
     else:
         objective = {"type": "sft"}
@@ -163,7 +165,7 @@ def child(args) -> None:
 
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
-           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)]
+           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)] + (["--dynamic-sampling"] if args.dynamic_sampling else [])
     for key, value in extra.items():
         cmd += [f"--{key}", value]
     print(f"running {kind} {extra.get('model', '')} ...", flush=True)
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-4, help="GRPO learning rate (LoRA; SFT uses 2e-4 too)")
+    ap.add_argument("--dynamic-sampling", action="store_true",
+                    help="GRPO trains only on the groups whose rewards differ (objective.dynamic_sampling)")
     ap.add_argument("--warm-start", type=float, default=0.0,
                     help="also run sft+grpo: SFT for this many minutes, then GRPO for the rest of --minutes")
     ap.add_argument("--runs", default="grpo,sft", help="which training runs (grpo, sft; sft+grpo is added by --warm-start)")
@@ -202,7 +206,8 @@ def main() -> None:
     args.work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-grpo-arith-"))
     args.work.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout)
-    report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes}
+    report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
+              "lr": args.lr, "dynamic_sampling": args.dynamic_sampling}
     report["base"] = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})["exact_match"]
     print(f"base exact match {report['base']:.3f} ({args.ops} operations)", flush=True)
     if not args.calibrate:

@@ -183,6 +183,10 @@ class _OnlineSection(ObjectiveSection):
         False, description="Completions without an end token add nothing to the loss.")
     generation_batch_size: int | None = Field(
         None, gt=0, description="Completions generated together (default: all of a step's).")
+    dynamic_sampling: bool = Field(
+        False, description="Leave out of the update every prompt group whose completions all got the same reward "
+                           "(DAPO's filter): they carry no advantage, and the loss is normalised over the groups "
+                           "that do.")
 
     def check(self, run: "RunConfig") -> list[str]:
         problems = []
@@ -260,6 +264,9 @@ class PPOSection(_OnlineSection):
         if run.eval.every and run.eval.metric == "eval_loss":
             problems.append("eval.metric: ppo evaluates by reward, not loss; set eval.metric: eval_reward "
                             "and eval.greater_is_better: true")
+        if self.dynamic_sampling:
+            problems.append("objective.dynamic_sampling: ppo scores each completion with a value baseline, not "
+                            "against its group; it applies to grpo and rloo")
         if self.num_iterations != 1:
             problems.append("objective.num_iterations: ppo reuses each rollout for ppo_epochs x num_mini_batches "
                             "steps; set those instead")

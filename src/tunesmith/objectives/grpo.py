@@ -9,6 +9,11 @@ mode, restored after). Every reward function scores every completion before any 
 group (`scale_rewards`, policy_gradient.group_advantages). Each micro-batch's completions then
 get the clipped surrogate per token, scored under the same temperature, with β·k3 KL to the
 reference when `beta` > 0, and reduced by `loss_type`'s normaliser (policy_gradient.py's table).
+With `dynamic_sampling` (DAPO's filter) the groups whose completions all got one reward are left
+out of the window before any log-prob is scored: they carry no advantage, so the update is the
+same direction for less work, and the normaliser (dapo: the window's tokens) counts only the
+groups kept. DAPO also samples further prompts until the batch is full; here a step trains on the
+groups it has (raise the prompts per step to keep more).
 With `num_iterations` μ = 1 the old policy is the policy: the ratio is 1 in value and the clipping
 never acts (clip ratios 0). With μ > 1 a rollout serves μ optimizer steps (the engine keeps its
 rows for them, so an epoch takes μ times the steps, as TRL's repeat sampler does); the old
@@ -47,7 +52,7 @@ from ..objective_config import GRPOSection, objective_config
 from ..reward_functions import RewardSpec, call_rewards, load_reward
 from ..scoring import labelled_nll_and_entropy
 from .base import LossOutput, Objective, StepContext, TaskInfo
-from .policy_gradient import clipped_policy_loss, group_advantages, grpo_loss_sum, nanstd
+from .policy_gradient import clipped_policy_loss, group_advantages, groups_with_spread, grpo_loss_sum, nanstd
 
 
 def _load_rewards(specs: list[RewardSpec]) -> list[tuple[RewardSpec, Callable]]:
@@ -157,21 +162,28 @@ class GRPO(Objective):
         g = cfg.num_generations
         prompts = [r for micro in rows for r in micro]
         out, per_fn, rewards = self._complete(ctx, prompts, sample=True, copies=g)
+        spread = groups_with_spread(rewards, g)
+        kept = self._kept_groups(spread)
         pad = _pad_id(ctx.tokenizer)
-        batches, at = [], 0
+        batches, order, first = [], [], 0
         for micro in rows:
-            part = slice(at, at + len(micro) * g)
-            sequences = [p + c for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
-            masks = [[0] * len(p) + [1] * len(c) for p, c in zip(out.prompt_ids[part], out.completion_ids[part])]
+            picks = [i for j in range(first, first + len(micro)) if kept[j] for i in range(j * g, (j + 1) * g)]
+            first += len(micro)
+            if not picks:
+                continue
+            prompt_ids = [out.prompt_ids[i] for i in picks]
+            completion_ids = [out.completion_ids[i] for i in picks]
+            sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
+            masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
             if cfg.mask_truncated_completions:
-                masks = [[0] * len(m) if cut else m for m, cut in zip(masks, out.truncated[part])]
+                masks = [[0] * len(m) if out.truncated[i] else m for m, i in zip(masks, picks)]
             batch = pad_completions(sequences, masks, pad)
             if self.needs_reference:
                 batch["ref_logps"] = self._frozen_logps(ctx, batch, reference=True)
             if self._needs_old_logps():  # the policy that sampled, before this rollout's first update
                 batch["old_logps"] = self._frozen_logps(ctx, batch, reference=False)
             batches.append(batch)
-            at = part.stop
+            order += picks
         lengths = [len(c) for c in out.completion_ids]
         logs = {"reward": (float(torch.nansum(rewards)), int((~torch.isnan(rewards)).sum())),
                 "reward_std": (float(nanstd(rewards)) if rewards.numel() > 1 else 0.0, 1),
@@ -180,7 +192,9 @@ class GRPO(Objective):
         for j, (spec, _) in enumerate(self.functions):
             scored = ~torch.isnan(per_fn[:, j])
             logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
-        advantages = self._advantages(rewards, batches, logs)
+        advantages = self._advantages(rewards[order], batches, logs)
+        if not bool(kept.all()):  # the share of the whole rollout, not of the groups kept
+            logs["frac_reward_zero_std"] = (float((~spread).sum()), len(spread))
         at = 0
         for batch in batches:
             n = batch["input_ids"].shape[0]
@@ -188,6 +202,16 @@ class GRPO(Objective):
             at += n
         self._pending = logs
         return batches
+
+    def _kept_groups(self, spread: torch.Tensor) -> torch.Tensor:
+        """(groups,) bool: the groups the update trains on. With dynamic sampling those with reward spread;
+        when none has any, the first group stays (its rewards give it no advantage) so that the step still
+        reports its rollout's logs."""
+        if not self.cfg.dynamic_sampling:
+            return torch.ones_like(spread)
+        if spread.any():
+            return spread
+        return torch.arange(len(spread)) == 0
 
     def _needs_old_logps(self) -> bool:
         return self.cfg.num_iterations > 1

@@ -75,6 +75,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> 
                       torch.isclose(std, torch.zeros_like(std)))
 
 
+def groups_with_spread(rewards: Tensor, group_size: int) -> Tensor:
+    """(groups,) bool: the group's scored completions did not all get one reward (NaN: not scored)."""
+    std = nanstd(rewards.double().view(-1, group_size), dim=1)
+    return ~torch.isnan(std) & ~torch.isclose(std, torch.zeros_like(std))
+
+
 def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """Per-token KL estimate exp(ref − θ) − (ref − θ) − 1 (Schulman's k3): ≥ 0, and 0 where the two agree."""
     delta = ref_logps - logps
