@@ -140,3 +140,79 @@ def test_rloo_learns_with_its_kl_penalty_in_the_reward(run_config, prompts, tmp_
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[-1]["kl"] > 0.01  # beta 0.05 by default
     # Leave-one-out advantages sum to zero in each group and the ratio is 1: the loss is 0 in value.
     assert all(abs(r["loss"]) < 1e-6 for r in log)
+
+
+def _rollout_with(policy, tokenizer, groups: list[list[list[int]]], micro: list[int], **objective):
+    """GRPO's rollout over prompts whose completions are given (a fake generation helper); `micro` says
+    how many prompts each micro-batch holds. Returns the objective and its batches."""
+    from tunesmith.generation import Generated
+    from tunesmith.objective_config import objective_config
+    from tunesmith.objectives.base import StepContext
+    from tunesmith.objectives.grpo import GRPO
+
+    g = len(groups[0])
+    prompts = [{"prompt_ids": [10 + i, 11 + i, 12], "raw_prompt": f"q{i}", "columns": {}} for i in range(len(groups))]
+
+    def generate(ids, **kwargs):
+        return Generated([list(p) for p in ids], [c for group in groups for c in group], [False] * len(ids))
+
+    objective = GRPO(objective_config(type="grpo", num_generations=g, max_completion_length=4,
+                                      rewards=[{"function": EVEN}], **objective))
+    rows, at = [], 0
+    for n in micro:
+        rows.append(prompts[at:at + n])
+        at += n
+    ctx = StepContext(policy=policy, tokenizer=tokenizer, generate=generate)
+    return objective, ctx, objective.window(ctx, rows, collate=None)
+
+
+def _window_gradient(objective, ctx, batches) -> torch.Tensor:
+    """The engine's window gradient: every micro-batch's loss sum over the window's item count."""
+    ctx.policy.zero_grad()
+    n = sum(objective.count(b) for b in batches)
+    for b in batches:
+        (objective.loss(ctx, b).loss_sum / n).backward()
+    return torch.cat([p.grad.flatten() for p in ctx.policy.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_dynamic_sampling_trains_only_on_groups_with_reward_spread(tiny_model_dir, tiny_tokenizer, loss_type):
+    from transformers import AutoModelForCausalLM
+
+    eos = tiny_tokenizer.eos_token_id
+    same_even, same_odd = [[4, 6, eos]] * 4, [[5, 7, eos]] * 4
+    mixed = [[4, 6, eos], [5, 7, eos], [4, 7, eos], [5, 6, 8, eos]]
+    mixed_too = [[8, 8, eos], [9, 9, eos], [8, 9, eos], [9, 8, eos]]
+    groups = [same_even, mixed, same_odd, mixed_too]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    every, ctx, full = _rollout_with(policy, tiny_tokenizer, groups, [2, 1, 1], loss_type=loss_type)
+    dynamic, _, kept = _rollout_with(policy, tiny_tokenizer, groups, [2, 1, 1], loss_type=loss_type,
+                                     dynamic_sampling=True)
+    # The micro-batch of the odd-only group is gone; the others hold only the mixed groups' completions.
+    assert [b["input_ids"].shape[0] for b in full] == [8, 4, 4] and [b["input_ids"].shape[0] for b in kept] == [4, 4]
+    torch.testing.assert_close(kept[0]["input_ids"], full[0]["input_ids"][4:, :kept[0]["input_ids"].shape[1]])
+    torch.testing.assert_close(kept[1]["input_ids"], full[2]["input_ids"])
+    for k, f in ((kept[0], full[0]["advantages"][4:]), (kept[1], full[2]["advantages"])):
+        torch.testing.assert_close(k["advantages"], f)  # the same advantages as in the whole rollout
+    assert full[0]["advantages"][:4].abs().sum() == 0 and full[1]["advantages"].abs().sum() == 0
+    # Logged over the whole rollout: half of its groups had no spread.
+    assert every._pending["frac_reward_zero_std"] == (8.0, 16) and dynamic._pending["frac_reward_zero_std"] == (8.0, 16)
+    assert dynamic._pending["reward"] == every._pending["reward"]
+    # The update points the same way; only the normaliser (the items kept) differs.
+    whole, filtered = _window_gradient(every, ctx, full), _window_gradient(dynamic, ctx, kept)
+    scale = sum(every.count(b) for b in full) / sum(dynamic.count(b) for b in kept)
+    assert filtered.abs().sum() > 0
+    torch.testing.assert_close(filtered, whole * scale, rtol=1e-4, atol=1e-7)
+
+
+def test_dynamic_sampling_keeps_one_group_when_none_has_spread(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    eos = tiny_tokenizer.eos_token_id
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    objective, ctx, batches = _rollout_with(policy, tiny_tokenizer, [[[4, 6, eos]] * 4, [[5, eos]] * 4], [1, 1],
+                                            dynamic_sampling=True)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 4
+    assert batches[0]["advantages"].abs().sum() == 0
+    logs = objective.loss(ctx, batches[0]).logs  # the step still reports its rollout
+    assert logs["frac_reward_zero_std"] == (8.0, 8) and logs["reward"] == (6.0, 8)

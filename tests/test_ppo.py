@@ -171,6 +171,7 @@ def test_ppo_settings_refused_at_validation(run_config, prompts, tiny_model_dir,
             r"num_mini_batches \(3\) must divide the completions of a rollout .* = 8\)")
     refused({"rewards": [{"function": EVEN}], "num_iterations": 2}, "ppo_epochs x num_mini_batches")
     refused({"rewards": [{"function": EVEN}], "kl_estimator": "k2"}, "kl_estimator")
+    refused({"rewards": [{"function": EVEN}], "dynamic_sampling": True}, "objective.dynamic_sampling: ppo")
     # A model without one output per sequence is refused when it loads, before the policy does.
     cfg = ppo(run_config, prompts, tmp_path, {"reward_model": str(tiny_model_dir)})
     with pytest.raises(ConfigError, match="objective.reward_model: .* has 2 outputs per sequence; a reward model "

@@ -194,7 +194,7 @@ class GRPO(Objective):
             logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
         advantages = self._advantages(rewards[order], batches, logs)
         if not bool(kept.all()):  # the share of the whole rollout, not of the groups kept
-            logs["frac_reward_zero_std"] = (float((~spread).sum()), len(spread))
+            logs["frac_reward_zero_std"] = (float((~spread).sum()) * g, len(rewards))
         at = 0
         for batch in batches:
             n = batch["input_ids"].shape[0]
