@@ -19,7 +19,7 @@ def test_there_are_recipes_for_alignment():
     for want in ("alignment/dpo_lora.yaml", "alignment/reward_lora.yaml", "alignment/kto_lora.yaml",
                  "alignment/orpo_lora.yaml", "alignment/simpo_lora.yaml", "distill/sst2_minilm_student.yaml",
                  "distill/smollm2_half_layers.yaml", "distill/sst2_minilm_transfer_set.yaml",
-                 "rl/grpo_arithmetic_lora.yaml", "rl/grpo_gsm8k_lora.yaml", "rl/rloo_arithmetic_lora.yaml",
+                 "rl/grpo_arithmetic_lora.yaml", "rl/grpo_dapo_lora.yaml", "rl/grpo_gsm8k_lora.yaml", "rl/rloo_arithmetic_lora.yaml",
                  "rl/arithmetic_reward_lora.yaml", "rl/ppo_arithmetic_lora.yaml"):
         assert want in names
 
