@@ -165,7 +165,8 @@ def child(args) -> None:
 
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
-           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens)] + (["--dynamic-sampling"] if args.dynamic_sampling else [])
+           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations),
+           "--max-new-tokens", str(args.max_new_tokens), *(["--dynamic-sampling"] if args.dynamic_sampling else [])]
     for key, value in extra.items():
         cmd += [f"--{key}", value]
     print(f"running {kind} {extra.get('model', '')} ...", flush=True)

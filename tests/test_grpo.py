@@ -128,6 +128,8 @@ def test_grpo_settings_refused_at_validation(run_config, prompts, tmp_path):
     refused({"rewards": [{"function": "correctness"}]}, "eval.metric: grpo evaluates by reward",
             eval={"every": 5})
     refused({"rewards": [{"function": "correctness"}], "num_generations": 1}, "num_generations")
+    refused({"type": "rloo", "rewards": [{"function": "correctness"}], "dynamic_sampling": True},
+            "objective.dynamic_sampling: rloo")
 
 
 def test_rloo_learns_with_its_kl_penalty_in_the_reward(run_config, prompts, tmp_path):

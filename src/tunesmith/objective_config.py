@@ -184,9 +184,9 @@ class _OnlineSection(ObjectiveSection):
     generation_batch_size: int | None = Field(
         None, gt=0, description="Completions generated together (default: all of a step's).")
     dynamic_sampling: bool = Field(
-        False, description="Leave out of the update every prompt group whose completions all got the same reward "
-                           "(DAPO's filter): they carry no advantage, and the loss is normalised over the groups "
-                           "that do.")
+        False, description="grpo: leave out of the update every prompt group whose completions all got the same "
+                           "reward (DAPO's filter): they carry no advantage, and the loss is normalised over the "
+                           "groups that do.")
 
     def check(self, run: "RunConfig") -> list[str]:
         problems = []
@@ -221,6 +221,13 @@ class RLOOSection(_OnlineSection):
     beta: float = Field(0.05, ge=0, description="Weight of the sequence KL (k1) subtracted from the reward.")
     normalize_advantages: bool = Field(False, description="Whiten the advantages over the rollout.")
     reward_clip_range: tuple[float, float] | None = Field(None, description="Clip rewards to (min, max) first.")
+
+    def check(self, run: "RunConfig") -> list[str]:
+        problems = super().check(run)
+        if self.dynamic_sampling:
+            problems.append("objective.dynamic_sampling: rloo's advantages and KL need every group's log-probs; "
+                            "dynamic sampling applies to grpo")
+        return problems
 
 
 class PPOSection(_OnlineSection):
@@ -266,7 +273,7 @@ class PPOSection(_OnlineSection):
                             "and eval.greater_is_better: true")
         if self.dynamic_sampling:
             problems.append("objective.dynamic_sampling: ppo scores each completion with a value baseline, not "
-                            "against its group; it applies to grpo and rloo")
+                            "against its group; it applies to grpo")
         if self.num_iterations != 1:
             problems.append("objective.num_iterations: ppo reuses each rollout for ppo_epochs x num_mini_batches "
                             "steps; set those instead")

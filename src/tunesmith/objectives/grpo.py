@@ -11,8 +11,8 @@ get the clipped surrogate per token, scored under the same temperature, with β�
 reference when `beta` > 0, and reduced by `loss_type`'s normaliser (policy_gradient.py's table).
 With `dynamic_sampling` (DAPO's filter) the groups whose completions all got one reward are left
 out of the window before any log-prob is scored: they carry no advantage, so the update is the
-same direction for less work, and the normaliser (dapo: the window's tokens) counts only the
-groups kept. DAPO also samples further prompts until the batch is full; here a step trains on the
+same direction for less work (advantages and logs are those of the whole rollout), and the
+normaliser (dapo: the window's tokens) counts only the groups kept. DAPO also samples further prompts until the batch is full; here a step trains on the
 groups it has (raise the prompts per step to keep more).
 With `num_iterations` μ = 1 the old policy is the policy: the ratio is 1 in value and the clipping
 never acts (clip ratios 0). With μ > 1 a rollout serves μ optimizer steps (the engine keeps its
@@ -162,8 +162,7 @@ class GRPO(Objective):
         g = cfg.num_generations
         prompts = [r for micro in rows for r in micro]
         out, per_fn, rewards = self._complete(ctx, prompts, sample=True, copies=g)
-        spread = groups_with_spread(rewards, g)
-        kept = self._kept_groups(spread)
+        kept = self._kept_groups(rewards)
         pad = _pad_id(ctx.tokenizer)
         batches, order, first = [], [], 0
         for micro in rows:
@@ -192,9 +191,10 @@ class GRPO(Objective):
         for j, (spec, _) in enumerate(self.functions):
             scored = ~torch.isnan(per_fn[:, j])
             logs[f"rewards/{spec.log_name}/mean"] = (float(per_fn[scored, j].sum()), int(scored.sum()))
-        advantages = self._advantages(rewards[order], batches, logs)
-        if not bool(kept.all()):  # the share of the whole rollout, not of the groups kept
-            logs["frac_reward_zero_std"] = (float((~spread).sum()) * g, len(rewards))
+        # Over the whole rollout, then the kept completions: dropped groups' advantages are 0, so the kept
+        # ones and the logs are what they would be without the filter. (GRPO's advantages read only the
+        # rewards; RLOO's read the batches' log-probs too, and RLOO refuses dynamic sampling.)
+        advantages = self._advantages(rewards, batches, logs)[order]
         at = 0
         for batch in batches:
             n = batch["input_ids"].shape[0]
@@ -203,12 +203,13 @@ class GRPO(Objective):
         self._pending = logs
         return batches
 
-    def _kept_groups(self, spread: torch.Tensor) -> torch.Tensor:
+    def _kept_groups(self, rewards: torch.Tensor) -> torch.Tensor:
         """(groups,) bool: the groups the update trains on. With dynamic sampling those with reward spread;
-        when none has any, the first group stays (its rewards give it no advantage) so that the step still
-        reports its rollout's logs."""
+        when none has any, the first group stays (its rewards give it no advantage): the step still reports
+        its rollout's logs, and every process still runs a backward pass (DDP all-reduces in it)."""
         if not self.cfg.dynamic_sampling:
-            return torch.ones_like(spread)
+            return torch.ones(len(rewards) // self.cfg.num_generations, dtype=torch.bool)
+        spread = groups_with_spread(rewards, self.cfg.num_generations)
         if spread.any():
             return spread
         return torch.arange(len(spread)) == 0
