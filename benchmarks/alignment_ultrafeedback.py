@@ -48,6 +48,8 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
     import tunesmith
 
     objective, lr = OBJECTIVES[name]
+    if args.beta is not None and name != "reward":
+        objective = {**objective, "beta": args.beta}
     cfg = {
         "model": {"name_or_path": SMOLLM2},
         "data": {"train": str(train), "max_length": args.max_length, "skip_invalid": True,
@@ -57,7 +59,7 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
         "training": {"epochs": args.epochs, "batch_size": 4, "grad_accum": args.grad_accum,
                      "learning_rate": args.lr or lr,
                      "scheduler": "linear", "seed": 42, "log_every": 5, "progress": False},
-        "eval": {"every": 10_000, "at_end": True, "batch_size": 8, "forgetting": name != "reward"},
+        "eval": {"every": args.eval_every or 10_000, "at_end": True, "batch_size": 8, "forgetting": name != "reward"},
         "output": {"dir": str(out / name), "overwrite": True, "model_card": False},
     }
     before = {}
@@ -65,8 +67,10 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
         before = {ACCURACY[name]: 0.0}
     result = tunesmith.train(cfg, echo=lambda m: print(f"  [{name}]", m, file=sys.stderr, flush=True))
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
+    records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    curve = [(r["step"], r[ACCURACY[name]]) for r in records if ACCURACY[name] in r and "step" in r]
     return {"after": metrics, "before": before, "forgetting": result.forgetting,
-            "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.steps,
+            "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.steps, "curve": curve,
             "run_dir": str(result.run_dir)}
 
 
@@ -79,6 +83,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches of 4 pairs per step")
     ap.add_argument("--lr", type=float, help="one learning rate for every objective (default: per objective)")
+    ap.add_argument("--beta", type=float, help="beta of dpo / orpo / simpo (default: per objective)")
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N optimizer steps (the curve)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--files", nargs=3, help=argparse.SUPPRESS)
@@ -98,7 +104,8 @@ def main() -> None:
         print(f"running {name} ...", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--files", str(train), str(heldout), str(work),
                "--max-length", str(args.max_length), "--epochs", str(args.epochs),
-               "--grad-accum", str(args.grad_accum), *(["--lr", str(args.lr)] if args.lr else [])]
+               "--grad-accum", str(args.grad_accum), "--eval-every", str(args.eval_every),
+               *(["--lr", str(args.lr)] if args.lr else []), *(["--beta", str(args.beta)] if args.beta else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
