@@ -64,6 +64,7 @@ def test_task_batches_are_one_task_each_and_reproducible():
     ({"tasks": "packing"}, "tasks[1] (topic): data.packing: objective.type classification does not pack"),
     ({"multitask": {"shared": False}}, "its own adapter, which method.type full cannot: it adds no adapter"),
     ({"multitask": {"shared": False}, "method": {"type": "lora_fa"}}, "LoRA-FA optimizer updates every B matrix"),
+    ({"training": {"head_learning_rate": 1e-3}}, "training.head_learning_rate is for single-task runs"),
 ])
 def test_bad_task_configs_are_refused_naming_the_task(multitask_config, change, expected):
     from tunesmith.config import load_config

@@ -149,6 +149,42 @@ def test_lora_reward_model_learns_the_preference(lora_run):
     assert result.metrics["eval_min_reward"] < result.metrics["eval_mean_reward"] < result.metrics["eval_max_reward"]
 
 
+def test_head_learning_rate_moves_the_score_head_by_its_own_rate(tiny_model_dir, tmp_path):
+    """Adam's first step moves every weight with a gradient by exactly its group's lr (m / sqrt(v) = sign
+    of the gradient): the score head by training.head_learning_rate, LoRA's B by training.learning_rate."""
+    import tunesmith
+    from safetensors.torch import load_file
+
+    folder = head_model(tiny_model_dir, tmp_path / "head", lambda w: w.fill_(0.1))
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    cfg = reward_config(folder, data, tmp_path / "run")
+    cfg["training"]["head_learning_rate"] = 0.05
+    result = tunesmith.train(cfg, echo=quiet)
+    saved = load_file(result.artifact_dir / "adapter_model.safetensors")
+    (head,) = [v for k, v in saved.items() if k.endswith("score.weight")]
+    moved = (head - 0.1).abs()
+    assert moved.max() == pytest.approx(0.05, rel=1e-4) and moved.min() > 0.04
+    b = torch.cat([v.flatten() for k, v in saved.items() if "lora_B" in k]).abs()  # B starts at 0
+    assert b.max() == pytest.approx(1e-2, rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"objective": {"type": "sft"}, "data": {"format": "alpaca"}}, "objective.type 'sft' adds no task head"),
+    ({"method": {"type": "lora", "loraplus_lr_ratio": 4}}, "build their own optimizer groups"),
+])
+def test_head_learning_rate_refused_where_it_cannot_apply(tiny_model_dir, alpaca_file, pairs_file, tmp_path,
+                                                        overrides, reason):
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    cfg = reward_config(tiny_model_dir, alpaca_file if "data" in overrides else pairs_file, tmp_path / "run")
+    cfg["training"]["head_learning_rate"] = 1e-3
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    with pytest.raises(ConfigError, match=reason):
+        load_config(cfg)
+
+
 def test_lora_artifact_scores_texts_with_plain_peft(lora_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

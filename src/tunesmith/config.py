@@ -101,6 +101,10 @@ class TrainingConfig(Section):
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the fresh task head (classification, token classification, "
+                                "reward score; a BERT pooler with it); default training.learning_rate. Follows the "
+                                "same schedule.")
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
@@ -294,7 +298,7 @@ class RunConfig(Section):
                 raise ValueError(
                     f"model.init_from_teacher_every: method.type '{self.method.type}' saves weights that reload "
                     "onto model.name_or_path, not onto the thinned student; use method.type full or freeze")
-        problems = self.method.check(self) + self.objective.check(self)
+        problems = self.method.check(self) + self.objective.check(self) + self._head_lr_problems()
         if problems:
             raise ValueError("\n  ".join(problems))
         if self.eval.early_stopping_patience and not (self.eval.every and self.has_validation):
@@ -309,6 +313,17 @@ class RunConfig(Section):
             )
         return self
 
+    def _head_lr_problems(self) -> list[str]:
+        if self.training.head_learning_rate is None:
+            return []
+        if not self.objective.adds_head:
+            return [f"training.head_learning_rate: objective.type '{self.objective.type}' adds no task head; only "
+                    "classification, token_classification and reward train a fresh head"]
+        if self.method.type == "lora_fa" or getattr(self.method, "loraplus_lr_ratio", None) is not None:
+            return ["training.head_learning_rate: LoRA-FA and LoRA+ (method.loraplus_lr_ratio) build their own "
+                    "optimizer groups; use one or the other"]
+        return []
+
     def _check_tasks(self) -> "RunConfig":
         """A multi-task run: each task checked as its own run would be, then what the tasks must share."""
         tasks, problems = self.tasks, []
@@ -317,6 +332,9 @@ class RunConfig(Section):
         if twice:
             problems.append(f"tasks: the task name {', '.join(map(repr, twice))} is used twice; each task needs its "
                             "own name")
+        if self.training.head_learning_rate is not None:
+            problems.append("training.head_learning_rate is for single-task runs for now: a multi-task run's heads "
+                            "learn at training.learning_rate")
         arrow = [t.name for t in tasks if t.data.store == "arrow"]
         if arrow:
             problems.append(f"tasks: data.store: arrow is for single-task runs for now (set on {', '.join(arrow)})")
@@ -342,6 +360,7 @@ class RunConfig(Section):
         for i, task in enumerate(tasks):
             # Each task is checked as the single-task run it would be, its messages prefixed with where it is.
             alone = self.model_copy(update={"tasks": None, "data": task.data, "objective": task.objective,
+                                            "training": self.training.model_copy(update={"head_learning_rate": None}),
                                             "eval": self.eval.model_copy(update={"early_stopping_patience": None})})
             try:
                 alone._check_combination()

@@ -26,6 +26,8 @@ class ObjectiveSection(BaseModel):
     # of data.packing). Distillation: off, whatever its task, unless data.packing asks for it
     # (packing a masked_lm or classification task would pack rows that must not be).
     packs: ClassVar[bool] = False
+    # Whether the objective trains a fresh task head on the model (training.head_learning_rate).
+    adds_head: ClassVar[bool] = False
 
     @property
     def can_pack(self) -> bool:
@@ -62,6 +64,7 @@ class _Labelled(ObjectiveSection):
         None, description="Label names in id order (default: sorted labels found in the data)."
     )
     class_weights: Literal["balanced"] | list[float] | None = None
+    adds_head: ClassVar[bool] = True
 
 
 class ClassificationSection(_Labelled):
@@ -89,6 +92,7 @@ class RewardSection(ObjectiveSection):
     """Bradley-Terry reward modelling on preference pairs (a scalar head)."""
 
     type: Literal["reward"] = "reward"
+    adds_head: ClassVar[bool] = True
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="Adds c * mean((r_chosen + r_rejected)^2); 0.01 is the usual choice."
     )
