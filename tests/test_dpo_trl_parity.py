@@ -47,7 +47,9 @@ def test_dpo_matches_trl_step_by_step(saved, tmp_path, loss_type, smoothing):
                          {"type": "dpo", "beta": 0.1, "loss": loss_type, "label_smoothing": smoothing})
     assert len(theirs) == len(ours) == 6
     for step, (t, o) in enumerate(zip(theirs, ours), 1):
-        assert o["loss"] == pytest.approx(t["loss"], abs=1e-5), f"step {step} loss"
+        # rel 1e-6 where the loss is large: IPO's squared logits reach ~20 by step 5, where a rounding
+        # difference in the summed log-probs (fp32 ulp ~1e-5 at -100) moves the loss by ~1e-5.
+        assert o["loss"] == pytest.approx(t["loss"], abs=1e-5, rel=1e-6), f"step {step} loss"
         assert o["rewards/margins"] == pytest.approx(t["rewards/margins"], abs=1e-5), f"step {step} margins"
         assert o["rewards/accuracies"] == pytest.approx(t["rewards/accuracies"], abs=1e-6), f"step {step} acc"
         assert o["logps/chosen"] == pytest.approx(t["logps/chosen"], abs=1e-4), f"step {step} logps/chosen"
