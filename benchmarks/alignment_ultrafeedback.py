@@ -12,7 +12,8 @@ ORPO / SimPO: their reward accuracies), the reward model's accuracy split by the
 score gap (metadata.score_chosen - score_rejected), and forgetting on the shipped reference text.
 
 Usage:  python benchmarks/alignment_ultrafeedback.py [--objectives reward dpo orpo simpo]
-            [--train-rows 256] [--eval-rows 100] [--max-length 256] [--epochs 1]
+            [--train-rows 256] [--eval-rows 100] [--max-length 256] [--epochs 1] [--eval-every N]
+            [--lr LR] [--head-lr LR] [--beta BETA]
 The last line is one JSON object with every objective's numbers.
 """
 
@@ -58,12 +59,13 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
         "objective": objective,
         "training": {"epochs": args.epochs, "batch_size": 4, "grad_accum": args.grad_accum,
                      "learning_rate": args.lr or lr,
+                     **({"head_learning_rate": args.head_lr} if args.head_lr and name == "reward" else {}),
                      "scheduler": "linear", "seed": 42, "log_every": 5, "progress": False},
         "eval": {"every": args.eval_every or 10_000, "at_end": True, "batch_size": 8, "forgetting": name != "reward"},
         "output": {"dir": str(out / name), "overwrite": True, "model_card": False},
     }
     before = {}
-    if name != "reward":  # the policy at step 0 is the reference: every implicit reward is 0
+    if name == "dpo":  # the policy at step 0 is the reference: every implicit reward is 0 (ties)
         before = {ACCURACY[name]: 0.0}
     result = tunesmith.train(cfg, echo=lambda m: print(f"  [{name}]", m, file=sys.stderr, flush=True))
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches of 4 pairs per step")
     ap.add_argument("--lr", type=float, help="one learning rate for every objective (default: per objective)")
+    ap.add_argument("--head-lr", type=float, help="the reward model's score head learns at this rate "
+                    "(training.head_learning_rate; default: the run's learning rate)")
     ap.add_argument("--beta", type=float, help="beta of dpo / orpo / simpo (default: per objective)")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N optimizer steps (the curve)")
     ap.add_argument("--data", type=Path, default=DATA)
@@ -105,13 +109,18 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", name, "--files", str(train), str(heldout), str(work),
                "--max-length", str(args.max_length), "--epochs", str(args.epochs),
                "--grad-accum", str(args.grad_accum), "--eval-every", str(args.eval_every),
-               *(["--lr", str(args.lr)] if args.lr else []), *(["--beta", str(args.beta)] if args.beta else [])]
+               *(["--lr", str(args.lr)] if args.lr else []), *(["--beta", str(args.beta)] if args.beta else []),
+               *(["--head-lr", str(args.head_lr)] if args.head_lr else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             raise SystemExit(f"{name} failed (exit {proc.returncode})")
         results[name] = json.loads(lines[-1][len("RESULT "):])
+    for name in ("orpo", "simpo"):  # reference-free rewards: the base model already ranks the pairs
+        if name in results:
+            measured = length_normalised_accuracy(Path(results[name]["run_dir"]), heldout, args.max_length)
+            results[name]["before"] = {ACCURACY[name]: measured["base"], "recomputed_after": measured["trained"]}
     if "reward" in results:
         results["reward"]["by_score_gap"] = score_gap_breakdown(Path(results["reward"]["run_dir"]), heldout,
                                                                  args.max_length)
@@ -125,27 +134,64 @@ def main() -> None:
     print(json.dumps(results))
 
 
-def score_gap_breakdown(run_dir: Path, heldout: Path, max_length: int) -> dict:
-    """The reward model's pair accuracy by the data's score gap (small gaps are hard to call)."""
-    import torch
-
-    from tunesmith.artifacts import load_trained
+def eval_pairs(tokenizer, heldout: Path, max_length: int) -> list[tuple[dict, dict]]:
+    """(raw row, encoded pair) of every held-out pair the runs evaluate (skip_invalid, truncation as trained)."""
     from tunesmith.data.formats import normalize_rows
-    from tunesmith.data.preference import collate_pairs, encode_pair
+    from tunesmith.data.preference import encode_pair
     from tunesmith.data.sources import read_rows
 
-    loaded = load_trained(run_dir)
-    model, tok = loaded.model.eval(), loaded.tokenizer
     rows, _ = read_rows(str(heldout), skip_invalid=True)
-    buckets: dict[str, list[int]] = {}
+    pairs = []
     for row in rows:
         try:
             (record,), _ = normalize_rows([row], "preference", {}, skip_invalid=False)
         except Exception:
             continue
-        pair = encode_pair(tok, record, max_length=max_length)
-        if pair is None:
-            continue
+        pair = encode_pair(tokenizer, record, max_length=max_length)
+        if pair is not None:
+            pairs.append((row, pair))
+    return pairs
+
+
+def length_normalised_accuracy(run_dir: Path, heldout: Path, max_length: int) -> dict:
+    """ORPO's and SimPO's reward accuracy (mean answer log-prob of chosen > rejected) of the base model
+    (adapter switched off) and of the trained one; the second recomputes the run's eval_rewards/accuracies."""
+    import torch
+
+    from tunesmith.artifacts import load_trained
+    from tunesmith.data.preference import answer_labels, collate_pairs
+    from tunesmith.scoring import sequence_logps
+
+    loaded = load_trained(run_dir)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    wins = {"base": [], "trained": []}
+    for _, pair in eval_pairs(tok, heldout, max_length):
+        batch = collate_pairs([pair], tok.pad_token_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = answer_labels(batch["input_ids"], batch["completion_mask"])
+        with torch.no_grad():
+            for key in wins:
+                if key == "base":
+                    with model.disable_adapter():
+                        logp, count = sequence_logps(model, inputs, labels)
+                else:
+                    logp, count = sequence_logps(model, inputs, labels)
+                mean = logp / count
+                wins[key].append(int(mean[0] > mean[1]))
+    return {k: sum(v) / len(v) for k, v in wins.items()}
+
+
+def score_gap_breakdown(run_dir: Path, heldout: Path, max_length: int) -> dict:
+    """The reward model's pair accuracy by the data's score gap (small gaps are hard to call)."""
+    import torch
+
+    from tunesmith.artifacts import load_trained
+    from tunesmith.data.preference import collate_pairs
+
+    loaded = load_trained(run_dir)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    buckets: dict[str, list[int]] = {}
+    for row, pair in eval_pairs(tok, heldout, max_length):
         batch = collate_pairs([pair], tok.pad_token_id)
         with torch.no_grad():
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
