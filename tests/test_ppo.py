@@ -127,8 +127,10 @@ def sft_policy(run_config, tmp_path):
 
 
 def test_ppo_learns_what_a_trained_reward_model_prefers(run_config, prompts, reward_run, sft_policy, tmp_path):
+    # lr 3e-3: at 1e-2 full fine-tuning of the tiny policy collapsed to one-token completions (which the
+    # reward model scores low) on an AMX Xeon whose kernels round differently; 3e-3 climbed +3.2 there.
     cfg = ppo(run_config, prompts, tmp_path, {"reward_model": str(reward_run), "num_generations": 4},
-              model={"name_or_path": str(sft_policy)}, training={"max_steps": 24, "learning_rate": 1e-2})
+              model={"name_or_path": str(sft_policy)}, training={"max_steps": 24, "learning_rate": 3e-3})
     messages = []
     result = tunesmith.train(cfg, echo=messages.append)
     assert any(m.startswith("reward model: ") for m in messages)
