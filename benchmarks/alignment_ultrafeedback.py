@@ -47,6 +47,7 @@ def subset(src: Path, rows: int, out: Path) -> Path:
 
 def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
     import tunesmith
+    from tunesmith.engine.tracking import read_metrics
 
     objective, lr = OBJECTIVES[name]
     if args.beta is not None and name != "reward":
@@ -69,8 +70,8 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
         before = {ACCURACY[name]: 0.0}
     result = tunesmith.train(cfg, echo=lambda m: print(f"  [{name}]", m, file=sys.stderr, flush=True))
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
-    records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    curve = [(r["step"], r[ACCURACY[name]]) for r in records if ACCURACY[name] in r and "step" in r]
+    curve = [(r["step"], r[ACCURACY[name]]) for r in read_metrics(result.run_dir / "metrics.jsonl")
+             if ACCURACY[name] in r and "step" in r]
     return {"after": metrics, "before": before, "forgetting": result.forgetting,
             "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.steps, "curve": curve,
             "run_dir": str(result.run_dir)}
@@ -156,6 +157,8 @@ def eval_pairs(tokenizer, heldout: Path, max_length: int) -> list[tuple[dict, di
 def length_normalised_accuracy(run_dir: Path, heldout: Path, max_length: int) -> dict:
     """ORPO's and SimPO's reward accuracy (mean answer log-prob of chosen > rejected) of the base model
     (adapter switched off) and of the trained one; the second recomputes the run's eval_rewards/accuracies."""
+    from contextlib import nullcontext
+
     import torch
 
     from tunesmith.artifacts import load_trained
@@ -164,20 +167,17 @@ def length_normalised_accuracy(run_dir: Path, heldout: Path, max_length: int) ->
 
     loaded = load_trained(run_dir)
     model, tok = loaded.model.eval(), loaded.tokenizer
-    wins = {"base": [], "trained": []}
+    scopes = {"base": model.disable_adapter, "trained": nullcontext}
+    wins = {key: [] for key in scopes}
     for _, pair in eval_pairs(tok, heldout, max_length):
         batch = collate_pairs([pair], tok.pad_token_id)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = answer_labels(batch["input_ids"], batch["completion_mask"])
-        with torch.no_grad():
-            for key in wins:
-                if key == "base":
-                    with model.disable_adapter():
-                        logp, count = sequence_logps(model, inputs, labels)
-                else:
-                    logp, count = sequence_logps(model, inputs, labels)
-                mean = logp / count
-                wins[key].append(int(mean[0] > mean[1]))
+        for key, scope in scopes.items():
+            with torch.no_grad(), scope():
+                logp, count = sequence_logps(model, inputs, labels)
+            mean = logp / count
+            wins[key].append(int(mean[0] > mean[1]))
     return {k: sum(v) / len(v) for k, v in wins.items()}
 
 

@@ -13,22 +13,19 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
 
     head = ({id(p) for _, m in task_heads(model) for p in m.parameters()}
             if cfg.head_learning_rate is not None else set())
-    decay, no_decay, head_decay, head_no_decay = [], [], [], []
+    # (is a head weight, decays) -> params. Biases and norm scales are not regularised (standard AdamW practice).
+    split: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            # Biases and norm scales are not regularised (standard AdamW practice).
-            if id(p) in head:
-                (head_decay if p.ndim >= 2 else head_no_decay).append(p)
-            else:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-    if not (decay or no_decay or head_decay or head_no_decay):
+            split.setdefault((id(p) in head, p.ndim >= 2), []).append(p)
+    if not split:
         raise ValueError("no trainable parameters: the method froze everything")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    for params, wd in ((head_decay, cfg.weight_decay), (head_no_decay, 0.0)):
-        if params:
-            groups.append({"params": params, "weight_decay": wd, "lr": cfg.head_learning_rate})
+    # The body's decayed group comes first even when empty, as in checkpoints saved before heads had a group.
+    groups = [{"params": split.get((False, True), []), "weight_decay": cfg.weight_decay}]
+    for is_head, decays in ((False, False), (True, True), (True, False)):
+        if split.get((is_head, decays)):
+            group = {"params": split[is_head, decays], "weight_decay": cfg.weight_decay if decays else 0.0}
+            groups.append({**group, "lr": cfg.head_learning_rate} if is_head else group)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
 
 
