@@ -2,9 +2,10 @@
 and more than SFT on the same prompts' reference answers in the same wall-clock time?
 
 Task (generated here, seeded): word problems of --ops chained operations (+, -, x) on small numbers,
-each with an integer answer; a train split and a held-out split. Score: exact match of the last
-number of one greedy answer of at most --max-new-tokens tokens (the evaluation package's
-`last_number` extraction), the same for every model.
+each with an integer answer; a train split and a held-out split. Several --ops values mix difficulties:
+each problem draws its number of operations from them (`--ops 1 2`: about half one-step, half two-step).
+Score: exact match of the last number of one greedy answer of at most --max-new-tokens tokens (the
+evaluation package's `last_number` extraction), the same for every model.
 
 Runs, each in its own process:
   base  the untrained model on the held-out problems;
@@ -18,7 +19,7 @@ Runs, each in its own process:
 Reported: held-out exact match of each, steps, minutes, and the GRPO reward curve
 (docs/img/grpo_arithmetic_reward.svg with --svg).
 
-Usage:  python benchmarks/grpo_arithmetic.py [--minutes 45] [--ops 1] [--train 400] [--heldout 100]
+Usage:  python benchmarks/grpo_arithmetic.py [--minutes 45] [--ops 1 [2 ...]] [--train 400] [--heldout 100]
         python benchmarks/grpo_arithmetic.py --calibrate     # only the base model's score, to set --ops
 The last line is one JSON object with every number.
 """
@@ -62,9 +63,10 @@ def problem(rng: random.Random, ops: int) -> dict:
     return {"prompt": " ".join(text), "answer": str(total)}
 
 
-def write_splits(work: Path, ops: int, train: int, heldout: int, seed: int = 0) -> tuple[Path, Path, Path]:
+def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int = 0) -> tuple[Path, Path, Path]:
     rng = random.Random(seed)
-    rows = [problem(rng, ops) for _ in range(train + heldout)]
+    # One --ops value draws nothing extra, so the one-operation task is the same as before mixing existed.
+    rows = [problem(rng, ops[0] if len(ops) == 1 else rng.choice(ops)) for _ in range(train + heldout)]
     paths = work / "train.jsonl", work / "heldout.jsonl", work / "sft.jsonl"
     paths[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:train]))
     paths[1].write_text("".join(json.dumps(r) + "\n" for r in rows[train:]))
@@ -181,7 +183,8 @@ def run_child(kind: str, args, **extra: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of each training run")
-    ap.add_argument("--ops", type=int, default=1, help="operations per problem (SmolLM2-135M solves 25 %% of 1, 2 %% of 2)")
+    ap.add_argument("--ops", type=int, nargs="+", default=[1],
+                    help="operations per problem, drawn per problem when several (SmolLM2-135M solves 25 %% of 1, 2 %% of 2)")
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--generations", type=int, default=8)
@@ -210,7 +213,7 @@ def main() -> None:
     report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
               "lr": args.lr, "dynamic_sampling": args.dynamic_sampling}
     report["base"] = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})["exact_match"]
-    print(f"base exact match {report['base']:.3f} ({args.ops} operations)", flush=True)
+    print(f"base exact match {report['base']:.3f} ({'/'.join(map(str, args.ops))} operations)", flush=True)
     if not args.calibrate:
         kinds = [k for k in args.runs.split(",") if k] + (["sft+grpo"] if args.warm_start else [])
         data = {"grpo": train_file, "sft": sft_file, "sft+grpo": train_file}
