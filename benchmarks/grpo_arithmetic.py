@@ -10,7 +10,7 @@ evaluation package's `last_number` extraction), the same for every model.
 Runs, each in its own process:
   base  the untrained model on the held-out problems;
   grpo  LoRA r 16, --generations answers per problem, rewards: correctness (last number) +
-        0.2 x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes); with
+        --overlong-weight (0.2) x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes); with
         --dynamic-sampling only the groups whose rewards differ are trained on;
   sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget;
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
@@ -60,7 +60,7 @@ def problem(rng: random.Random, ops: int) -> dict:
             text.append(f"Then the number of {thing} becomes {n} times as many.")
             total *= n
     text.append(f"How many {thing} does {name} have now? Answer with the number.")
-    return {"prompt": " ".join(text), "answer": str(total)}
+    return {"prompt": " ".join(text), "answer": str(total), "ops": ops}
 
 
 def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int = 0) -> tuple[Path, Path, Path]:
@@ -68,15 +68,18 @@ def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int
     # One --ops value draws nothing extra, so the one-operation task is the same as before mixing existed.
     rows = [problem(rng, ops[0] if len(ops) == 1 else rng.choice(ops)) for _ in range(train + heldout)]
     paths = work / "train.jsonl", work / "heldout.jsonl", work / "sft.jsonl"
-    paths[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:train]))
+    # Only the held-out rows keep `ops` (for the per-difficulty score); GRPO passes every train column
+    # to its reward functions.
+    paths[0].write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows[:train]))
     paths[1].write_text("".join(json.dumps(r) + "\n" for r in rows[train:]))
     paths[2].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": f"The answer is {r['answer']}."})
                                 + "\n" for r in rows[:train]))
     return paths
 
 
-def score(model: str, heldout: Path, max_new_tokens: int, out: Path) -> float:
-    """Held-out exact match of one greedy answer per problem (last number), via tunesmith.evaluate."""
+def score(model: str, heldout: Path, max_new_tokens: int, out: Path) -> dict:
+    """Held-out exact match of one greedy answer per problem (last number), via tunesmith.evaluate,
+    overall and by number of operations."""
     import tunesmith
 
     result = tunesmith.evaluate(model=model, data=str(heldout), format="prompt_completion",
@@ -88,7 +91,17 @@ def score(model: str, heldout: Path, max_new_tokens: int, out: Path) -> float:
               if "exact_match" in r.metrics]
     if len(values) != 1:
         raise RuntimeError(f"expected one exact_match from the evaluation, got {values}")
-    return float(values[0])
+    ops = [json.loads(line)["ops"] for line in heldout.read_text().splitlines()]
+    examples = [e for tasks in result.results.values() for r in tasks.values() for e in r.examples]
+    by_ops: dict[str, list[bool]] = {}
+    for e in examples:
+        by_ops.setdefault(str(ops[e["index"]]), []).append(bool(e["correct"]))
+    return {"exact_match": float(values[0]),
+            "by_ops": {k: sum(v) / len(v) for k, v in sorted(by_ops.items())}}
+
+
+def by_ops_text(by_ops: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {v:.2f}" for k, v in by_ops.items())
 
 
 def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes: float | None = None) -> dict:
@@ -98,8 +111,9 @@ def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes
     if kind == "grpo":
         objective = {"type": "grpo", "num_generations": args.generations, "max_completion_length": args.max_new_tokens,
                      "rewards": [{"function": "correctness", "args": {"extract": "last_number"}},
-                                 {"function": "overlong", "weight": 0.2,
-                                  "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}],
+                                 *([{"function": "overlong", "weight": args.overlong_weight,
+                                     "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}]
+                                   if args.overlong_weight else [])],
                      "dynamic_sampling": args.dynamic_sampling}
         training = {"batch_size": 2, "grad_accum": 2, "learning_rate": args.lr}
     else:
@@ -157,8 +171,8 @@ def reward_svg(rewards: list[float], path: Path) -> None:
 def child(args) -> None:
     work = Path(args.work)
     if args.child == "score":
-        print("RESULT " + json.dumps({"exact_match": score(args.model, Path(args.heldout), args.max_new_tokens,
-                                                             work / f"eval-{Path(args.model).name}")}))
+        print("RESULT " + json.dumps(score(args.model, Path(args.heldout), args.max_new_tokens,
+                                           work / f"eval-{Path(args.model).name}")))
     elif args.child == "sft+grpo":
         print("RESULT " + json.dumps(warm_then_grpo(work, args)))
     else:
@@ -168,7 +182,8 @@ def child(args) -> None:
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
            "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations),
-           "--max-new-tokens", str(args.max_new_tokens), *(["--dynamic-sampling"] if args.dynamic_sampling else [])]
+           "--max-new-tokens", str(args.max_new_tokens), "--overlong-weight", str(args.overlong_weight),
+           *(["--dynamic-sampling"] if args.dynamic_sampling else [])]
     for key, value in extra.items():
         cmd += [f"--{key}", value]
     print(f"running {kind} {extra.get('model', '')} ...", flush=True)
@@ -190,6 +205,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-4, help="GRPO learning rate (LoRA; SFT uses 2e-4 too)")
+    ap.add_argument("--overlong-weight", type=float, default=0.2,
+                    help="weight of GRPO's overlong penalty over the last third of --max-new-tokens (0: none)")
     ap.add_argument("--dynamic-sampling", action="store_true",
                     help="GRPO trains only on the groups whose rewards differ (objective.dynamic_sampling)")
     ap.add_argument("--warm-start", type=float, default=0.0,
@@ -211,24 +228,28 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout)
     report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
-              "lr": args.lr, "dynamic_sampling": args.dynamic_sampling}
-    report["base"] = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})["exact_match"]
-    print(f"base exact match {report['base']:.3f} ({'/'.join(map(str, args.ops))} operations)", flush=True)
+              "lr": args.lr, "overlong_weight": args.overlong_weight, "max_new_tokens": args.max_new_tokens,
+              "dynamic_sampling": args.dynamic_sampling}
+    base = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})
+    report["base"], report["base_by_ops"] = base["exact_match"], base["by_ops"]
+    print(f"base exact match {report['base']:.3f} ({'/'.join(map(str, args.ops))} operations; "
+          f"by operations {by_ops_text(base['by_ops'])})", flush=True)
     if not args.calibrate:
         kinds = [k for k in args.runs.split(",") if k] + (["sft+grpo"] if args.warm_start else [])
         data = {"grpo": train_file, "sft": sft_file, "sft+grpo": train_file}
         for kind in kinds:
             run = run_child(kind, args, data=str(data[kind]))
-            run["exact_match"] = run_child("score", args, model=run["run_dir"],
-                                           **{"heldout-file": str(heldout_file)})["exact_match"]
+            scored = run_child("score", args, model=run["run_dir"], **{"heldout-file": str(heldout_file)})
+            run["exact_match"], run["by_ops"] = scored["exact_match"], scored["by_ops"]
             report[kind] = run
         if args.svg and report.get("grpo", {}).get("rewards"):
             reward_svg(report["grpo"]["rewards"], args.svg)
-        print(f"\n{'model':8} {'exact match':>12} {'steps':>6} {'minutes':>8}")
-        print(f"{'base':8} {report['base']:12.3f}")
+        print(f"\n{'model':8} {'exact match':>12} {'steps':>6} {'minutes':>8}  by operations")
+        print(f"{'base':8} {report['base']:12.3f} {'':6} {'':8}  {by_ops_text(report['base_by_ops'])}")
         for kind in kinds:
             r = report[kind]
-            print(f"{kind:8} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}")
+            print(f"{kind:8} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}  "
+                  f"{by_ops_text(r['by_ops'])}")
     print(json.dumps(report))
 
 
