@@ -10,8 +10,9 @@ evaluation package's `last_number` extraction), the same for every model.
 Runs, each in its own process:
   base  the untrained model on the held-out problems;
   grpo  LoRA r 16, --generations answers per problem, rewards: correctness (last number) +
-        --overlong-weight (0.2) x overlong, lr --lr, for --minutes of wall-clock time (training.max_minutes); with
-        --dynamic-sampling only the groups whose rewards differ are trained on;
+        --overlong-weight (0.2) x overlong, lr --lr, for --minutes of wall-clock time
+        (training.max_minutes); with --dynamic-sampling only the groups whose rewards differ are
+        trained on;
   sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget;
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
         GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
@@ -70,7 +71,8 @@ def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int
     paths = work / "train.jsonl", work / "heldout.jsonl", work / "sft.jsonl"
     # Only the held-out rows keep `ops` (for the per-difficulty score); GRPO passes every train column
     # to its reward functions.
-    paths[0].write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows[:train]))
+    paths[0].write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n"
+                                for r in rows[:train]))
     paths[1].write_text("".join(json.dumps(r) + "\n" for r in rows[train:]))
     paths[2].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": f"The answer is {r['answer']}."})
                                 + "\n" for r in rows[:train]))
@@ -199,7 +201,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of each training run")
     ap.add_argument("--ops", type=int, nargs="+", default=[1],
-                    help="operations per problem, drawn per problem when several (SmolLM2-135M solves 25 %% of 1, 2 %% of 2)")
+                    help="operations per problem, drawn per problem when several "
+                         "(SmolLM2-135M solves 25 %% of 1, 2 %% of 2)")
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--generations", type=int, default=8)
