@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of each training run")
     ap.add_argument("--ops", type=int, nargs="+", default=[1],
                     help="operations per problem, drawn per problem when several "
-                         "(SmolLM2-135M solves 25 %% of 1, 2 %% of 2)")
+                         "(SmolLM2-135M solves 25 %% of 1, 2 %% of 2, 20 %% of 1 2 mixed)")
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--generations", type=int, default=8)
