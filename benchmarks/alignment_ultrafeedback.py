@@ -187,18 +187,18 @@ def score_gap_breakdown(run_dir: Path, heldout: Path, max_length: int) -> dict:
 
     from tunesmith.artifacts import load_trained
     from tunesmith.data.preference import collate_pairs
+    from tunesmith.objectives.reward import pair_rewards
 
     loaded = load_trained(run_dir)
     model, tok = loaded.model.eval(), loaded.tokenizer
     buckets: dict[str, list[int]] = {}
     for row, pair in eval_pairs(tok, heldout, max_length):
-        batch = collate_pairs([pair], tok.pad_token_id)
         with torch.no_grad():
-            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            chosen, rejected = pair_rewards(model, collate_pairs([pair], tok.pad_token_id))
         meta = row.data.get("metadata") or {}
         gap = float(meta.get("score_chosen", 0)) - float(meta.get("score_rejected", 0))
         bucket = "gap < 1" if gap < 1 else "1 <= gap < 3" if gap < 3 else "gap >= 3"
-        buckets.setdefault(bucket, []).append(int(scores[0] > scores[1]))
+        buckets.setdefault(bucket, []).append(int(chosen[0] > rejected[0]))
     return {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(buckets.items())}
 
 
