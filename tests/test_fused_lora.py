@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.methods.fused_lora import FusedLoraLinear, drop_mask
+from tunesmith.methods.fused_lora import FusedLoraLinear, drop_positions
 
 
 def _pair(dropout: float, seed: int = 0):
@@ -60,8 +60,9 @@ def test_dropout_matches_the_same_mask_applied_by_hand():
     out = layer(x)
     (out * 0.5).sum().backward()
     torch.manual_seed(7)
-    drop, kept = drop_mask(x.shape, 0.3, x.device)
-    keep = ~drop
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[drop_positions(x.numel(), 0.3)] = False
+    keep, kept = keep.view(x.shape), 0.7
     a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
     b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
@@ -74,15 +75,47 @@ def test_dropout_matches_the_same_mask_applied_by_hand():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_drop_mask_rate_and_exact_keep_probability(p):
+def test_drop_positions_are_independent_bernoulli_draws(p):
+    n = 200_000
     torch.manual_seed(0)
-    drop, kept = drop_mask(torch.Size([400, 500]), p, torch.device("cpu"))
-    assert drop.dtype == torch.bool and drop.shape == (400, 500)
-    assert abs(kept - (1 - p)) <= 0.5 / 65536
-    assert abs(1 - drop.float().mean().item() - kept) < 0.005  # 200k draws: sd ~0.0007
-    # Every lane of the 64-bit words is used: each quarter of the flat mask has the same rate.
-    lanes = drop.flatten()[: 200000].view(-1, 4).float().mean(0)
-    assert torch.all((1 - lanes - kept).abs() < 0.01)
+    pos = drop_positions(n, p)
+    assert pos.dtype == torch.int64 and int(pos[0]) >= 0 and int(pos[-1]) < n
+    assert torch.all(pos[1:] > pos[:-1])  # sorted, no repeats
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[pos] = True
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.float().mean().item() - p) < 5 * sd
+    # Independence: neighbours are both dropped at rate p^2, and every quarter has rate p.
+    both = (dropped[1:] & dropped[:-1]).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    assert torch.all((dropped.view(4, -1).float().mean(1) - p).abs() < 10 * sd)
+    # Gaps between drops are Geometric(p): P(gap = 1) = p, P(gap > 10) = (1 - p)^10.
+    gaps = (pos[1:] - pos[:-1]).float()
+    assert abs((gaps == 1).float().mean().item() - p) < 0.01
+    assert abs((gaps > 10).float().mean().item() - (1 - p) ** 10) < 0.01
+    # torch's seed decides the draw (seeded runs and resumed checkpoints repeat it).
+    torch.manual_seed(0)
+    assert torch.equal(drop_positions(n, p), pos)
+    assert not torch.equal(drop_positions(n, p)[:100], pos[:100])
+
+
+def test_drop_positions_tiny_and_total_rates():
+    torch.manual_seed(0)
+    assert torch.equal(drop_positions(7, 1.0), torch.arange(7))
+    counts = torch.zeros(3)
+    for _ in range(2000):  # n smaller than the gap draw's margin: the loop must cut at n
+        counts[drop_positions(3, 0.5)] += 1
+    assert torch.all((counts / 2000 - 0.5).abs() < 0.05)
+
+
+def test_dropout_one_leaves_only_the_base_output():
+    _, fused = _pair(dropout=1.0)
+    layer = fused.base_model.model[2].train()
+    x = torch.randn(5, 32, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, layer.base_layer(x))
+    out.sum().backward()
+    assert torch.count_nonzero(layer.lora_A["default"].weight.grad) == 0
 
 
 def test_dropout_is_unbiased_in_expectation():
