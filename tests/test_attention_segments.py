@@ -130,3 +130,30 @@ def test_segments_read_restarts_and_continuations():
         [(0, 5, -1, 0), (5, 8, 0, 3), (8, 9, 0, 3), (9, 11, -1, 0)]]
     # A jump past anything its example has seen is not a continuation (stays inside, as before).
     assert _segments(torch.tensor([[0, 1, 5, 6, 0, 1]])) == [[(0, 4, -1, 0), (4, 6, -1, 0)]]
+
+
+def test_cpu_bf16_autocast_runs_the_attention_kernel_in_fp32(pair, monkeypatch):
+    """bf16 q, k, v are cast to fp32 for PyTorch's CPU flash kernel, and autocast must not cast them back.
+
+    Under bf16 autocast `scaled_dot_product_attention` is a lower-precision op: without the
+    autocast guard the kernel ran in bf16, whose backward is ~3x slower (docs/benchmarks.md).
+    """
+    import tunesmith.attention as attention
+
+    _, ours = pair
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        seen.append((q.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 100, (1, 12))
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours.to(torch.bfloat16)(input_ids=ids, position_ids=pos, use_cache=False).logits
+    logits.float().sum().backward()
+    assert seen and all(q == torch.float32 and out == torch.float32 for q, out in seen)
+    assert logits.dtype == torch.bfloat16

@@ -79,11 +79,18 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     gqa = query.shape[1] != key.shape[1]
     dtype = query.dtype
     if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU flash-attention backward is 1.5-2x slower in bf16 than in fp32 for
+        # PyTorch's CPU flash-attention backward is ~3x slower in bf16 than in fp32 for
         # example-sized blocks (measured in docs/benchmarks.md); q, k, v are small to cast.
         query, key, value = query.float(), key.float(), value.float()
+    # Under bf16 autocast SDPA is a lower-precision op: autocast would cast q, k, v back to bf16.
+    with torch.autocast(query.device.type, enabled=False):
+        out = _segment_rows(query, key, value, _segments(position_ids), dropout, scaling, gqa, dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _segment_rows(query, key, value, bounds, dropout, scaling, gqa, dtype):
     rows = []
-    for b, row in enumerate(_segments(position_ids)):
+    for b, row in enumerate(bounds):
         parts = []
         for start, end, root, shared in row:
             q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
@@ -98,8 +105,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
                                                      enable_gqa=gqa)
             parts.append(out.to(dtype))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 def segment_mask(*args, attention_mask=None, **kwargs):
