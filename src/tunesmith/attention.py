@@ -78,12 +78,16 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
                                       position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     dtype = query.dtype
-    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU flash-attention backward is ~3x slower in bf16 than in fp32 for
-        # example-sized blocks (measured in docs/benchmarks.md); q, k, v are small to cast.
-        query, key, value = query.float(), key.float(), value.float()
-    # Under bf16 autocast SDPA is a lower-precision op: autocast would cast q, k, v back to bf16.
-    with torch.autocast(query.device.type, enabled=False):
+    device = query.device.type
+    # Under autocast q and k may arrive in fp32 (rotary embeddings promote them) and v in bf16.
+    # SDPA is a lower-precision op there, so autocast would cast all three to bf16; on CPU that
+    # picks PyTorch's flash backward at its slowest (~3x fp32 for example-sized blocks, measured
+    # in docs/benchmarks.md), so on CPU they are cast to fp32 instead, and autocast is kept off.
+    common = torch.float32 if device == "cpu" else (
+        torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    if common is not None:
+        query, key, value = query.to(common), key.to(common), value.to(common)
+    with torch.autocast(device, enabled=False):
         out = _segment_rows(query, key, value, _segments(position_ids), dropout, scaling, gqa, dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -35,8 +35,9 @@ PROXY_LAYERS = 2
 PROXY_MAX_TOKENS = 512
 TIME_PER_CANDIDATE = 1.0  # seconds of timed proxy steps per candidate (3 to MAX_REPEATS rounds)
 MAX_REPEATS = 6
-# Part of the cache key: a choice timed by an earlier, noisier way of timing is not reused.
-TIMING_VERSION = 2
+# Part of the cache key: a choice timed by an earlier, noisier way of timing, or timed while
+# the bf16 step still ran its CPU attention in bf16 (before version 3), is not reused.
+TIMING_VERSION = 3
 TIE_MARGIN = 0.05  # step times this close are within run-to-run noise on a shared 2-core machine
 # Candidate -> (dtype of the frozen weights, bf16 autocast on); bf16-weights needs a frozen base.
 CANDIDATES = {"fp32": (torch.float32, False), "bf16": (torch.float32, True), "bf16-weights": (torch.bfloat16, True)}
