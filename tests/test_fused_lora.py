@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.methods.fused_lora import FusedLoraLinear, drop_positions
+from tunesmith.methods.fused_lora import FusedLoraLinear, _zero_dropped, drop_positions
 
 
 def _pair(dropout: float, seed: int = 0):
@@ -106,6 +106,17 @@ def test_drop_positions_tiny_and_total_rates():
     for _ in range(2000):  # n smaller than the gap draw's margin: the loop must cut at n
         counts[drop_positions(3, 0.5)] += 1
     assert torch.all((counts / 2000 - 0.5).abs() < 0.05)
+
+
+def test_a_mask_and_its_positions_zero_the_same_elements():
+    """Accelerators draw a bool mask, CPUs flat positions; both must zero the same gradient entries."""
+    torch.manual_seed(0)
+    t = torch.randn(6, 10)
+    mask = torch.rand(6, 10) < 0.3
+    by_mask = _zero_dropped(t.clone(), mask)
+    by_positions = _zero_dropped(t.clone(), mask.flatten().nonzero().flatten())
+    torch.testing.assert_close(by_mask, by_positions, rtol=0, atol=0)
+    torch.testing.assert_close(by_mask, t * ~mask, rtol=0, atol=0)
 
 
 def test_dropout_one_leaves_only_the_base_output():
