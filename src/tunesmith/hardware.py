@@ -91,10 +91,12 @@ def keep_freed_memory() -> bool:
     By default glibc trims the top of the heap as soon as more than twice its (dynamic) mmap
     threshold is free, so a training step that frees its activations faults them in again, page
     by page, on the next step; on a VM those faults cost more than the element-wise ops that
-    touch the pages (docs/benchmarks.md). Here up to 1 GB of free heap is kept. glibc's dynamic
-    mmap threshold is left alone: fixing it at its 32 MB maximum as well made small-tensor runs
-    (the SST-2 encoder benchmark) 10 % slower. Off with TUNESMITH_MALLOC=default; a no-op off
-    glibc. True when applied.
+    touch the pages (docs/benchmarks.md). Here up to 1 GB of free heap is kept. Setting the trim
+    threshold also turns glibc's dynamic mmap threshold off (mallopt(3)), so blocks over 128 KB
+    stay mmapped and are faulted in on each use (~86k minor faults per SmolLM2 LoRA step); fixing
+    that threshold at its 32 MB maximum made small-tensor runs (the SST-2 encoder benchmark) 10 %
+    slower once, and gained only ~3 %, within noise, on the SmolLM2 step (2026-12-04), so it is
+    left at 128 KB. Off with TUNESMITH_MALLOC=default; a no-op off glibc. True when applied.
     """
     if os.environ.get("TUNESMITH_MALLOC", "").lower() == "default" or device_type() != "cpu":
         return False
