@@ -119,6 +119,23 @@ def test_a_mask_and_its_positions_zero_the_same_elements():
     torch.testing.assert_close(by_mask, t * ~mask, rtol=0, atol=0)
 
 
+def test_backward_keeps_the_input_not_a_dropped_copy():
+    """Activation memory: layers reading one input (q, k and v) keep that one tensor for backward, and the
+    dropped positions as int32, however many layers draw their own dropout."""
+    _, fused = _pair(dropout=0.1)
+    first = fused.base_model.model[0].train()
+    x = torch.randn(4, 7, 24, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [first(x), first(x)]  # two draws over the same input, as q and k do
+    wide = [t for t in saved if t.numel() == x.numel()]
+    assert len(wide) == 2 and all(t.data_ptr() == x.data_ptr() for t in wide)
+    positions = [t for t in saved if t.dim() == 1 and not t.is_floating_point()]
+    assert len(positions) == 2 and all(t.dtype == torch.int32 for t in positions)
+    sum(o.sum() for o in outs).backward()  # and backward still runs from what was kept
+    assert x.grad is not None and first.lora_A["default"].weight.grad.abs().sum() > 0
+
+
 def test_dropout_one_leaves_only_the_base_output():
     _, fused = _pair(dropout=1.0)
     layer = fused.base_model.model[2].train()

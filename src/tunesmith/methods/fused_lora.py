@@ -10,7 +10,9 @@ On a CPU the dropout mask is never drawn element by element: the gaps between dr
 of independent Bernoulli(p) draws are i.i.d. geometric, so `drop_positions` draws only the ~n·p
 gaps (by inversion, from numpy's SFC64 seeded by one draw of torch's generator) and returns the
 dropped elements' flat indices; x is copied and those elements zeroed with one index_fill, and
-the same indices zero the input gradient in backward. That is exact dropout at rate p; at
+the same indices zero the input gradient in backward. Backward keeps x and the indices (int32), not
+the copy, and rebuilds it for A's gradient: q, k and v read one x, so a layer keeps one tensor
+where it kept three dropped copies. That is exact dropout at rate p; at
 p = 0.05 it halved what dropout costs a bf16 step of SmolLM2 (docs/benchmarks.md). On an accelerator the
 generator is on-device and a dense mask is cheap, so a boolean mask is drawn there. The kept
 values' 1 / (1 - p) rescale is folded into A (an r x in matrix), the LoRA scale into B (r x out),
@@ -101,11 +103,19 @@ def _draw_drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _zero_dropped(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """Zero, in place, the elements of contiguous `t` that `_draw_drop` dropped."""
+    """Zero, in place, the elements of contiguous `t` that `_draw_drop` dropped (flat indices of any
+    integer dtype, or a mask)."""
     if drop.dtype == torch.bool:
         return t.view(drop.shape).masked_fill_(drop, 0).view_as(t)
-    t.view(-1).index_fill_(0, drop, 0)
+    t.view(-1).index_fill_(0, drop.long(), 0)
     return t
+
+
+def _compact(drop: torch.Tensor | None, numel: int) -> torch.Tensor | None:
+    """What backward keeps of the dropped positions: int32 indices where they fit (half of int64's memory)."""
+    if drop is not None and drop.dtype == torch.int64 and numel < 2**31:
+        return drop.to(torch.int32)
+    return drop
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -127,10 +137,12 @@ class _LoraLinear(torch.autograd.Function):
                 a = a * inv
             else:
                 xd = xc
-            flat_x = xd.reshape(-1, xd.shape[-1])
-            h = flat_x @ a.t()
+            h = xd.reshape(-1, xd.shape[-1]) @ a.t()
             out.view(-1, out.shape[-1]).addmm_(h, bs.t())
-        ctx.save_for_backward(flat_x, drop, h, w, a, bs)
+        # Backward keeps x, not its dropped copy: x is usually the same tensor for q, k and v (or gate and
+        # up) and rebuilding the copy costs one memcpy and one index_fill, where keeping a copy per layer
+        # costs (tokens x in) per LoRA module of a step's activation memory.
+        ctx.save_for_backward(xc, _compact(drop, xc.numel()), h, w, a, bs)
         ctx.inv, ctx.scaling, ctx.bias_grad = inv, scaling, bias is not None and bias.requires_grad
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
         ctx.x_dtype = x.dtype
@@ -138,7 +150,7 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        flat_x, drop, h, w, a, bs = ctx.saved_tensors
+        xc, drop, h, w, a, bs = ctx.saved_tensors
         a_dtype, b_dtype, bias_dtype = ctx.param_dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         gh = g @ bs  # (tokens, r)
@@ -150,6 +162,9 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = torch.addmm(gxd, g, w).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
         grad_a = None
         if ctx.needs_input_grad[3]:
+            flat_x = xc.reshape(-1, xc.shape[-1])
+            if drop is not None:
+                flat_x = _zero_dropped(flat_x.clone(memory_format=torch.contiguous_format), drop)
             grad_a = gh.t() @ flat_x
             grad_a = (grad_a.mul_(ctx.inv) if drop is not None else grad_a).to(a_dtype)
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[4] else None
