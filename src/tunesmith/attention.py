@@ -58,7 +58,9 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]
     return bounds
 
 
-@functools.lru_cache(maxsize=512)
+# A few dozen entries cover a step's repeats (online RL's answers cut at the same length); a mask is
+# length x (shared + length) bools, so 512 entries of 2,048-token answers could hold GBs of masks.
+@functools.lru_cache(maxsize=32)
 def _continuation_mask(length: int, shared: int, device: str) -> torch.Tensor:
     """(length, shared + length) bool: every shared prefix token, then causal over the run itself."""
     own = torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -92,11 +92,12 @@ def keep_freed_memory() -> bool:
     threshold is free, so a training step that frees its activations faults them in again, page
     by page, on the next step; on a VM those faults cost more than the element-wise ops that
     touch the pages (docs/benchmarks.md). Here up to 1 GB of free heap is kept. Setting the trim
-    threshold also turns glibc's dynamic mmap threshold off (mallopt(3)), so blocks over 128 KB
-    stay mmapped and are faulted in on each use (~86k minor faults per SmolLM2 LoRA step); fixing
-    that threshold at its 32 MB maximum made small-tensor runs (the SST-2 encoder benchmark) 10 %
-    slower once, and gained only ~3 %, within noise, on the SmolLM2 step (2026-12-04), so it is
-    left at 128 KB. Off with TUNESMITH_MALLOC=default; a no-op off glibc. True when applied.
+    threshold also stops glibc's dynamic mmap threshold where it stands (mallopt(3)), so which
+    blocks are mmapped depends on what the process freed before: after tunesmith's imports alone
+    1 MB blocks come from the heap and 2 MB ones are mmapped; in a LoRA DPO run of SmolLM2 the 1-3 MB
+    activations all came from the heap (mallinfo2, 2026-12-04). Freed heap can strand between live
+    blocks; `HeapGuard` hands it back past a slack. Off with TUNESMITH_MALLOC=default; a no-op off
+    glibc. True when applied.
     """
     if os.environ.get("TUNESMITH_MALLOC", "").lower() == "default" or device_type() != "cpu":
         return False
@@ -140,27 +141,37 @@ def trim_heap() -> None:
 
 
 class HeapGuard:
-    """Hands glibc's free heap back to the kernel when the process has grown between steps.
+    """Hands glibc's free heap back to the kernel when the process has grown past its settled size.
 
     Freed tensor memory that glibc keeps (keep_freed_memory, and free chunks stranded between
     live ones) is reused by the next step, but some step shapes strand it faster than it is
     reused: a QLoRA step of SmolLM2 through bitsandbytes' CPU kernels left 1.5-3 GB more resident
     after every step with no live tensor growing, so a CPU QLoRA run grew until it was killed;
     `malloc_trim(0)` returns it (measured in docs/reliability.md). The guard takes the resident
-    size after the first step as the settled level and trims only when a later step ends more
-    than `slack` above it, so runs whose heap is stable pay nothing.
+    size after the first optimizer step as the settled level and trims only when a later
+    micro-batch or step ends more than `slack` above it, so runs whose heap is stable pay nothing.
+    Micro-batches are checked too because rows of varying length (DPO's packed pairs) strand
+    memory within one accumulation window: a LoRA DPO run of SmolLM2 peaked 170 MB lower
+    (docs/alignment.md).
     """
 
     def __init__(self, slack: int = 512 << 20):
         self.slack, self.settled, self.trims = slack, None, 0
         self._trim = _malloc_trim()
 
+    def after_micro_batch(self) -> None:
+        if self._trim is not None and self.settled is not None:
+            self._trim_past_slack()
+
     def after_step(self) -> None:
         if self._trim is None:
             return
-        rss = rss_bytes()
         if self.settled is None:
-            self.settled = rss
-        elif rss > self.settled + self.slack:
+            self.settled = rss_bytes()
+        else:
+            self._trim_past_slack()
+
+    def _trim_past_slack(self) -> None:
+        if rss_bytes() > self.settled + self.slack:
             self._trim(0)
             self.trims += 1

@@ -381,6 +381,7 @@ def fit(
                             f"Try a lower training.learning_rate, training.max_grad_norm, or fp32/bf16 precision."
                         )
                     accelerator.backward(loss)
+                    heap.after_micro_batch()
                     step_loss += float(loss.detach()) / world
                     add_logs(step_logs, out.logs)
                     step_tokens += batch_tokens(cpu_batch)
