@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +50,6 @@ def _wandb_records(run_folder: Path):
     """The records of an offline run's .wandb file (wandb 0.31 has no Python reader for it): a
     7-byte header, then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle,
     4 last), each record a wandb_internal_pb2.Record."""
-    import struct
-
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = next(run_folder.glob("run-*.wandb")).read_bytes()
@@ -68,6 +68,18 @@ def _wandb_records(run_folder: Path):
             yield record
 
 
+def _has_exit_record(run_folder: Path) -> bool:
+    from google.protobuf.message import DecodeError
+
+    logs = list(run_folder.glob("run-*.wandb"))
+    if not logs or logs[0].stat().st_size < 7:
+        return False
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(run_folder))
+    except (DecodeError, struct.error):  # a record still being written
+        return False
+
+
 def _items(items) -> dict:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
@@ -80,6 +92,13 @@ def test_wandb_offline_run_holds_the_metrics_and_final_results(run_config, tmp_p
     result = tunesmith.train(cfg, echo=lambda m: None)
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    # wandb's service process writes the transaction log after run.finish() returns (under load the
+    # file held only its 7-byte header when train returned and 19 records 3 s later): wait for the
+    # run's exit record, which is written last.
+    deadline = time.monotonic() + 60
+    while not _has_exit_record(runs[0]):
+        assert time.monotonic() < deadline, "the offline run's .wandb file never got its exit record"
+        time.sleep(0.2)
     history, summary = {}, {}
     for record in _wandb_records(runs[0]):
         kind = record.WhichOneof("record_type")
