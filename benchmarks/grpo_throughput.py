@@ -147,7 +147,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     work = Path(tempfile.mkdtemp(prefix="tunesmith-grpo-bench-"))
-    train, _, _ = write_splits(work, ops=1, train=400, heldout=0)
+    train, _, _ = write_splits(work, ops=[1], train=400, heldout=0)
     from tunesmith.config import ModelConfig
     from tunesmith.models import materialize
 

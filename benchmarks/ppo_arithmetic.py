@@ -143,7 +143,7 @@ def main() -> None:
         return child(args)
     args.work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-ppo-arith-"))
     args.work.mkdir(parents=True, exist_ok=True)
-    train, heldout, _ = write_splits(args.work, 1, args.train, args.heldout)
+    train, heldout, _ = write_splits(args.work, [1], args.train, args.heldout)
     pairs = preference_pairs(train, args.work / "pairs_train.jsonl", seed=1)
     pairs_heldout = preference_pairs(heldout, args.work / "pairs_heldout.jsonl", seed=2)
     report = {"train": args.train, "heldout": args.heldout, "minutes": args.minutes}
