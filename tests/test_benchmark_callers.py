@@ -1,0 +1,44 @@
+"""Benchmark scripts run only by hand, so a helper's changed signature can break a caller unnoticed
+(grpo_throughput and ppo_arithmetic passed `ops=1` after write_splits took a list). Each call of
+grpo_arithmetic.write_splits in benchmarks/ is run here with the caller's own literal arguments."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _calls():
+    for script in sorted(BENCH.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        imports = any(isinstance(n, ast.ImportFrom) and n.module == "grpo_arithmetic"
+                      and any(a.name == "write_splits" for a in n.names) for n in ast.walk(tree))
+        if script.name == "grpo_arithmetic.py" or imports:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "write_splits":
+                    yield pytest.param(script.name, node, id=f"{script.name}:{node.lineno}")
+
+
+@pytest.mark.parametrize(("script", "call"), list(_calls()))
+def test_write_splits_callers_pass_what_it_takes(script, call, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("grpo_arithmetic", None)
+    from grpo_arithmetic import write_splits
+
+    def literal(node, name):
+        try:
+            return ast.literal_eval(node)
+        except ValueError:  # a variable such as args.ops: its argparse type decides, use a small valid value
+            return {"ops": [1], "train": 4, "heldout": 2}.get(name, 4)
+
+    names = ["work", "ops", "train", "heldout"]
+    kwargs = {name: literal(arg, name) for name, arg in zip(names[1:], call.args[1:])}
+    kwargs |= {k.arg: literal(k.value, k.arg) for k in call.keywords if k.arg != "work"}
+    kwargs = {k: (min(v, 4) if k in ("train", "heldout") and isinstance(v, int) else v) for k, v in kwargs.items()}
+    paths = write_splits(tmp_path, **kwargs)
+    assert all(Path(p).exists() for p in paths)
