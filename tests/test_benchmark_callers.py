@@ -30,15 +30,11 @@ def test_write_splits_callers_pass_what_it_takes(script, call, tmp_path, monkeyp
     sys.modules.pop("grpo_arithmetic", None)
     from grpo_arithmetic import write_splits
 
-    def literal(node, name):
-        try:
-            return ast.literal_eval(node)
-        except ValueError:  # a variable such as args.ops: its argparse type decides, use a small valid value
-            return {"ops": [1], "train": 4, "heldout": 2}.get(name, 4)
-
-    names = ["work", "ops", "train", "heldout"]
-    kwargs = {name: literal(arg, name) for name, arg in zip(names[1:], call.args[1:])}
-    kwargs |= {k.arg: literal(k.value, k.arg) for k in call.keywords if k.arg != "work"}
-    kwargs = {k: (min(v, 4) if k in ("train", "heldout") and isinstance(v, int) else v) for k, v in kwargs.items()}
-    paths = write_splits(tmp_path, **kwargs)
+    # Only `ops` changed type; the sizes are cut to a few rows. A variable (args.ops) gets what argparse gives.
+    given = call.args[1] if len(call.args) > 1 else next(k.value for k in call.keywords if k.arg == "ops")
+    try:
+        ops = ast.literal_eval(given)
+    except ValueError:
+        ops = [1]
+    paths = write_splits(tmp_path, ops=ops, train=4, heldout=2)
     assert all(Path(p).exists() for p in paths)

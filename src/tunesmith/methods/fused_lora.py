@@ -103,11 +103,10 @@ def _draw_drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _zero_dropped(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """Zero, in place, the elements of contiguous `t` that `_draw_drop` dropped (flat indices of any
-    integer dtype, or a mask)."""
+    """Zero, in place, the elements of contiguous `t` that `_draw_drop` dropped."""
     if drop.dtype == torch.bool:
         return t.view(drop.shape).masked_fill_(drop, 0).view_as(t)
-    t.view(-1).index_fill_(0, drop.long(), 0)
+    t.view(-1).index_fill_(0, drop, 0)
     return t
 
 
@@ -151,6 +150,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xc, drop, h, w, a, bs = ctx.saved_tensors
+        if drop is not None and drop.dtype == torch.int32:
+            drop = drop.long()  # index_fill_ takes int64; widened once for both uses below
         a_dtype, b_dtype, bias_dtype = ctx.param_dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         gh = g @ bs  # (tokens, r)
