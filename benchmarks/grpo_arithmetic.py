@@ -13,7 +13,8 @@ Runs, each in its own process:
         --overlong-weight (0.2) x overlong, lr --lr, for --minutes of wall-clock time
         (training.max_minutes); with --dynamic-sampling only the groups whose rewards differ are
         trained on;
-  sft   LoRA r 16 on the same problems with "The answer is N." as the answer, same budget;
+  sft   LoRA r 16 on the same problems' reference answers, same budget: "The answer is N." or, with
+        --reference worked, the worked solution ("12 + 5 = 17. 17 * 3 = 51. The answer is 51.");
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
         GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
         then RL) against SFT alone in the same total wall-clock time.
@@ -42,29 +43,43 @@ THINGS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards",
 
 
 def problem(rng: random.Random, ops: int) -> dict:
-    """A word problem of `ops` chained operations whose running total stays a positive integer."""
+    """A word problem of `ops` chained operations whose running total stays a positive integer, with its
+    worked solution (one equation per operation)."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     total = rng.randint(3, 20)
-    text = [f"{name} has {total} {thing}."]
+    text, steps = [f"{name} has {total} {thing}."], []
     for _ in range(ops):
         kind = rng.choice(["add", "sub", "mul"] if total < 50 else ["add", "sub"])
+        before = total
         if kind == "add":
             n = rng.randint(2, 20)
             text.append(f"{name} gets {n} more.")
             total += n
+            steps.append(f"{before} + {n} = {total}.")
         elif kind == "sub" and total > 2:
             n = rng.randint(1, total - 1)
             text.append(f"{name} gives away {n}.")
             total -= n
+            steps.append(f"{before} - {n} = {total}.")
         else:
             n = rng.randint(2, 4)
             text.append(f"Then the number of {thing} becomes {n} times as many.")
             total *= n
+            steps.append(f"{before} * {n} = {total}.")
     text.append(f"How many {thing} does {name} have now? Answer with the number.")
-    return {"prompt": " ".join(text), "answer": str(total), "ops": ops}
+    return {"prompt": " ".join(text), "answer": str(total), "ops": ops,
+            "worked": " ".join(steps) + f" The answer is {total}."}
 
 
-def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int = 0) -> tuple[Path, Path, Path]:
+REFERENCES = ("direct", "worked")
+
+
+def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int = 0,
+                 reference: str = "direct") -> tuple[Path, Path, Path]:
+    """train.jsonl (GRPO's prompts), heldout.jsonl and sft.jsonl, whose answers are `reference`:
+    "direct" ("The answer is N.") or "worked" (one equation per operation, then the answer)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     rng = random.Random(seed)
     # One --ops value draws nothing extra, so the one-operation task is the same as before mixing existed.
     rows = [problem(rng, ops[0] if len(ops) == 1 else rng.choice(ops)) for _ in range(train + heldout)]
@@ -73,9 +88,11 @@ def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int
     # to its reward functions.
     paths[0].write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n"
                                 for r in rows[:train]))
-    paths[1].write_text("".join(json.dumps(r) + "\n" for r in rows[train:]))
-    paths[2].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": f"The answer is {r['answer']}."})
-                                + "\n" for r in rows[:train]))
+    paths[1].write_text("".join(json.dumps({k: r[k] for k in ("prompt", "answer", "ops")}) + "\n"
+                                for r in rows[train:]))
+    answer = (lambda r: r["worked"]) if reference == "worked" else (lambda r: f"The answer is {r['answer']}.")
+    paths[2].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": answer(r)}) + "\n"
+                                for r in rows[:train]))
     return paths
 
 
@@ -214,6 +231,9 @@ def main() -> None:
                     help="GRPO trains only on the groups whose rewards differ (objective.dynamic_sampling)")
     ap.add_argument("--warm-start", type=float, default=0.0,
                     help="also run sft+grpo: SFT for this many minutes, then GRPO for the rest of --minutes")
+    ap.add_argument("--reference", choices=REFERENCES, default="direct",
+                    help="the reference answers SFT (and the --warm-start) trains on: the number alone, "
+                         "or the worked solution with one equation per operation")
     ap.add_argument("--runs", default="grpo,sft", help="which training runs (grpo, sft; sft+grpo is added by --warm-start)")
     ap.add_argument("--calibrate", action="store_true", help="only score the base model")
     ap.add_argument("--svg", type=Path, help="write the GRPO reward curve here")
@@ -229,10 +249,12 @@ def main() -> None:
         return
     args.work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-grpo-arith-"))
     args.work.mkdir(parents=True, exist_ok=True)
-    train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout)
+    train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout,
+                                                        reference=args.reference)
     report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
               "lr": args.lr, "overlong_weight": args.overlong_weight, "max_new_tokens": args.max_new_tokens,
-              "dynamic_sampling": args.dynamic_sampling}
+              "dynamic_sampling": args.dynamic_sampling, "reference": args.reference,
+              "warm_start": args.warm_start}
     base = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})
     report["base"], report["base_by_ops"] = base["exact_match"], base["by_ops"]
     print(f"base exact match {report['base']:.3f} ({'/'.join(map(str, args.ops))} operations; "
