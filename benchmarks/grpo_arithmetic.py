@@ -17,7 +17,7 @@ Runs, each in its own process:
         --reference worked, the worked solution ("12 + 5 = 17. 17 * 3 = 51. The answer is 51.");
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
         GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
-        then RL) against SFT alone in the same total wall-clock time.
+        then RL) against SFT alone in the same total wall-clock time; the warm start is scored alone too.
 Reported: held-out exact match of each, steps, minutes, and the GRPO reward curve
 (docs/img/grpo_arithmetic_reward.svg with --svg).
 
@@ -266,6 +266,11 @@ def main() -> None:
             run = run_child(kind, args, data=str(data[kind]))
             scored = run_child("score", args, model=run["run_dir"], **{"heldout-file": str(heldout_file)})
             run["exact_match"], run["by_ops"] = scored["exact_match"], scored["by_ops"]
+            if kind == "sft+grpo":
+                # The warm start alone, so the table shows what the GRPO minutes added (or lost) on top of it.
+                warm = run_child("score", args, model=str(args.work / "warm" / "merged"),
+                                 **{"heldout-file": str(heldout_file)})
+                run["warm_exact_match"], run["warm_by_ops"] = warm["exact_match"], warm["by_ops"]
             report[kind] = run
         if args.svg and report.get("grpo", {}).get("rewards"):
             reward_svg(report["grpo"]["rewards"], args.svg)
@@ -275,6 +280,9 @@ def main() -> None:
             r = report[kind]
             print(f"{kind:8} {r['exact_match']:12.3f} {r['steps']:6d} {r['train_minutes']:8.1f}  "
                   f"{by_ops_text(r['by_ops'])}")
+            if "warm_exact_match" in r:
+                print(f"{'(warm)':8} {r['warm_exact_match']:12.3f} {r['sft_steps']:6d} {r['sft_minutes']:8.1f}  "
+                      f"{by_ops_text(r['warm_by_ops'])}")
     print(json.dumps(report))
 
 
