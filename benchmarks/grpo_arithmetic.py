@@ -129,6 +129,7 @@ def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes
     lora = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     if kind == "grpo":
         objective = {"type": "grpo", "num_generations": args.generations, "max_completion_length": args.max_new_tokens,
+                     "temperature": args.temperature,
                      "rewards": [{"function": "correctness", "args": {"extract": "last_number"}},
                                  *([{"function": "overlong", "weight": args.overlong_weight,
                                      "args": {"max_length": args.max_new_tokens, "buffer": args.max_new_tokens // 3}}]
@@ -200,7 +201,8 @@ def child(args) -> None:
 
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
-           "--lr", str(args.lr), "--warm-start", str(args.warm_start), "--generations", str(args.generations),
+           "--lr", str(args.lr), "--temperature", str(args.temperature), "--warm-start", str(args.warm_start),
+           "--generations", str(args.generations),
            "--max-new-tokens", str(args.max_new_tokens), "--overlong-weight", str(args.overlong_weight),
            *(["--dynamic-sampling"] if args.dynamic_sampling else [])]
     for key, value in extra.items():
@@ -225,6 +227,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-4, help="GRPO learning rate (LoRA; SFT uses 2e-4 too)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="GRPO's sampling temperature (its log-probs are taken under the same temperature)")
     ap.add_argument("--overlong-weight", type=float, default=0.2,
                     help="weight of GRPO's overlong penalty over the last third of --max-new-tokens (0: none)")
     ap.add_argument("--dynamic-sampling", action="store_true",
@@ -252,7 +256,8 @@ def main() -> None:
     train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout,
                                                         reference=args.reference)
     report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
-              "lr": args.lr, "overlong_weight": args.overlong_weight, "max_new_tokens": args.max_new_tokens,
+              "lr": args.lr, "temperature": args.temperature, "overlong_weight": args.overlong_weight,
+              "max_new_tokens": args.max_new_tokens,
               "dynamic_sampling": args.dynamic_sampling, "reference": args.reference,
               "warm_start": args.warm_start}
     base = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})
