@@ -166,17 +166,20 @@ def run_config(tiny_model_dir, alpaca_file, tmp_path):
 
 
 def build_wordpiece_tokenizer(folder: Path):
-    """A BERT-style WordPiece tokenizer ([CLS] ... [SEP], [MASK]) trained on WORDS."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer ([CLS] ... [SEP], [MASK]) over WORDS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # A vocabulary written out, not trained: tokenizers' WordPieceTrainer breaks ties differently from one
+    # process to the next (274 or 276 tokens), which gave every BERT test a different model each session.
+    words = sorted({w.lower() for w in WORDS})
+    letters = sorted(set("".join(words)))
+    vocab = [*special, *letters, *(f"##{c}" for c in letters), *(w for w in words if len(w) > 1)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, len(WORDS), 7)]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=special))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
