@@ -352,3 +352,15 @@ def classification_tasks(tmp_path, *, sentiment_rows: int = 4) -> list[dict]:
         {"name": "topic", "data": {"train": str(topic), "max_length": 32, "split": {"validation_ratio": 0.25}},
          "objective": {"type": "classification"}},
     ]
+
+
+@pytest.fixture()
+def grpo_arithmetic(monkeypatch):
+    """benchmarks/grpo_arithmetic.py as a module, imported afresh (benchmarks/ is not a package)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("grpo_arithmetic", None)
+    import grpo_arithmetic
+
+    return grpo_arithmetic

@@ -5,7 +5,6 @@ grpo_arithmetic.write_splits in benchmarks/ is run here with the caller's own li
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,12 @@ def _calls():
 
 
 @pytest.mark.parametrize(("script", "call"), list(_calls()))
-def test_write_splits_callers_pass_what_it_takes(script, call, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("grpo_arithmetic", None)
-    from grpo_arithmetic import write_splits
-
+def test_write_splits_callers_pass_what_it_takes(script, call, tmp_path, grpo_arithmetic):
     # Only `ops` changed type; the sizes are cut to a few rows. A variable (args.ops) gets what argparse gives.
     given = call.args[1] if len(call.args) > 1 else next(k.value for k in call.keywords if k.arg == "ops")
     try:
         ops = ast.literal_eval(given)
     except ValueError:
         ops = [1]
-    paths = write_splits(tmp_path, ops=ops, train=4, heldout=2)
+    paths = grpo_arithmetic.write_splits(tmp_path, ops=ops, train=4, heldout=2)
     assert all(Path(p).exists() for p in paths)

@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-@pytest.fixture()
-def task(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("grpo_arithmetic", None)
-    import grpo_arithmetic
-
-    return grpo_arithmetic
-
-
-def test_worked_solutions_chain_correct_equations_to_the_answer(task, tmp_path):
-    _, heldout, sft = task.write_splits(tmp_path, ops=[1, 2], train=200, heldout=5, reference="worked")
+def test_worked_solutions_chain_correct_equations_to_the_answer(grpo_arithmetic, tmp_path):
+    _, heldout, sft = grpo_arithmetic.write_splits(tmp_path, ops=[1, 2], train=200, heldout=5, reference="worked")
     rows = [json.loads(line) for line in sft.read_text().splitlines()]
     assert len(rows) == 200
     for row in rows:
@@ -40,18 +27,18 @@ def test_worked_solutions_chain_correct_equations_to_the_answer(task, tmp_path):
     assert {len(json.loads(line)) for line in heldout.read_text().splitlines()} == {3}
 
 
-def test_direct_reference_is_unchanged_and_the_same_problems(task, tmp_path):
+def test_direct_reference_is_unchanged_and_the_same_problems(grpo_arithmetic, tmp_path):
     direct = tmp_path / "direct"
     worked = tmp_path / "worked"
     direct.mkdir(), worked.mkdir()
-    d = task.write_splits(direct, ops=[1], train=20, heldout=5)
-    w = task.write_splits(worked, ops=[1], train=20, heldout=5, reference="worked")
+    d = grpo_arithmetic.write_splits(direct, ops=[1], train=20, heldout=5)
+    w = grpo_arithmetic.write_splits(worked, ops=[1], train=20, heldout=5, reference="worked")
     assert d[0].read_text() == w[0].read_text() and d[1].read_text() == w[1].read_text()
     answers = [json.loads(line)["answer"] for line in d[0].read_text().splitlines()]
     assert [json.loads(line)["completion"] for line in d[2].read_text().splitlines()] == \
         [f"The answer is {a}." for a in answers]
 
 
-def test_unknown_reference_is_refused(task, tmp_path):
+def test_unknown_reference_is_refused(grpo_arithmetic, tmp_path):
     with pytest.raises(ValueError, match="reference must be one of"):
-        task.write_splits(tmp_path, ops=[1], train=2, heldout=1, reference="cot")
+        grpo_arithmetic.write_splits(tmp_path, ops=[1], train=2, heldout=1, reference="cot")
