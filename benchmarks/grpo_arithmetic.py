@@ -4,6 +4,9 @@ and more than SFT on the same prompts' reference answers in the same wall-clock 
 Task (generated here, seeded): word problems of --ops chained operations (+, -, x) on small numbers,
 each with an integer answer; a train split and a held-out split. Several --ops values mix difficulties:
 each problem draws its number of operations from them (`--ops 1 2`: about half one-step, half two-step).
+Every prompt ends in "Answer with the number." or, with --instruction steps, asks for one short equation
+per step and "The answer is <number>." (the R1-Zero setting: GRPO can reward reasoning the direct references
+never show; SFT trains on the same prompts).
 Score: exact match of the last number of one greedy answer of at most --max-new-tokens tokens (the
 evaluation package's `last_number` extraction), the same for every model.
 
@@ -42,7 +45,13 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
 THINGS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "stamps", "beads"]
 
 
-def problem(rng: random.Random, ops: int) -> dict:
+# What the prompt asks for after the question. "steps" invites the written-out reasoning that GRPO can
+# reward and SFT on direct answers never shows (the R1-Zero setting); both methods always see the same prompts.
+INSTRUCTIONS = {"number": "Answer with the number.",
+                "steps": "Write one short equation per step, then: The answer is <number>."}
+
+
+def problem(rng: random.Random, ops: int, instruction: str = "number") -> dict:
     """A word problem of `ops` chained operations whose running total stays a positive integer, with its
     worked solution (one equation per operation)."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
@@ -66,7 +75,7 @@ def problem(rng: random.Random, ops: int) -> dict:
             text.append(f"Then the number of {thing} becomes {n} times as many.")
             total *= n
             steps.append(f"{before} * {n} = {total}.")
-    text.append(f"How many {thing} does {name} have now? Answer with the number.")
+    text.append(f"How many {thing} does {name} have now? {INSTRUCTIONS[instruction]}")
     return {"prompt": " ".join(text), "answer": str(total), "ops": ops,
             "worked": " ".join(steps) + f" The answer is {total}."}
 
@@ -75,14 +84,18 @@ REFERENCES = ("direct", "worked")
 
 
 def write_splits(work: Path, ops: list[int], train: int, heldout: int, seed: int = 0,
-                 reference: str = "direct") -> tuple[Path, Path, Path]:
+                 reference: str = "direct", instruction: str = "number") -> tuple[Path, Path, Path]:
     """train.jsonl (GRPO's prompts), heldout.jsonl and sft.jsonl, whose answers are `reference`:
-    "direct" ("The answer is N.") or "worked" (one equation per operation, then the answer)."""
+    "direct" ("The answer is N.") or "worked" (one equation per operation, then the answer); every
+    prompt ends in the question and `instruction` (a key of INSTRUCTIONS)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if instruction not in INSTRUCTIONS:
+        raise ValueError(f"instruction must be one of {tuple(INSTRUCTIONS)}, got {instruction!r}")
     rng = random.Random(seed)
     # One --ops value draws nothing extra, so the one-operation task is the same as before mixing existed.
-    rows = [problem(rng, ops[0] if len(ops) == 1 else rng.choice(ops)) for _ in range(train + heldout)]
+    rows = [problem(rng, ops[0] if len(ops) == 1 else rng.choice(ops), instruction)
+            for _ in range(train + heldout)]
     paths = work / "train.jsonl", work / "heldout.jsonl", work / "sft.jsonl"
     # Only the held-out rows keep `ops` (for the per-difficulty score); GRPO passes every train column
     # to its reward functions.
@@ -238,6 +251,9 @@ def main() -> None:
     ap.add_argument("--reference", choices=REFERENCES, default="direct",
                     help="the reference answers SFT (and the --warm-start) trains on: the number alone, "
                          "or the worked solution with one equation per operation")
+    ap.add_argument("--instruction", choices=tuple(INSTRUCTIONS), default="number",
+                    help="what every prompt asks for after the question: the number alone, or step-by-step "
+                         "equations ending in 'The answer is N.' (the same prompts for every run)")
     ap.add_argument("--runs", default="grpo,sft", help="which training runs (grpo, sft; sft+grpo is added by --warm-start)")
     ap.add_argument("--calibrate", action="store_true", help="only score the base model")
     ap.add_argument("--svg", type=Path, help="write the GRPO reward curve here")
@@ -254,11 +270,11 @@ def main() -> None:
     args.work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-grpo-arith-"))
     args.work.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file, sft_file = write_splits(args.work, args.ops, args.train, args.heldout,
-                                                        reference=args.reference)
+                                                        reference=args.reference, instruction=args.instruction)
     report = {"ops": args.ops, "train": args.train, "heldout": args.heldout, "minutes": args.minutes,
               "lr": args.lr, "temperature": args.temperature, "overlong_weight": args.overlong_weight,
               "max_new_tokens": args.max_new_tokens,
-              "dynamic_sampling": args.dynamic_sampling, "reference": args.reference,
+              "dynamic_sampling": args.dynamic_sampling, "reference": args.reference, "instruction": args.instruction,
               "warm_start": args.warm_start}
     base = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})
     report["base"], report["base_by_ops"] = base["exact_match"], base["by_ops"]

@@ -42,3 +42,22 @@ def test_direct_reference_is_unchanged_and_the_same_problems(grpo_arithmetic, tm
 def test_unknown_reference_is_refused(grpo_arithmetic, tmp_path):
     with pytest.raises(ValueError, match="reference must be one of"):
         grpo_arithmetic.write_splits(tmp_path, ops=[1], train=2, heldout=1, reference="cot")
+
+
+def test_instruction_changes_only_the_prompt_ending(grpo_arithmetic, tmp_path):
+    number, steps = tmp_path / "number", tmp_path / "steps"
+    number.mkdir(), steps.mkdir()
+    n = grpo_arithmetic.write_splits(number, ops=[1, 2], train=20, heldout=5)
+    s = grpo_arithmetic.write_splits(steps, ops=[1, 2], train=20, heldout=5, instruction="steps")
+    for a, b in zip(n, s):
+        rows_n = [json.loads(line) for line in a.read_text().splitlines()]
+        rows_s = [json.loads(line) for line in b.read_text().splitlines()]
+        assert len(rows_n) == len(rows_s)
+        for rn, rs in zip(rows_n, rows_s):
+            # Same problems, same answers: only the instruction after the question differs.
+            assert rn["prompt"].endswith(" Answer with the number.")
+            assert rs["prompt"].endswith(" " + grpo_arithmetic.INSTRUCTIONS["steps"])
+            assert rn["prompt"].split("? ")[0] == rs["prompt"].split("? ")[0]
+            assert {k: v for k, v in rn.items() if k != "prompt"} == {k: v for k, v in rs.items() if k != "prompt"}
+    with pytest.raises(ValueError, match="instruction must be one of"):
+        grpo_arithmetic.write_splits(tmp_path, ops=[1], train=2, heldout=1, instruction="think")
