@@ -45,8 +45,7 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
 THINGS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "stamps", "beads"]
 
 
-# What the prompt asks for after the question. "steps" invites the written-out reasoning that GRPO can
-# reward and SFT on direct answers never shows (the R1-Zero setting); both methods always see the same prompts.
+# What every prompt asks for after the question (--instruction; the module docstring says why "steps").
 INSTRUCTIONS = {"number": "Answer with the number.",
                 "steps": "Write one short equation per step, then: The answer is <number>."}
 
