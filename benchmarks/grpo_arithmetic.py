@@ -20,7 +20,8 @@ Runs, each in its own process:
         --reference worked, the worked solution ("12 + 5 = 17. 17 * 3 = 51. The answer is 51.");
   sft+grpo  (--warm-start W) SFT as above for W minutes, its adapter merged into the base, then
         GRPO as above for the rest of the budget: the R1 recipe (a short supervised cold start,
-        then RL) against SFT alone in the same total wall-clock time; the warm start is scored alone too.
+        then RL) against SFT alone in the same total wall-clock time; the warm start is scored alone too;
+        with --warm-split F the warm start sees the first F of the training problems and GRPO the rest.
 Reported: held-out exact match of each, steps, minutes, and the GRPO reward curve
 (docs/img/grpo_arithmetic_reward.svg with --svg).
 
@@ -165,18 +166,35 @@ def train(kind: str, data: Path, work: Path, args, model: str = SMOLLM2, minutes
             "rewards": [r["reward"] for r in records if "reward" in r and "lr" in r]}
 
 
+def split_prompts(work: Path, fraction: float) -> tuple[Path, Path]:
+    """The first `fraction` of the training problems' SFT rows and the rest's GRPO prompts, so that GRPO
+    trains on prompts the warm start has never seen."""
+    sft_rows = (work / "sft.jsonl").read_text().splitlines(keepends=True)
+    prompts = (work / "train.jsonl").read_text().splitlines(keepends=True)
+    cut = round(len(prompts) * fraction)
+    if not 0 < cut < len(prompts):
+        raise ValueError(f"--warm-split {fraction} leaves no problems for the warm start or for GRPO")
+    paths = work / "warm_sft.jsonl", work / "grpo_rest.jsonl"
+    paths[0].write_text("".join(sft_rows[:cut]))
+    paths[1].write_text("".join(prompts[cut:]))
+    return paths
+
+
 def warm_then_grpo(work: Path, args) -> dict:
-    """SFT for --warm-start minutes, the adapter merged into the base, GRPO for the rest of --minutes."""
+    """SFT for --warm-start minutes, the adapter merged into the base, GRPO for the rest of --minutes
+    (with --warm-split, each on its own part of the training problems)."""
     import time
 
     from tunesmith.exporting.merged import fold_into
 
     start = time.monotonic()
-    sft = train("sft", work / "sft.jsonl", work / "warm", args, minutes=args.warm_start)
+    sft_data, grpo_data = (split_prompts(work, args.warm_split) if args.warm_split
+                           else (work / "sft.jsonl", work / "train.jsonl"))
+    sft = train("sft", sft_data, work / "warm", args, minutes=args.warm_start)
     folder = work / "warm" / "merged"
     fold_into(sft["run_dir"], folder)
     spent = (time.monotonic() - start) / 60
-    run = train("grpo", work / "train.jsonl", work / "warm", args, model=str(folder), minutes=args.minutes - spent)
+    run = train("grpo", grpo_data, work / "warm", args, model=str(folder), minutes=args.minutes - spent)
     run["sft_steps"], run["sft_minutes"] = sft["steps"], sft["train_minutes"]
     run["train_minutes"] = (time.monotonic() - start) / 60
     return run
@@ -214,6 +232,7 @@ def child(args) -> None:
 def run_child(kind: str, args, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--minutes", str(args.minutes),
            "--lr", str(args.lr), "--temperature", str(args.temperature), "--warm-start", str(args.warm_start),
+           "--warm-split", str(args.warm_split),
            "--generations", str(args.generations),
            "--max-new-tokens", str(args.max_new_tokens), "--overlong-weight", str(args.overlong_weight),
            *(["--dynamic-sampling"] if args.dynamic_sampling else [])]
@@ -247,6 +266,9 @@ def main() -> None:
                     help="GRPO trains only on the groups whose rewards differ (objective.dynamic_sampling)")
     ap.add_argument("--warm-start", type=float, default=0.0,
                     help="also run sft+grpo: SFT for this many minutes, then GRPO for the rest of --minutes")
+    ap.add_argument("--warm-split", type=float, default=0.0,
+                    help="with --warm-start: the warm start trains on this fraction of the training problems and "
+                         "GRPO on the rest, which the warm start has not seen (0: both on all of them)")
     ap.add_argument("--reference", choices=REFERENCES, default="direct",
                     help="the reference answers SFT (and the --warm-start) trains on: the number alone, "
                          "or the worked solution with one equation per operation")
@@ -262,6 +284,8 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--heldout-file", dest="heldout_file", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warm_split and not (args.warm_start and 0 < args.warm_split < 1):
+        ap.error("--warm-split needs --warm-start and a fraction between 0 and 1")
     if args.child:
         args.heldout = args.heldout_file
         child(args)
@@ -274,7 +298,7 @@ def main() -> None:
               "lr": args.lr, "temperature": args.temperature, "overlong_weight": args.overlong_weight,
               "max_new_tokens": args.max_new_tokens,
               "dynamic_sampling": args.dynamic_sampling, "reference": args.reference, "instruction": args.instruction,
-              "warm_start": args.warm_start}
+              "warm_start": args.warm_start, "warm_split": args.warm_split}
     base = run_child("score", args, model=SMOLLM2, **{"heldout-file": str(heldout_file)})
     report["base"], report["base_by_ops"] = base["exact_match"], base["by_ops"]
     print(f"base exact match {report['base']:.3f} ({'/'.join(map(str, args.ops))} operations; "

@@ -61,3 +61,16 @@ def test_instruction_changes_only_the_prompt_ending(grpo_arithmetic, tmp_path):
             assert {k: v for k, v in rn.items() if k != "prompt"} == {k: v for k, v in rs.items() if k != "prompt"}
     with pytest.raises(ValueError, match="instruction must be one of"):
         grpo_arithmetic.write_splits(tmp_path, ops=[1], train=2, heldout=1, instruction="think")
+
+
+def test_warm_split_gives_grpo_only_problems_the_warm_start_never_saw(grpo_arithmetic, tmp_path):
+    grpo_arithmetic.write_splits(tmp_path, ops=[1, 2], train=10, heldout=2, reference="worked")
+    warm, rest = grpo_arithmetic.split_prompts(tmp_path, 0.5)
+    warm_prompts = [json.loads(line)["prompt"] for line in warm.read_text().splitlines()]
+    rest_prompts = [json.loads(line)["prompt"] for line in rest.read_text().splitlines()]
+    all_prompts = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert warm_prompts == all_prompts[:5] and rest_prompts == all_prompts[5:]
+    assert all("completion" in json.loads(line) for line in warm.read_text().splitlines())
+    assert all("answer" in json.loads(line) for line in rest.read_text().splitlines())
+    with pytest.raises(ValueError, match="leaves no problems"):
+        grpo_arithmetic.split_prompts(tmp_path, 0.01)
