@@ -195,7 +195,7 @@ def warm_then_grpo(work: Path, args) -> dict:
     fold_into(sft["run_dir"], folder)
     spent = (time.monotonic() - start) / 60
     run = train("grpo", grpo_data, work / "warm", args, model=str(folder), minutes=args.minutes - spent)
-    run["sft_steps"], run["sft_minutes"] = sft["steps"], sft["train_minutes"]
+    run["sft_steps"], run["sft_minutes"], run["warm_model"] = sft["steps"], sft["train_minutes"], str(folder)
     run["train_minutes"] = (time.monotonic() - start) / 60
     return run
 
@@ -312,8 +312,7 @@ def main() -> None:
             run["exact_match"], run["by_ops"] = scored["exact_match"], scored["by_ops"]
             if kind == "sft+grpo":
                 # The warm start alone, so the table shows what the GRPO minutes added (or lost) on top of it.
-                warm = run_child("score", args, model=str(args.work / "warm" / "merged"),
-                                 **{"heldout-file": str(heldout_file)})
+                warm = run_child("score", args, model=run["warm_model"], **{"heldout-file": str(heldout_file)})
                 run["warm_exact_match"], run["warm_by_ops"] = warm["exact_match"], warm["by_ops"]
             report[kind] = run
         if args.svg and report.get("grpo", {}).get("rewards"):
