@@ -186,3 +186,29 @@ def test_disabled_adapter_and_eval_take_the_base_path(tmp_path):
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
     assert not isinstance(reloaded.base_model.model[0], FusedLoraLinear)
     torch.testing.assert_close(reloaded(x), fused(x))
+
+
+def test_merged_for_inference_computes_the_unmerged_function_and_only_without_gradients():
+    from tunesmith.methods.fused_lora import merged_for_inference
+
+    _, fused = _pair(dropout=0.1)
+    fused.eval()
+    x = torch.randn(3, 24)
+    expected = fused(x)
+    layer = fused.base_model.model[0]
+    with merged_for_inference(fused):
+        with torch.no_grad():
+            merged = fused(x)
+        assert layer._merged_weight is not None  # the gradient-free forward ran on the merged copy
+        kept = layer._merged_weight
+        torch.testing.assert_close(kept, layer.base_layer.weight + layer.scaling["default"]
+                                   * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        with_grad = fused(x)
+        assert with_grad.requires_grad and layer._merged_weight is kept  # a forward with gradients is unmerged
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fused(x)
+        assert low.dtype == torch.bfloat16 and layer._merged_weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(with_grad.detach(), expected)
+    torch.testing.assert_close(low.float(), expected, rtol=3e-2, atol=3e-2)
+    assert layer._merged_weight is None and not layer._merge_for_inference  # dropped on exit

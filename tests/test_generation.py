@@ -122,3 +122,50 @@ def test_only_runs_of_equal_prompts_share_a_prefill():
     assert _repeats([[1], [1], [2]]) == 1  # runs of unequal length
     assert _repeats([[1], [2], [1], [2]]) == 1  # equal prompts not next to each other
     assert _repeats([[1]]) == 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (1.3, 4, 0.7)])
+def test_drawn_tokens_follow_transformers_warped_distribution(temperature, top_k, top_p):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tunesmith.generation import DrawToken
+
+    torch.manual_seed(0)
+    row = torch.randn(1, 10) * 2
+    warped = TemperatureLogitsWarper(temperature)(None, row.clone())
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = warped.softmax(-1)[0]
+    draw = DrawToken(temperature, top_k, top_p)
+    n = 20_000
+    out = draw(None, row.expand(n, -1).contiguous())
+    assert bool((out.isfinite().sum(-1) == 1).all())  # greedy search picks exactly the drawn token
+    tokens = out.argmax(-1)
+    freq = torch.bincount(tokens, minlength=10).float() / n
+    assert bool((freq[expected == 0] == 0).all())  # nothing outside the kept set is ever drawn
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
+
+
+def test_merged_adapters_give_the_same_greedy_completions(tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.methods.fused_lora import FusedLoraLinear
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)  # make the adapter change the completions
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("the movie", "you will like this")]
+    plain = generate_ids(model, tiny_tokenizer, prompts, max_new_tokens=8)
+    with model.disable_adapter():
+        base = generate_ids(model, tiny_tokenizer, prompts, max_new_tokens=8)
+    merged = generate_ids(model, tiny_tokenizer, prompts, max_new_tokens=8, merged_adapters=True)
+    assert plain.completion_ids != base.completion_ids  # the adapter matters here
+    assert merged.completion_ids == plain.completion_ids
+    assert all(m._merged_weight is None for m in model.modules() if isinstance(m, FusedLoraLinear))

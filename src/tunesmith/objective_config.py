@@ -187,6 +187,10 @@ class _OnlineSection(ObjectiveSection):
         False, description="Completions without an end token add nothing to the loss.")
     generation_batch_size: int | None = Field(
         None, gt=0, description="Completions generated together (default: all of a step's).")
+    merged_rollouts: bool = Field(
+        True, description="LoRA: generate from merged copies of the adapted weights (one matmul per layer; the "
+                          "copies take those weights' memory again while generating). Log-probs are always "
+                          "scored by the unmerged policy.")
     dynamic_sampling: bool = Field(
         False, description="grpo: leave out of the update every prompt group whose completions all got the same "
                            "reward (DAPO's filter): they carry no advantage, and the loss is normalised over the "

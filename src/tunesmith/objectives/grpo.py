@@ -132,6 +132,7 @@ class GRPO(Objective):
                                "generation helper (engine.fit sets one when it is given the tokenizer)")
         out = ctx.generate(ids, max_new_tokens=cfg.max_completion_length, do_sample=sample,
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           merged_adapters=cfg.merged_rollouts,
                            batch_size=batch_size or cfg.generation_batch_size or len(ids))
         texts = ctx.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         rows = [r for r in prompts for _ in range(copies)]
