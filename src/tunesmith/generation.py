@@ -84,11 +84,12 @@ class DrawToken(LogitsProcessor):
             before = probs.cumsum(-1) - probs
             probs = probs.masked_fill(before >= self.top_p, 0)
         cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-        choice = torch.searchsorted(cdf, u, right=True)  # the first token whose cdf passes u: a kept one
-        # u can round up to the total; then the answer is the last token with probability left.
-        last = cdf.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1, keepdim=True)
-        choice = torch.minimum(choice, last)
+        total = cdf[:, -1:]
+        # u < total strictly (rand * total can round up to it), so the first token whose cdf passes u
+        # exists and has probability: a zero-probability token repeats its predecessor's cdf.
+        below = torch.nextafter(total, torch.zeros_like(total))
+        u = torch.minimum(torch.rand(total.shape, device=cdf.device) * total, below)
+        choice = torch.searchsorted(cdf, u, right=True)
         if index is not None:
             choice = index.gather(-1, choice)
         out = torch.full((scores.shape[0], vocab), float("-inf"), device=scores.device)
