@@ -67,10 +67,15 @@ def _check_gguf(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
+# Bumped when the cached folder's layout changes, so older caches are rebuilt rather than reused.
+_GGUF_CACHE_FORMAT = 2  # 2: tied weights stored under the input embeddings' name
+
+
 def gguf_cache(folder: str, gguf: str) -> Path:
     f = Path(folder) / gguf
     st = f.stat()
-    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_GGUF_CACHE_FORMAT}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{Path(gguf).stem}-{key}"
 
 
@@ -94,18 +99,42 @@ def materialize(cfg: ModelConfig) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     # The loaded model still carries the GGUF "quantizer" (its weights are already plain
     # tensors), which makes save_pretrained refuse; write config and weights directly.
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     tmp.mkdir(parents=True)
     config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(untied_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
     return str(target)
+
+
+def untied_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under the input embeddings' name when tied.
+
+    Every head class (causal LM, sequence classification, ...) loads the input embeddings, but
+    only the causal LM has `lm_head`: a tied checkpoint that kept only `lm_head.weight` loads
+    into a sequence-classification model with fresh random embeddings.
+    """
+    embed_key = _input_embeddings_key(model)
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name in [embed_key, *state]:
+        t = state[name]
+        if (t.data_ptr(), t.shape) not in seen:
+            seen.add((t.data_ptr(), t.shape))
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def _input_embeddings_key(model) -> str:
+    embed = model.get_input_embeddings()
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is embed)
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
@@ -159,6 +188,14 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
             raise ConfigError(f"model.name_or_path: {cfg.name_or_path} has no {auto_class} head: "
                               f"{str(exc).splitlines()[0]}") from None
         raise
+    if _input_embeddings_key(model) in set(info.get("missing_keys") or ()):
+        # A tied checkpoint saved under the output head's name only: every class but the causal
+        # LM would train on random embeddings, which looks like a model that cannot learn.
+        unused = ", ".join(sorted(info.get("unexpected_keys") or ())[:3]) or "none"
+        raise ConfigError(f"model.name_or_path: {cfg.name_or_path} has no input embeddings for {auto_class} "
+                          f"({_input_embeddings_key(model)} is missing; unused checkpoint weights: {unused}). "
+                          "A checkpoint with tied embeddings saved under the output head's name only loads "
+                          "correctly as a causal LM; re-save it with save_pretrained.")
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         # Sequence-classification heads on decoders find each row's last token via the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
