@@ -13,6 +13,7 @@ from typing import Callable
 QA = [("what is the capital of france", "paris"), ("what color is the sky", "blue"),
       ("is this movie good", "positive"), ("is this movie bad", "negative")]
 ALPACA = "".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA * 3)
+PAIRS = "".join(json.dumps({"prompt": q, "chosen": a, "rejected": "no idea"}) + "\n" for q, a in QA * 3)
 
 
 @dataclass
@@ -46,6 +47,15 @@ def merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _lm_head_only_checkpoint(out: Path) -> None:
+    """A tied model as safetensors' save_model writes it: the shared tensor under lm_head.weight only."""
+    from conftest import build_llama, build_tokenizer
+    from safetensors.torch import save_model
+
+    model = build_llama(out, len(build_tokenizer(out)))
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _train_first(folder: Path, cfg: dict) -> None:
@@ -191,6 +201,10 @@ CASES: list[Case] = [
     Case("PPO reward model that is no model folder", "objective.reward_model: ", files={
         "rm/readme.txt": "nothing", "train.jsonl": "".join(json.dumps({"prompt": q}) + "\n" for q, _ in QA * 3)},
          config={"objective": {"type": "ppo", "reward_model": "./rm"}}, category="model"),
+    Case("a tied checkpoint saved with only lm_head.weight, for a reward model",
+         "has no input embeddings for AutoModelForSequenceClassification", files={"train.jsonl": PAIRS},
+         config={"model": {"name_or_path": "./lm-head-only"}, "objective": {"type": "reward"}},
+         prepare=lambda folder, cfg: _lm_head_only_checkpoint(folder / "lm-head-only"), category="model"),
     Case("export of a run that does not exist", "not found", args=["export", "./no-run"], category="model"),
     Case("serve with a malformed --adapter", "is not NAME=PATH", args=["serve", "./no-run", "--adapter", "x"],
          category="model"),
