@@ -103,7 +103,7 @@ def child(args) -> None:
     elif args.child == "ppo":
         out = train_ppo(Path(args.data), args.model, work, args.minutes, args.lr)
     else:
-        out = {"exact_match": score(args.model, Path(args.heldout_file), 48, work / f"eval-{Path(args.model).name}")}
+        out = score(args.model, Path(args.heldout_file), 48, work / f"eval-{Path(args.model).name}")
     print("RESULT " + json.dumps(out))
 
 
