@@ -48,3 +48,21 @@ def test_a_checkpoint_without_input_embeddings_is_refused_for_a_head_class(tiny_
         load_model(cfg, torch.float32, auto_class="AutoModelForSequenceClassification", num_labels=1)
     loaded = load_model(cfg, torch.float32)  # the causal LM ties it back from lm_head
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_untied_state_keeps_every_tensor_once_and_tolerates_models_without_embedding_accessors():
+    from torch import nn
+
+    from tunesmith.models import untied_state
+
+    class Custom(nn.Module):  # remote-code models may not implement get_input_embeddings
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    state = untied_state(Custom())
+    assert list(state) == ["emb.weight"]  # the shared tensor once, first name kept

@@ -124,7 +124,7 @@ def untied_state(model) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
-    for name in [embed_key, *state]:
+    for name in [*([embed_key] if embed_key in state else []), *state]:
         t = state[name]
         if (t.data_ptr(), t.shape) not in seen:
             seen.add((t.data_ptr(), t.shape))
@@ -132,9 +132,13 @@ def untied_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _input_embeddings_key(model) -> str:
-    embed = model.get_input_embeddings()
-    return next(f"{n}.weight" for n, m in model.named_modules() if m is embed)
+def _input_embeddings_key(model) -> str | None:
+    """The state-dict key of the input embeddings; None for a model that does not say (custom code)."""
+    try:
+        embed = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is embed and embed is not None), None)
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
@@ -188,12 +192,13 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
             raise ConfigError(f"model.name_or_path: {cfg.name_or_path} has no {auto_class} head: "
                               f"{str(exc).splitlines()[0]}") from None
         raise
-    if _input_embeddings_key(model) in set(info.get("missing_keys") or ()):
+    embed_key = _input_embeddings_key(model)
+    if embed_key is not None and embed_key in set(info.get("missing_keys") or ()):
         # A tied checkpoint saved under the output head's name only: every class but the causal
         # LM would train on random embeddings, which looks like a model that cannot learn.
         unused = ", ".join(sorted(info.get("unexpected_keys") or ())[:3]) or "none"
         raise ConfigError(f"model.name_or_path: {cfg.name_or_path} has no input embeddings for {auto_class} "
-                          f"({_input_embeddings_key(model)} is missing; unused checkpoint weights: {unused}). "
+                          f"({embed_key} is missing; unused checkpoint weights: {unused}). "
                           "A checkpoint with tied embeddings saved under the output head's name only loads "
                           "correctly as a causal LM; re-save it with save_pretrained.")
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
