@@ -49,13 +49,14 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _lm_head_only_checkpoint(out: Path) -> None:
-    """A tied model as safetensors' save_model writes it: the shared tensor under lm_head.weight only."""
+def lm_head_only_checkpoint(out: Path):
+    """A tied tiny Llama as safetensors' save_model writes it: the shared tensor under lm_head.weight only."""
     from conftest import build_llama, build_tokenizer
     from safetensors.torch import save_model
 
     model = build_llama(out, len(build_tokenizer(out)))
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return model
 
 
 def _train_first(folder: Path, cfg: dict) -> None:
@@ -204,7 +205,7 @@ CASES: list[Case] = [
     Case("a tied checkpoint saved with only lm_head.weight, for a reward model",
          "has no input embeddings for AutoModelForSequenceClassification", files={"train.jsonl": PAIRS},
          config={"model": {"name_or_path": "./lm-head-only"}, "objective": {"type": "reward"}},
-         prepare=lambda folder, cfg: _lm_head_only_checkpoint(folder / "lm-head-only"), category="model"),
+         prepare=lambda folder, cfg: lm_head_only_checkpoint(folder / "lm-head-only"), category="model"),
     Case("export of a run that does not exist", "not found", args=["export", "./no-run"], category="model"),
     Case("serve with a malformed --adapter", "is not NAME=PATH", args=["serve", "./no-run", "--adapter", "x"],
          category="model"),

@@ -31,15 +31,11 @@ def test_a_tied_gguf_loads_its_embeddings_into_every_head_class(tiny_model_dir, 
         assert torch.allclose(scorer.model(ids).last_hidden_state, causal.model(ids).last_hidden_state)
 
 
-def test_a_checkpoint_without_input_embeddings_is_refused_for_a_head_class(tiny_model_dir, tmp_path):
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
+def test_a_checkpoint_without_input_embeddings_is_refused_for_a_head_class(tmp_path):
+    from error_cases import lm_head_only_checkpoint
 
-    # What safetensors' save_model writes for a tied model: lm_head.weight only.
     folder = tmp_path / "lm-head-only"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model = lm_head_only_checkpoint(folder)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" not in set(f.keys())
     cfg = ModelConfig(name_or_path=str(folder))

@@ -124,7 +124,7 @@ def untied_state(model) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
-    for name in [*([embed_key] if embed_key in state else []), *state]:
+    for name in sorted(state, key=lambda n: n != embed_key):  # stable: the embeddings' name first
         t = state[name]
         if (t.data_ptr(), t.shape) not in seen:
             seen.add((t.data_ptr(), t.shape))
@@ -138,7 +138,9 @@ def _input_embeddings_key(model) -> str | None:
         embed = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
         return None
-    return next((f"{n}.weight" for n, m in model.named_modules() if m is embed and embed is not None), None)
+    if embed is None:
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is embed), None)
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
