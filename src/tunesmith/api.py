@@ -184,6 +184,12 @@ def train(
          f" / {st.val_examples} validation examples, {st.truncated} truncated, "
          f"{st.dropped} dropped; {st.train_rows} training rows{' (packed)' if cfg.packing_enabled else ''}")
 
+    probe_head = None
+    if cfg.model.head_from:
+        from .head_init import read_probe_head
+
+        probe_head = read_probe_head(cfg.model.head_from, objective=objective.name, labels=data.task.labels,
+                                     base_source=source, model_config=_model_config(cfg, source))
     model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)
     # Before the precision proxy: it must time steps under the threads and allocator training gets
     # (and the thread count is part of its cache key).
@@ -228,6 +234,10 @@ def train(
     else:
         model = load_model(cfg.model, dtype, source, auto_class=objective.auto_class, tokenizer=tokenizer,
                            init_seed=cfg.training.seed, echo=echo, **load_kwargs)
+    if probe_head is not None:
+        from .head_init import apply_probe_head
+
+        echo(apply_probe_head(model, probe_head))
     reference_before = _reference_before(cfg, objective, model, tokenizer, run_dir, resuming, echo)
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     if cfg.tasks:

@@ -36,6 +36,9 @@ class ModelConfig(Section):
         None, ge=1, description="Distillation: build the student from objective.teacher, keeping every k-th "
         "transformer block (ceil(n/k) blocks evenly spaced from the first to the last, DistilBERT's "
         "initialisation); name_or_path still supplies the tokenizer.")
+    head_from: str | None = Field(
+        None, description="LP-FT: a method.type linear_probe run (folder) whose trained head the task head starts "
+        "from instead of random weights (classification, token_classification, reward).")
 
 
 class SplitConfig(Section):
@@ -298,7 +301,8 @@ class RunConfig(Section):
                 raise ValueError(
                     f"model.init_from_teacher_every: method.type '{self.method.type}' saves weights that reload "
                     "onto model.name_or_path, not onto the thinned student; use method.type full or freeze")
-        problems = self.method.check(self) + self.objective.check(self) + self._head_lr_problems()
+        problems = (self.method.check(self) + self.objective.check(self) + self._head_lr_problems()
+                    + self._head_from_problems())
         if problems:
             raise ValueError("\n  ".join(problems))
         if self.eval.early_stopping_patience and not (self.eval.every and self.has_validation):
@@ -324,6 +328,17 @@ class RunConfig(Section):
                     "optimizer groups; use one or the other"]
         return []
 
+    def _head_from_problems(self) -> list[str]:
+        if self.model.head_from is None:
+            return []
+        if not self.objective.adds_head:
+            return [f"model.head_from: objective.type '{self.objective.type}' adds no task head to start from a "
+                    "probe; only classification, token_classification and reward do"]
+        if self.method.type == "linear_probe":
+            return ["model.head_from starts fine-tuning from a linear probe's head; this run is the probe itself "
+                    "(use another method.type, e.g. lora or full)"]
+        return []
+
     def _check_tasks(self) -> "RunConfig":
         """A multi-task run: each task checked as its own run would be, then what the tasks must share."""
         tasks, problems = self.tasks, []
@@ -335,6 +350,8 @@ class RunConfig(Section):
         if self.training.head_learning_rate is not None:
             problems.append("training.head_learning_rate is for single-task runs for now: a multi-task run's heads "
                             "learn at training.learning_rate")
+        if self.model.head_from is not None:
+            problems.append("model.head_from is for single-task runs: a multi-task run has one head per task")
         arrow = [t.name for t in tasks if t.data.store == "arrow"]
         if arrow:
             problems.append(f"tasks: data.store: arrow is for single-task runs for now (set on {', '.join(arrow)})")
@@ -565,6 +582,7 @@ def _resolve_relative_paths(cfg: RunConfig, base_dir: Path) -> None:
             task.data.split.validation_file = fix(task.data.split.validation_file)
     if cfg.tasks:
         cfg.data = cfg.tasks[0].data  # validated as its own copy: follow the first task's resolved paths
+    cfg.model.head_from = fix(cfg.model.head_from)
     for key in ("teacher", "unlabeled", "reward_model"):
         if getattr(cfg.objective, key, None):
             setattr(cfg.objective, key, fix_all(getattr(cfg.objective, key)))
