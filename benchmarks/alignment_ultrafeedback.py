@@ -8,12 +8,12 @@ epochs, linear schedule, seed 42, precision auto, learning rate per objective (O
 
 Reported per objective: the eval metrics at step 0 (before training) and after, with TRL's
 names (reward models: pair accuracy and margin; DPO: implicit-reward accuracy and margins;
-ORPO / SimPO: their reward accuracies), the reward model's accuracy split by the data's
+ORPO / SimPO: their reward accuracies; with --probe-epochs, the linear probe's too), the reward model's accuracy split by the data's
 score gap (metadata.score_chosen - score_rejected), and forgetting on the shipped reference text.
 
 Usage:  python benchmarks/alignment_ultrafeedback.py [--objectives reward dpo orpo simpo]
             [--train-rows 256] [--eval-rows 100] [--max-length 256] [--epochs 1] [--eval-every N]
-            [--lr LR] [--head-lr LR] [--beta BETA]
+            [--lr LR] [--head-lr LR] [--probe-epochs N [--probe-lr LR]] [--beta BETA]
 The last line is one JSON object with every objective's numbers.
 """
 
@@ -65,6 +65,18 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
         "eval": {"every": args.eval_every or 10_000, "at_end": True, "batch_size": 8, "forgetting": name != "reward"},
         "output": {"dir": str(out / name), "overwrite": True, "model_card": False},
     }
+    probe = None
+    if name == "reward" and args.probe_epochs:  # LP-FT: a linear probe first, its head seeds the LoRA run's
+        probe_cfg = {**cfg, "method": {"type": "linear_probe"},
+                     "training": {**cfg["training"], "epochs": args.probe_epochs, "learning_rate": args.probe_lr},
+                     "output": {**cfg["output"], "dir": str(out / "reward-probe")}}
+        probe_cfg["training"].pop("head_learning_rate", None)
+        done = tunesmith.train(probe_cfg, echo=lambda m: print("  [probe]", m, file=sys.stderr, flush=True))
+        probe = {"after": {k: v for k, v in done.metrics.items() if k.startswith("eval_")},
+                 "curve": [(r["step"], r[ACCURACY[name]]) for r in read_metrics(done.run_dir / "metrics.jsonl")
+                           if ACCURACY[name] in r and "step" in r],
+                 "tokens_per_s": done.throughput.get("train_tokens_per_s"), "steps": done.steps}
+        cfg["model"]["head_from"] = str(done.run_dir)
     before = {}
     if name == "dpo":  # the policy at step 0 is the reference: every implicit reward is 0 (ties)
         before = {ACCURACY[name]: 0.0}
@@ -74,7 +86,7 @@ def run_one(name: str, train: Path, heldout: Path, args, out: Path) -> dict:
              if ACCURACY[name] in r and "step" in r]
     return {"after": metrics, "before": before, "forgetting": result.forgetting,
             "tokens_per_s": result.throughput.get("train_tokens_per_s"), "steps": result.steps, "curve": curve,
-            "run_dir": str(result.run_dir)}
+            "run_dir": str(result.run_dir), **({"probe": probe} if probe else {})}
 
 
 def main() -> None:
@@ -88,6 +100,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="one learning rate for every objective (default: per objective)")
     ap.add_argument("--head-lr", type=float, help="the reward model's score head learns at this rate "
                     "(training.head_learning_rate; default: the run's learning rate)")
+    ap.add_argument("--probe-epochs", type=float, default=0, help="LP-FT: first train a linear-probe reward model "
+                    "this many epochs (features cached) and start the LoRA reward model from its head")
+    ap.add_argument("--probe-lr", type=float, default=1e-3, help="the linear probe's learning rate")
     ap.add_argument("--beta", type=float, help="beta of dpo / orpo / simpo (default: per objective)")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N optimizer steps (the curve)")
     ap.add_argument("--data", type=Path, default=DATA)
@@ -111,7 +126,8 @@ def main() -> None:
                "--max-length", str(args.max_length), "--epochs", str(args.epochs),
                "--grad-accum", str(args.grad_accum), "--eval-every", str(args.eval_every),
                *(["--lr", str(args.lr)] if args.lr else []), *(["--beta", str(args.beta)] if args.beta else []),
-               *(["--head-lr", str(args.head_lr)] if args.head_lr else [])]
+               *(["--head-lr", str(args.head_lr)] if args.head_lr else []),
+               "--probe-epochs", str(args.probe_epochs), "--probe-lr", str(args.probe_lr)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -132,6 +148,10 @@ def main() -> None:
         forget = {k: round(v, 2) for k, v in r["forgetting"].items() if k.endswith("_change_pct")}
         print(f"{name:10} {r['before'].get(key, float('nan')):16.3f} {r['after'].get(key, float('nan')):8.3f} "
               f"{margin if margin is not None else float('nan'):13.3f} {r['tokens_per_s'] or 0:7.1f}  {forget}")
+        if "probe" in r:
+            p = r["probe"]
+            print(f"{'  (probe)':10} {'':16} {p['after'].get(key, float('nan')):8.3f} "
+                  f"{p['after'].get('eval_margin', float('nan')):13.3f} {p['tokens_per_s'] or 0:7.1f}")
     print(json.dumps(results))
 
 
