@@ -224,7 +224,7 @@ def _child_config(cfg: RunConfig, out: Path, model_dir: Path | None) -> dict:
     rows_needed = t.batch_size * t.grad_accum * (MEASURE_STEPS + 1) * (8 if cfg.packing_enabled else 1)
     if model_dir is not None:  # the proxy is the student itself (not cut from the teacher again)
         data["model"] = {**data["model"], "name_or_path": str(model_dir), "gguf_file": None, "tokenizer": None,
-                         "init_from_teacher_every": None}
+                         "init_from_teacher_every": None, "head_from": None}  # a probe of the real base
     for section in [t["data"] for t in data["tasks"]] if cfg.tasks else [data["data"]]:  # every task's rows
         section["max_samples"] = min(section["max_samples"] or rows_needed, rows_needed)
         section["split"] = {"validation_ratio": 0.0, "validation_file": None}
