@@ -66,6 +66,9 @@ def test_head_from_a_run_that_is_not_a_probe_is_refused_before_a_run_folder(prob
     cfg["model"]["head_from"] = str(lora)
     with pytest.raises(ConfigError, match=r"model.head_from: .* method.type 'lora'.*linear_probe run"):
         tunesmith.train(cfg, echo=quiet)
+    other = head_model(tiny_model_dir, tmp_path / "other-base", torch.nn.init.zeros_)
+    with pytest.raises(ConfigError, match=r"model.head_from: .* read features of .*, this run trains .*other-base"):
+        tunesmith.train({**cfg, "model": {"name_or_path": str(other), "head_from": str(probe_run[0])}}, echo=quiet)
     cfg["model"]["head_from"] = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"model.head_from: .*missing is not a folder"):
         tunesmith.train(cfg, echo=quiet)

@@ -30,12 +30,13 @@ class ProbeHead:
     bias: torch.Tensor | None
 
 
-def read_probe_head(head_from: str, *, objective: str, labels: list[str], base_source: str,
-                    model_config) -> ProbeHead:
+def read_probe_head(head_from: str, *, objective: str, labels: list[str], base: tuple[str, str | None],
+                    base_source: str, model_config) -> ProbeHead:
     """The probe's head, refused (naming model.head_from) when it cannot seed this run's head.
 
     Runs before the model loads: the files are small and every mismatch is known from them and the
-    model's config.
+    model's config. `base` is the run's (model.name_or_path, model.gguf_file); `base_source` the folder
+    it resolved to (a GGUF's cached conversion moves when the cache format changes, the name does not).
     """
     from safetensors.torch import load_file
 
@@ -59,9 +60,10 @@ def read_probe_head(head_from: str, *, objective: str, labels: list[str], base_s
     if list(manifest.get("labels") or []) != list(labels or []):
         raise ConfigError(f"{FIELD}: the probe's labels {manifest.get('labels')} differ from this run's {labels} "
                           "(same names in the same order needed)")
-    if manifest.get("base_source") != base_source:
-        raise ConfigError(f"{FIELD}: the probe in {found} read features of {manifest.get('base_source')}, this run "
-                          f"trains {base_source}; a head only fits the features it was trained on")
+    named = (manifest.get("base_model"), manifest.get("base_gguf_file"))
+    if manifest.get("base_source") != base_source and named != base:
+        raise ConfigError(f"{FIELD}: the probe in {found} read features of {named[0]}, this run trains {base[0]}; "
+                          "a head only fits the features it was trained on")
     spec = json.loads((found / SPEC).read_text())
     if spec.get("head") != "linear":
         raise ConfigError(f"{FIELD}: the probe in {found} has a '{spec.get('head')}' head; only a linear head "
