@@ -44,3 +44,24 @@ def test_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
     assert keep() is False
     monkeypatch.delenv("TUNESMITH_MALLOC")
     assert keep() is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("c"),
+                    reason="mallopt is glibc's")
+def test_blocks_of_a_few_megabytes_are_reused_not_faulted_in_again():
+    """An fp32 activation of a few MB freed and allocated again every step comes back from the heap:
+    mmapped (glibc's dynamic threshold otherwise stops near 2 MB), each round faults in all its pages."""
+    import resource
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    assert hardware.keep_freed_memory.__wrapped__() is True
+    size = 8 << 20  # 2048 pages of 4 KB
+    rounds = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert sum(rounds[1:]) < 512, f"minor faults per round of an 8 MB block: {rounds} (2048 if faulted in again)"

@@ -82,6 +82,8 @@ def ensure_threads() -> str:
 # glibc mallopt parameter (malloc.h) and the free heap kept instead of trimmed.
 _M_TRIM_THRESHOLD = -1
 _TRIM_THRESHOLD = 1 << 30
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold on 64-bit
 
 
 @functools.cache
@@ -92,12 +94,14 @@ def keep_freed_memory() -> bool:
     threshold is free, so a training step that frees its activations faults them in again, page
     by page, on the next step; on a VM those faults cost more than the element-wise ops that
     touch the pages (docs/benchmarks.md). Here up to 1 GB of free heap is kept. Setting the trim
-    threshold also stops glibc's dynamic mmap threshold where it stands (mallopt(3)), so which
-    blocks are mmapped depends on what the process freed before: after tunesmith's imports alone
-    1 MB blocks come from the heap and 2 MB ones are mmapped; in a LoRA DPO run of SmolLM2 the 1-3 MB
-    activations all came from the heap (mallinfo2, 2026-12-04). Freed heap can strand between live
-    blocks; `HeapGuard` hands it back past a slack. Off with TUNESMITH_MALLOC=default; a no-op off
-    glibc. True when applied.
+    threshold also stops glibc's dynamic mmap threshold where it stands (mallopt(3)): after
+    tunesmith's imports alone 1 MB blocks came from the heap and 2 MB ones were mmapped, and an
+    mmapped block is returned on free and faulted in again, page by page, on its next use. An fp32
+    step's activations are mostly above that (3 MB for one 512-token row through SmolLM2's MLP): its
+    element-wise ops ran 4-6x slower than bf16's on the same tensors. So blocks up to 32 MB come
+    from the heap too (fp32 LoRA step 3.1 -> 2.1-2.5 s, bf16 unchanged; docs/benchmarks.md). Freed heap
+    can strand between live blocks; `HeapGuard` hands it back past a slack. Off with
+    TUNESMITH_MALLOC=default; a no-op off glibc. True when applied.
     """
     if os.environ.get("TUNESMITH_MALLOC", "").lower() == "default" or device_type() != "cpu":
         return False
@@ -108,7 +112,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
 
 
 def rss_bytes() -> int:
