@@ -189,7 +189,8 @@ def train(
         from .head_init import read_probe_head
 
         probe_head = read_probe_head(cfg.model.head_from, objective=objective.name, labels=data.task.labels,
-                                     base=(cfg.model.name_or_path, cfg.model.gguf_file), base_source=source, model_config=_model_config(cfg, source))
+                                     base=(cfg.model.name_or_path, cfg.model.gguf_file), base_source=source,
+                                     model_config=_model_config(cfg, source))
     model_kwargs = objective.model_kwargs(cfg.objective, data.task, tokenizer)
     # Before the precision proxy: it must time steps under the threads and allocator training gets
     # (and the thread count is part of its cache key).
