@@ -8,8 +8,9 @@ epochs, linear schedule, seed 42, precision auto, learning rate per objective (O
 
 Reported per objective: the eval metrics at step 0 (before training) and after, with TRL's
 names (reward models: pair accuracy and margin; DPO: implicit-reward accuracy and margins;
-ORPO / SimPO: their reward accuracies; with --probe-epochs, the linear probe's too), the reward model's accuracy split by the data's
-score gap (metadata.score_chosen - score_rejected), and forgetting on the shipped reference text.
+ORPO / SimPO: their reward accuracies; with --probe-epochs, the linear probe's too), the reward
+model's accuracy split by the data's score gap (metadata.score_chosen - score_rejected), and
+forgetting on the shipped reference text.
 
 Usage:  python benchmarks/alignment_ultrafeedback.py [--objectives reward dpo orpo simpo]
             [--train-rows 256] [--eval-rows 100] [--max-length 256] [--epochs 1] [--eval-every N]
