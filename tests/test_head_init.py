@@ -85,3 +85,43 @@ def test_head_from_needs_an_objective_with_a_head_and_a_method_that_is_not_the_p
         load_config({**base, "objective": {"type": "sft"}})
     with pytest.raises(ConfigError, match="this run is the probe itself"):
         load_config({**base, "method": {"type": "linear_probe"}})
+
+
+def test_token_classification_head_takes_the_probes_weight_and_bias_and_an_encoders_sequence_head_is_refused(
+        tiny_bert_dir, tmp_path):
+    """Per-token probe features are what a token classifier reads, on encoders too (its bias is copied); a
+    BERT sequence classifier reads its pooler instead, so a pooled probe cannot seed it."""
+    import tunesmith
+    from tunesmith.artifacts import load_trained
+    from tunesmith.errors import ConfigError
+
+    from conftest import SENTENCES
+    from test_matrix import NER
+
+    def run(objective, rows, out, method, **training):
+        data = write_jsonl(tmp_path / f"{objective}.jsonl", rows)
+        cfg = {"model": {"name_or_path": str(tiny_bert_dir)}, "data": {"train": str(data), "max_length": 32},
+               "method": {"type": method}, "objective": {"type": objective},
+               "training": {"batch_size": 4, "learning_rate": 5e-2, "max_steps": 5, "progress": False,
+                            "precision": "fp32", **training},
+               "eval": {"forgetting": False}, "output": {"dir": str(tmp_path / out)}}
+        return cfg
+
+    ner = [{"tokens": t, "tags": y} for t, y in NER]
+    probe = tunesmith.train(run("token_classification", ner, "probe", "linear_probe"), echo=quiet).run_dir
+    cfg = run("token_classification", ner, "ft", "full", learning_rate=1e-9, max_steps=1)
+    cfg["model"]["head_from"] = str(probe)
+    tuned = load_trained(tunesmith.train(cfg, echo=quiet).run_dir).model
+    head = load_file(probe / "adapter" / "probe_head.safetensors")
+    torch.testing.assert_close(tuned.classifier.weight.detach(), head["weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tuned.classifier.bias.detach(), head["bias"], atol=1e-6, rtol=0)
+    assert head["bias"].abs().max() > 1e-3  # the probe moved its bias: the copy is not of zeros
+
+    sentences = [{"text": s, "label": y} for s, y in SENTENCES]
+    pooled = tunesmith.train(run("classification", sentences, "pooled", "linear_probe"), echo=quiet).run_dir
+    cfg = run("classification", sentences, "ft-cls", "full")
+    cfg["model"]["head_from"] = str(pooled)
+    with pytest.raises(ConfigError, match="model.head_from: bert is an encoder, whose sequence classifier reads "
+                                          "the pooler"):
+        tunesmith.train(cfg, echo=quiet)
+    assert not (tmp_path / "ft-cls").exists()
