@@ -85,6 +85,12 @@ def test_head_from_needs_an_objective_with_a_head_and_a_method_that_is_not_the_p
         load_config({**base, "objective": {"type": "sft"}})
     with pytest.raises(ConfigError, match="this run is the probe itself"):
         load_config({**base, "method": {"type": "linear_probe"}})
+    tasks = [{"name": n, "data": {"train": f"{n}.jsonl"}, "objective": {"type": "sft"}} for n in ("a", "b")]
+    with pytest.raises(ConfigError) as refused:
+        load_config({**base, "data": None, "objective": None, "tasks": tasks})
+    # One reason, not one more per task checked alone.
+    assert str(refused.value).count("head_from") == 1, str(refused.value)
+    assert "model.head_from is for single-task runs" in str(refused.value)
 
 
 def test_token_classification_head_takes_the_probes_weight_and_bias_and_an_encoders_sequence_head_is_refused(
@@ -100,12 +106,11 @@ def test_token_classification_head_takes_the_probes_weight_and_bias_and_an_encod
 
     def run(objective, rows, out, method, **training):
         data = write_jsonl(tmp_path / f"{objective}.jsonl", rows)
-        cfg = {"model": {"name_or_path": str(tiny_bert_dir)}, "data": {"train": str(data), "max_length": 32},
-               "method": {"type": method}, "objective": {"type": objective},
-               "training": {"batch_size": 4, "learning_rate": 5e-2, "max_steps": 5, "progress": False,
-                            "precision": "fp32", **training},
-               "eval": {"forgetting": False}, "output": {"dir": str(tmp_path / out)}}
-        return cfg
+        return {"model": {"name_or_path": str(tiny_bert_dir)}, "data": {"train": str(data), "max_length": 32},
+                "method": {"type": method}, "objective": {"type": objective},
+                "training": {"batch_size": 4, "learning_rate": 5e-2, "max_steps": 5, "progress": False,
+                             "precision": "fp32", **training},
+                "eval": {"forgetting": False}, "output": {"dir": str(tmp_path / out)}}
 
     ner = [{"tokens": t, "tags": y} for t, y in NER]
     probe = tunesmith.train(run("token_classification", ner, "probe", "linear_probe"), echo=quiet).run_dir

@@ -378,6 +378,7 @@ class RunConfig(Section):
             # Each task is checked as the single-task run it would be, its messages prefixed with where it is.
             alone = self.model_copy(update={"tasks": None, "data": task.data, "objective": task.objective,
                                             "training": self.training.model_copy(update={"head_learning_rate": None}),
+                                            "model": self.model.model_copy(update={"head_from": None}),
                                             "eval": self.eval.model_copy(update={"early_stopping_patience": None})})
             try:
                 alone._check_combination()
