@@ -11,7 +11,10 @@ template, loss on the assistant turn only). Held-out loss is measured for both b
 function (token-weighted cross-entropy on the assistant tokens of the 40 held-out rows), so
 the number means the same thing for both.
 
-Usage:  python benchmarks/sft_throughput.py [--rows 160] [--data PATH]
+Usage:  python benchmarks/sft_throughput.py [--rows 160] [--data PATH] [--repeats N]
+With --repeats N every run is made N times, the tools alternating round by round, and each
+run's tokens/s is the median of its N (all N are printed): on a shared 2-core VM one
+invocation's ratio moved by 10-15 % from hour to hour (docs/benchmarks.md).
 The last line of output is one JSON object with the ratios.
 """
 
@@ -87,7 +90,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool) -> dict:
+def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool, measure_loss: bool = True) -> dict:
     import tunesmith
 
     cfg = {
@@ -115,13 +118,13 @@ def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool) -> dict
     return {
         "train_tokens": result.throughput["train_tokens"],
         "train_runtime_s": result.throughput["train_runtime_s"],
-        "heldout_loss": heldout_loss(model, tok, heldout),
+        "heldout_loss": heldout_loss(model, tok, heldout) if measure_loss else None,
         "peak_rss_mb": train_peak,
         "settings": f"packing={packing}, batch 1 x accum 8, precision auto = {result.precision}",
     }
 
 
-def run_trl(train: Path, heldout: Path, work: Path, variant: str) -> dict:
+def run_trl(train: Path, heldout: Path, work: Path, variant: str, measure_loss: bool = True) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -159,7 +162,7 @@ def run_trl(train: Path, heldout: Path, work: Path, variant: str) -> dict:
     return {
         "train_tokens": tokens,
         "train_runtime_s": out.metrics["train_runtime"],
-        "heldout_loss": heldout_loss(trainer.model, tok, heldout),
+        "heldout_loss": heldout_loss(trainer.model, tok, heldout) if measure_loss else None,
         "peak_rss_mb": train_peak,
         "settings": f"{variant}: packing={v['packing']}, gradient_checkpointing={v['gradient_checkpointing']}, "
                     f"batch {v['batch_size']} x accum {HP['effective_batch'] // v['batch_size']}, "
@@ -172,9 +175,9 @@ def worker(args) -> None:
     train, heldout = Path(args.train), Path(args.heldout)
     start = time.perf_counter()
     if args.worker == "tunesmith":
-        res = run_tunesmith(train, heldout, work, args.packing)
+        res = run_tunesmith(train, heldout, work, args.packing, not args.skip_heldout)
     else:
-        res = run_trl(train, heldout, work, args.variant)
+        res = run_trl(train, heldout, work, args.variant, not args.skip_heldout)
     res["tokens_per_s"] = res["train_tokens"] / res["train_runtime_s"]
     res["wall_s"] = time.perf_counter() - start
     print("RESULT " + json.dumps(res), flush=True)
@@ -191,6 +194,23 @@ def launch(tool: str, extra: list[str], common: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def combine(repeats: list[dict]) -> dict:
+    """One run's repeats as one result: median tokens/s and train time, the largest peak RSS,
+    the held-out loss of the first repeat (training is seeded, so the repeats train the same model)."""
+    out = dict(repeats[0])
+    out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in repeats]
+    out["tokens_per_s"] = median(out["tokens_per_s_runs"])
+    out["train_runtime_s"] = median([r["train_runtime_s"] for r in repeats])
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in repeats)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -200,7 +220,10 @@ def main() -> None:
                    help="TRL settings to run; ratios are against the fastest of them.")
     p.add_argument("--ours", nargs="+", choices=["packed", "unpacked"], default=["packed", "unpacked"],
                    help="tunesmith layouts to run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run everything N times, alternating the tools; tokens/s is each run's median")
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--skip-heldout", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
     p.add_argument("--heldout", help=argparse.SUPPRESS)
@@ -212,12 +235,21 @@ def main() -> None:
 
     if not args.data.is_file():
         raise SystemExit(f"data file not found: {args.data}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     work = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
     train, heldout = split_data(args.data, args.rows, args.holdout, work)
     model_folder()  # convert the GGUF once, outside both timings
     common = ["--work", str(work), "--train", str(train), "--heldout", str(heldout)]
-    our_runs = {name: launch("tunesmith", ["--packing"] if name == "packed" else [], common) for name in args.ours}
-    trl_runs = {v: launch("trl", ["--variant", v], common) for v in args.trl}
+    plan = ([("tunesmith", name, ["--packing"] if name == "packed" else []) for name in args.ours]
+            + [("trl", v, ["--variant", v]) for v in args.trl])
+    repeats: dict[tuple[str, str], list[dict]] = {(tool, name): [] for tool, name, _ in plan}
+    for round_ in range(args.repeats):
+        for tool, name, extra in plan:
+            # The held-out loss does not change between repeats of a seeded run; measure it once.
+            repeats[(tool, name)].append(launch(tool, extra + (["--skip-heldout"] if round_ else []), common))
+    our_runs = {name: combine(repeats[("tunesmith", name)]) for name in args.ours}
+    trl_runs = {v: combine(repeats[("trl", v)]) for v in args.trl}
     # Headline: each tool's fastest run against the other's.
     ours = max(our_runs.values(), key=lambda r: r["tokens_per_s"])
     trl = max(trl_runs.values(), key=lambda r: r["tokens_per_s"])
@@ -227,6 +259,9 @@ def main() -> None:
     for name, r in rows:
         print(f"{name:24} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f} {r['heldout_loss']:14.4f} "
               f"{r['train_runtime_s']:8.1f}  {r['settings']}")
+        if args.repeats > 1:
+            print(f"{'':24} tokens/s of the {args.repeats} repeats: "
+                  + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]))
     summary = {
         "tokens_per_s_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
         "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
@@ -235,6 +270,9 @@ def main() -> None:
         "heldout_loss_ratio": ours["heldout_loss"] / trl["heldout_loss"],
         "tunesmith_tokens_per_s": ours["tokens_per_s"],
         "trl_tokens_per_s": trl["tokens_per_s"],
+        "repeats": args.repeats,
+        "tunesmith_tokens_per_s_runs": ours["tokens_per_s_runs"],
+        "trl_tokens_per_s_runs": trl["tokens_per_s_runs"],
         "trl_settings": trl["settings"],
         "tunesmith_settings": ours["settings"],
         # Same data layout on both sides (packed vs packed, one example per micro-batch vs the same).
