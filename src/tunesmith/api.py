@@ -10,12 +10,15 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .config import RunConfig, dump_config, flat_keys, load_config
 from .errors import ConfigError
 from .faults import reach
 from .files import write_text_atomic
+
+if TYPE_CHECKING:  # torch is imported lazily; RunResult only names its dtype type
+    import torch
 
 
 @dataclass
@@ -30,7 +33,7 @@ class RunResult:
     throughput: dict = field(default_factory=dict)  # training-step time and tokens of this session
     forgetting: dict = field(default_factory=dict)  # reference sets before/after and their deltas
     precision: str = ""  # what training ran in, e.g. "bf16 autocast, bfloat16 weights"
-    weight_dtype: "torch.dtype | None" = None  # the frozen base's dtype in training
+    weight_dtype: torch.dtype | None = None  # the frozen base's dtype in training
     second_model_bytes: int = 0  # a teacher's or reward model's weights and buffers, held beside the trained model
 
 

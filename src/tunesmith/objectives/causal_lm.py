@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import DataConfig, ObjectiveConfig
 from ..data.collate import Collator

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import DataConfig, ObjectiveConfig
 from ..errors import ConfigError
