@@ -122,7 +122,6 @@ def train(
     """Fine-tune as the config says; returns where everything went and the final metrics.
 
     `on_eval(step, metrics)` is called at every evaluation during training (how a sweep prunes)."""
-    import torch
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list, set_seed
