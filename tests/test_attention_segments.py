@@ -159,3 +159,24 @@ def test_cpu_bf16_autocast_runs_the_attention_kernel_in_fp32(pair, monkeypatch, 
     logits.float().sum().backward()
     assert seen and all(q == torch.float32 and out == torch.float32 for q, out in seen)
     assert logits.dtype == torch.bfloat16
+
+
+def test_segments_are_read_once_per_forward_and_again_when_positions_change(pair, monkeypatch):
+    # On a GPU every read of the positions waits for the device; the layers share one position_ids tensor.
+    import tunesmith.attention as attention
+
+    _, ours = pair
+    calls = []
+    real = attention._segments
+    monkeypatch.setattr(attention, "_segments", lambda pos: calls.append(pos.tolist()) or real(pos))
+    ids = torch.randint(0, 100, (1, 12))
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        first = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert len(calls) == 1 and ours.config.num_hidden_layers > 1
+        pos[0, 5:] = torch.arange(5, 12)  # in place: now one 12-token example
+        whole = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert len(calls) == 2 and calls[1] == [list(range(12))]
+        alone = ours(input_ids=ids).logits
+    torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(whole[:, 5:], first[:, 5:], atol=1e-3)

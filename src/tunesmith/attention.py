@@ -18,6 +18,7 @@ encoders) goes to transformers' own SDPA function unchanged.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,20 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]
     return bounds
 
 
+_LAST = threading.local()
+
+
+def _segments_once(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """`_segments`, computed once per forward: every layer gets the same position_ids tensor, and on
+    an accelerator each computation waits for the device (the positions are read on the host)."""
+    last = getattr(_LAST, "entry", None)
+    if last is not None and last[0] is position_ids and last[1] == position_ids._version:
+        return last[2]
+    bounds = _segments(position_ids)
+    _LAST.entry = (position_ids, position_ids._version, bounds)
+    return bounds
+
+
 # A few dozen entries cover a step's repeats (online RL's answers cut at the same length); a mask is
 # length x (shared + length) bools, so 512 entries of 2,048-token answers could hold GBs of masks.
 @functools.lru_cache(maxsize=32)
@@ -90,7 +105,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if common is not None:
         query, key, value = query.to(common), key.to(common), value.to(common)
     with torch.autocast(device, enabled=False):
-        out = _segment_rows(query, key, value, _segments(position_ids), dropout, scaling, gqa, dtype)
+        out = _segment_rows(query, key, value, _segments_once(position_ids), dropout, scaling, gqa, dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
