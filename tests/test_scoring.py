@@ -192,3 +192,13 @@ def test_shared_prompt_rows_runs_each_prompt_once_and_refuses_other_shapes():
     left = {**inputs, "attention_mask": inputs["attention_mask"].flip(1)}
     assert shared_prompt_rows(left, labels) is None  # left padding
     assert shared_prompt_rows({**inputs, "token_type_ids": inputs["input_ids"]}, labels) is None
+
+
+@pytest.mark.parametrize(("device", "vocab", "rows_per_chunk"),
+                         [("cpu", 128256, 65), ("cpu", 49152, 170), ("cuda", 128256, 1024), ("cuda", 49152, 2688),
+                          ("cuda:1", 8_000_000, 64)])
+def test_head_chunks_are_sized_for_the_device(device, vocab, rows_per_chunk):
+    # CPU chunks stay within glibc's heap-served blocks; an accelerator's are ~2**27 logits in whole 64-row tiles.
+    chunks = scoring._chunks(5000, vocab, device)
+    assert chunks[0] == slice(0, rows_per_chunk)
+    assert [c.start for c in chunks] == list(range(0, 5000, rows_per_chunk)) and chunks[-1].stop == 5000

@@ -26,6 +26,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # glibc's largest heap-served block (so chunks reuse kept heap memory instead of fresh mmaps);
 # smaller chunks slow the head's matmuls.
 CHUNK_ELEMENTS = 1 << 23
+# On an accelerator the caching allocator keeps big blocks and the head's matmuls want thousands of
+# rows (2**23 logits are 65 rows of a 128k vocabulary): 2**27 fp32 logits are 512 MB, ~1,000 rows.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 
 
 def head_and_backbone(model: nn.Module):
@@ -46,8 +49,11 @@ def head_and_backbone(model: nn.Module):
     return backbone, head
 
 
-def _chunks(n_rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _chunks(n_rows: int, vocab: int, device: torch.device | str = "cpu") -> list[slice]:
+    if torch.device(device).type == "cpu":
+        step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    else:  # whole tiles of 64 rows for the accelerator's matmuls
+        step = max(64, ACCELERATOR_CHUNK_ELEMENTS // max(vocab, 1) // 64 * 64)
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
@@ -75,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         # The distribution's entropy per row, while each chunk's log-probabilities exist (for logs; no gradient).
         ent = torch.empty_like(nll) if entropy else nll.new_zeros(0)
-        for rows in _chunks(hidden.shape[0], w.shape[0]):
+        for rows in _chunks(hidden.shape[0], w.shape[0], hidden.device):
             logp = torch.log_softmax(hidden[rows].to(dtype) @ w.T, dim=-1, dtype=torch.float32)
             nll[rows] = -logp.gather(1, targets[rows, None]).squeeze(1)
             if entropy:
@@ -99,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[1]:
             w = weight.to(ctx.dtype)
             d_weight = torch.zeros_like(weight, dtype=torch.float32)
-            for rows in _chunks(hidden.shape[0], w.shape[0]):
+            for rows in _chunks(hidden.shape[0], w.shape[0], hidden.device):
                 h = hidden[rows].to(ctx.dtype)
                 grad = _softmax_minus_onehot(torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32), targets[rows])
                 d_weight += ((grad * scale[rows]).to(ctx.dtype).T @ h).float()
@@ -209,7 +215,7 @@ def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty, empty, states
     nll, ent = [], []
-    for rows in _chunks(len(picked), logits.shape[-1]):
+    for rows in _chunks(len(picked), logits.shape[-1], logits.device):
         logp = torch.log_softmax(logits[rows].float() / temperature, dim=-1)
         nll.append(-logp.gather(1, picked[rows, None]).squeeze(1))
         if entropy:
