@@ -276,7 +276,8 @@ def fit(
         target.config.use_cache = False
     model.train()
     reference = reference_policy(model, method) if objective.needs_reference else None
-    optimizer = (method.build_optimizer(model, t, cfg.method) if method is not None else None) or build_optimizer(model, t)
+    optimizer = ((method.build_optimizer(model, t, cfg.method) if method is not None else None)
+                 or build_optimizer(model, t, accelerator.device.type))
     # The objective's own trainable parameters (PPO's value head) join the optimizer before the
     # schedule is built, so they follow it too.
     own_groups = objective.own_parameters(StepContext(policy=model, tokenizer=tokenizer, teacher=teacher,
