@@ -33,7 +33,9 @@ How
     Settings on both sides: bf16 autocast; LoRA base weights bf16 with fp32 adapters; full
     fine-tuning with bf16 weights and AdamW states (pure bf16, what TRL does with a bf16
     checkpoint); gradient checkpointing off for 1b, on for 8b (8B full fine-tuning does not fit
-    in 141 GB at 2048 tokens without it); attention "sdpa" unless --attn says otherwise.
+    in 141 GB at 2048 tokens without it). Attention (--attn default): tunesmith's own, one causal
+    SDPA call per packed document; TRL's "sdpa". --attn sdpa / flash_attention_2 / eager gives both
+    tools that transformers implementation instead.
     TRL: packing_strategy "bfd" (which turns padding_free on). With sdpa, padding-free
     flattens the whole micro-batch into one sequence and attends over B x seq_len positions
     under a block-diagonal mask (B times the attention FLOPs of separate rows), so under sdpa
@@ -63,7 +65,10 @@ Usage
     Anywhere (CPU, tiny Llama, seconds; checks the script, not the numbers):
         python benchmarks/gpu_sft.py --smoke --tools tunesmith
     Options: --models 1b 8b  --methods lora full  --tools tunesmith trl  --steps 10  --warmup 3
-             --seq-len 2048  --batch-size B  --attn sdpa  --peak-tflops 989  --keep
+             --seq-len 2048  --batch-size B  --attn default  --peak-tflops 989  --keep  --timeout 480
+Each run's result is printed as a `RUN {json}` line as soon as it ends, and appended to
+$OUT/gpu_sft_runs.jsonl when $OUT is set (a device command cut off at its time limit keeps what
+finished); the summary goes to $OUT/gpu_sft.json too.
 The output is a table; the last line is one JSON object with every run's numbers, the
 tunesmith/TRL ratios and the targets with pass/fail.
 """
@@ -227,7 +232,9 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
     total = a.warmup + a.steps
     tokens_per_step = a.batch_size * a.seq_len
     method = ({"type": "lora", **LORA, "target_modules": "all-linear"} if a.method == "lora" else {"type": "full"})
-    model = {"name_or_path": a.model_dir, "attn_implementation": a.attn}
+    model = {"name_or_path": a.model_dir}
+    if a.attn != "default":
+        model["attn_implementation"] = a.attn
     if a.method == "full":
         # Pure bf16 weights and AdamW states, as TRL trains a bf16 checkpoint (tunesmith's
         # default keeps learning weights in fp32). LoRA's frozen base is bf16 by default.
@@ -260,7 +267,8 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
         "all_steps_tokens_per_s": result.throughput["train_tokens_per_s"],
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "final_loss": result.metrics.get("loss"), **peaks,
-        "settings": (f"{_dtypes(cuda, a.method)}, batch {a.batch_size}x{a.seq_len} packed (FFD), {a.attn}, "
+        "settings": (f"{_dtypes(cuda, a.method)}, batch {a.batch_size}x{a.seq_len} packed (FFD), "
+                     f"{'per-document SDPA (tunesmith default)' if a.attn == 'default' else a.attn}, "
                      f"grad ckpt {'on' if a.grad_ckpt else 'off'}, torch AdamW (tunesmith default)"),
     }
 
@@ -301,8 +309,9 @@ def run_trl(a: argparse.Namespace) -> dict:
 
     torch.manual_seed(SEED)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
+    attn = "sdpa" if a.attn == "default" else a.attn
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 attn_implementation=a.attn)
+                                                 attn_implementation=attn)
     docs = json.loads((Path(a.data_dir) / "train_ids.json").read_text())
     peft_config = None
     if a.method == "lora":
@@ -338,7 +347,7 @@ def run_trl(a: argparse.Namespace) -> dict:
         "trainable_params": trainable, "total_params": sum(p.numel() for p in trainer.model.parameters()),
         "final_loss": out.metrics.get("train_loss"), **peaks,
         "settings": (f"{_dtypes(cuda, a.method)}, micro-batch {micro} x accum {a.batch_size // micro} of {a.seq_len} "
-                     f"(bfd packing + padding-free), {a.attn}, grad ckpt {'on' if a.grad_ckpt else 'off'}, "
+                     f"(bfd packing + padding-free), {attn}, grad ckpt {'on' if a.grad_ckpt else 'off'}, "
                      f"{getattr(args.optim, 'value', args.optim)} (TRL default)"),
     }
 
@@ -397,14 +406,17 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=None, help="packed row length (default 2048; --smoke 128)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"packed rows per optimizer step (default {DEFAULT_BATCH})")
-    p.add_argument("--attn", default="sdpa", help="attn_implementation for both tools (sdpa, flash_attention_2, eager)")
+    p.add_argument("--attn", default="default",
+                   help="default: tunesmith's per-document attention, TRL's sdpa; or an attn_implementation for "
+                        "both tools (sdpa, flash_attention_2, eager)")
     p.add_argument("--trl-micro-batch", type=int, default=None,
                    help="TRL rows per forward (default: 1 with sdpa/eager, --batch-size with flash attention)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the device's dense bf16 peak for MFU (default 989: H100/H200 SXM)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny Llama on the CPU (or GPU), 2 steps: checks the script, not the numbers")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=480,
+                   help="seconds per run (default 480: a device command may run 600 s at most)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (models, data, run folders)")
     # Worker-only arguments.
     for name in ("--worker", "--model", "--method", "--model-dir", "--data-dir", "--work"):
@@ -478,6 +490,7 @@ def main() -> None:
                     r["mfu"] = tps * dense / peak_flops if tps else None
                     r["mfu_with_attention"] = tps * (dense + attention) / peak_flops if tps else None
                     entry[tool] = r
+                    report_run({"run": f"{model}/{method}", "tool": tool, **r})
                 ours, theirs = entry.get("tunesmith", {}), entry.get("trl", {})
                 entry["tokens_per_s_ratio"] = _ratio(ours.get("tokens_per_s"), theirs.get("tokens_per_s"))
                 entry["peak_gpu_mem_ratio"] = _ratio(ours.get("peak_gpu_mem_mb"), theirs.get("peak_gpu_mem_mb"))
@@ -521,7 +534,18 @@ def main() -> None:
         "timing": ("tokens/s over the timed steps only (warmup excluded); tunesmith from metrics.jsonl per-step "
                    "records, TRL from synchronised callback timestamps"),
     }
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_sft.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
+
+
+def report_run(record: dict) -> None:
+    """One finished run, at once: on stdout and, when $OUT is set, appended to $OUT/gpu_sft_runs.jsonl."""
+    line = json.dumps(record)
+    print("RUN " + line, flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "gpu_sft_runs.jsonl", "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
