@@ -180,3 +180,15 @@ def test_segments_are_read_once_per_forward_and_again_when_positions_change(pair
         alone = ours(input_ids=ids).logits
     torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(whole[:, 5:], first[:, 5:], atol=1e-3)
+
+
+def test_packed_rows_run_under_inference_mode(pair):
+    # Inference tensors carry no version counter; their segments are read on every layer.
+    _, ours = pair
+    ids = torch.randint(0, 100, (1, 12))
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        want = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+    with torch.inference_mode():
+        got = ours(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits
+    torch.testing.assert_close(got, want)

@@ -64,7 +64,10 @@ _LAST = threading.local()
 
 def _segments_once(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     """`_segments`, computed once per forward: every layer gets the same position_ids tensor, and on
-    an accelerator each computation waits for the device (the positions are read on the host)."""
+    an accelerator each computation waits for the device (the positions are read on the host).
+    Inference tensors have no version counter to tell an in-place change by, so they are read every time."""
+    if position_ids.is_inference():
+        return _segments(position_ids)
     last = getattr(_LAST, "entry", None)
     if last is not None and last[0] is position_ids and last[1] == position_ids._version:
         return last[2]
