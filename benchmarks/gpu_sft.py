@@ -269,7 +269,7 @@ def run_tunesmith(a: argparse.Namespace) -> dict:
         "final_loss": result.metrics.get("loss"), **peaks,
         "settings": (f"{_dtypes(cuda, a.method)}, batch {a.batch_size}x{a.seq_len} packed (FFD), "
                      f"{'per-document SDPA (tunesmith default)' if a.attn == 'default' else a.attn}, "
-                     f"grad ckpt {'on' if a.grad_ckpt else 'off'}, torch AdamW (tunesmith default)"),
+                     f"grad ckpt {'on' if a.grad_ckpt else 'off'}, {'fused ' if cuda else ''}torch AdamW (tunesmith default)"),
     }
 
 
