@@ -317,12 +317,17 @@ class RunConfig(Section):
             )
         return self
 
+    def _no_head(self, field: str, purpose: str, verb: str) -> str:
+        """`field` set for an objective without a task head: which objectives have one."""
+        *first, last = [name for name, section in OBJECTIVE_SECTIONS.items() if section.adds_head]
+        return (f"{field}: objective.type '{self.objective.type}' adds no task head{purpose}; only "
+                f"{', '.join(first)} and {last} {verb}")
+
     def _head_lr_problems(self) -> list[str]:
         if self.training.head_learning_rate is None:
             return []
         if not self.objective.adds_head:
-            return [f"training.head_learning_rate: objective.type '{self.objective.type}' adds no task head; only "
-                    "classification, token_classification and reward train a fresh head"]
+            return [self._no_head("training.head_learning_rate", "", "train a fresh head")]
         if self.method.type == "lora_fa" or getattr(self.method, "loraplus_lr_ratio", None) is not None:
             return ["training.head_learning_rate: LoRA-FA and LoRA+ (method.loraplus_lr_ratio) build their own "
                     "optimizer groups; use one or the other"]
@@ -332,8 +337,7 @@ class RunConfig(Section):
         if self.model.head_from is None:
             return []
         if not self.objective.adds_head:
-            return [f"model.head_from: objective.type '{self.objective.type}' adds no task head to start from a "
-                    "probe; only classification, token_classification and reward do"]
+            return [self._no_head("model.head_from", " to start from a probe", "do")]
         if self.method.type == "linear_probe":
             return ["model.head_from starts fine-tuning from a linear probe's head; this run is the probe itself "
                     "(use another method.type, e.g. lora or full)"]
