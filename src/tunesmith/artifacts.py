@@ -65,6 +65,11 @@ def _artifact_in(folder: Path) -> Path | None:
     return None
 
 
+def read_manifest(artifact: Path) -> dict:
+    """The manifest of an artifact folder (one `_artifact_in` found)."""
+    return json.loads((artifact / MANIFEST).read_text())
+
+
 def _task_model(model, tokenizer, found: Path, manifest: dict, task: str, dtype: torch.dtype):
     """The model that answers `task`: the first model itself, or the task's saved head on its backbone."""
     from safetensors.torch import load_file
@@ -124,7 +129,7 @@ def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype
     path = Path(str(source)).expanduser()
     found = _artifact_in(path) if path.is_dir() else None
     if found is not None:
-        manifest = json.loads((found / MANIFEST).read_text())
+        manifest = read_manifest(found)
         objective = OBJECTIVES[manifest["objective"]](lenient_objective_config(manifest["objective_config"]))
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(found)), str(found))
         labels = manifest.get("labels") or []

@@ -11,7 +11,6 @@ sequence classifier reads the pooler (dense + tanh over [CLS]) instead, so it is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +37,8 @@ def read_probe_head(head_from: str, *, objective: str, labels: list[str], base: 
     model's config. `base` is the run's (model.name_or_path, model.gguf_file); `base_source` the folder
     it resolved to (a GGUF's cached conversion moves when the cache format changes, the name does not).
     """
-    from safetensors.torch import load_file
-
-    from .artifacts import MANIFEST, _artifact_in
-    from .methods.linear_probe import SPEC, WEIGHTS, is_decoder_only
+    from .artifacts import MANIFEST, _artifact_in, read_manifest
+    from .methods.linear_probe import WEIGHTS, is_decoder_only, read_saved_probe
 
     folder = Path(head_from).expanduser()
     if not folder.is_dir():
@@ -50,7 +47,7 @@ def read_probe_head(head_from: str, *, objective: str, labels: list[str], base: 
     if found is None:
         raise ConfigError(f"{FIELD}: {head_from} holds no trained artifact ({MANIFEST} not found in it or in its "
                           "adapter/ or model/ folder)")
-    manifest = json.loads((found / MANIFEST).read_text())
+    manifest = read_manifest(found)
     if manifest.get("method") != "linear_probe":
         raise ConfigError(f"{FIELD}: {found} was trained with method.type '{manifest.get('method')}'; a head "
                           "to start from comes from a method.type linear_probe run")
@@ -64,7 +61,7 @@ def read_probe_head(head_from: str, *, objective: str, labels: list[str], base: 
     if manifest.get("base_source") != base_source and named != base:
         raise ConfigError(f"{FIELD}: the probe in {found} read features of {named[0]}, this run trains {base[0]}; "
                           "a head only fits the features it was trained on")
-    spec = json.loads((found / SPEC).read_text())
+    spec, weights = read_saved_probe(found)
     if spec.get("head") != "linear":
         raise ConfigError(f"{FIELD}: the probe in {found} has a '{spec.get('head')}' head; only a linear head "
                           "(probe_head: linear) has the task head's shape")
@@ -76,7 +73,6 @@ def read_probe_head(head_from: str, *, objective: str, labels: list[str], base: 
         if spec.get("pooling") != "last":
             raise ConfigError(f"{FIELD}: the probe in {found} pooled '{spec.get('pooling')}' features; a decoder's "
                               "sequence head reads the last token (train the probe with pooling: last or auto)")
-    weights = load_file(found / WEIGHTS)
     weight = weights.get("weight")
     hidden = getattr(model_config, "hidden_size", None)
     if weight is None or weight.ndim != 2 or (hidden is not None and weight.shape[1] != hidden):

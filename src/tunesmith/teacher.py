@@ -42,14 +42,14 @@ def source_model(source: str):
     run or artifact, or a peft adapter folder), or the source itself."""
     import json
 
-    from .artifacts import MANIFEST, _artifact_in, _base_config
+    from .artifacts import _artifact_in, _base_config, read_manifest
     from .config import ModelConfig
 
     path = Path(source).expanduser()
     if path.is_dir():
         found = _artifact_in(path)
         if found is not None:
-            manifest = json.loads((found / MANIFEST).read_text())
+            manifest = read_manifest(found)
             return ModelConfig(name_or_path=str(found)) if manifest["artifact"] == "model" else _base_config(manifest)
         if (path / "adapter_config.json").is_file():
             base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")

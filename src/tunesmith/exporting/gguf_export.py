@@ -85,11 +85,11 @@ def _base_pre(found: Path | None) -> str | None:
     """A run on a GGUF base keeps the pre-tokenizer name its base file stated (its tokenizer came from there)."""
     if found is None:
         return None
-    from ..artifacts import MANIFEST
+    from ..artifacts import read_manifest
     from ..config import ModelConfig
     from ..models import resolve_source
 
-    manifest = json.loads((found / MANIFEST).read_text())
+    manifest = read_manifest(found)
     if not manifest.get("base_gguf_file"):
         return None
     try:

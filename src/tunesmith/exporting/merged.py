@@ -5,7 +5,6 @@ adapter inputs with the same function."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -21,14 +20,14 @@ FOLDABLE = ("full", "freeze", "lora", "dora", "rslora", "lora_fa", "qlora", "ia3
 def check_foldable(source: str | Path, label: str = "export") -> Path | None:
     """The artifact folder of a tunesmith run/artifact (None for anything else), refusing methods
     that cannot be folded into the weights; nothing is loaded."""
-    from ..artifacts import MANIFEST, _artifact_in
+    from ..artifacts import _artifact_in, read_manifest
 
     path = Path(str(source)).expanduser()
     if str(source).startswith(("/", ".", "~")) and not path.exists():
         raise ConfigError(f"{label}: not found: {source}")
     found = _artifact_in(path) if path.is_dir() else None
     if found is not None:
-        method = json.loads((found / MANIFEST).read_text()).get("method")
+        method = read_manifest(found).get("method")
         if method not in FOLDABLE and method != "merge":
             raise ConfigError(f"{label}: {source} is a '{method}' run; its weights are modules the base architecture "
                               f"has no place for (only {', '.join(FOLDABLE)} runs fold into plain weights)")
@@ -106,12 +105,12 @@ def check_output(output: Path, overwrite: bool) -> None:
 def source_folder(source: str | Path, found: Path | None) -> Path | None:
     """The local folder whose config.json and weights describe what `source` exports: the base of a
     run (the artifact itself for a full run), or `source` when it is a model folder."""
-    from ..artifacts import MANIFEST, _base_config
+    from ..artifacts import _base_config, read_manifest
     from ..models import materialize
 
     folder = None
     if found is not None:
-        manifest = json.loads((found / MANIFEST).read_text())
+        manifest = read_manifest(found)
         folder = Path(found if manifest.get("artifact") == "model" else materialize(_base_config(manifest)))
     elif Path(str(source)).is_dir() and (Path(str(source)) / "config.json").is_file():
         folder = Path(str(source))

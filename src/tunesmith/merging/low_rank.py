@@ -35,13 +35,13 @@ class LoraInput:
 
 def lora_inputs(spec: MergeSpec) -> list[LoraInput]:
     """Every input as a peft LoRA adapter of one and the same base, or a refusal naming the odd one."""
-    from ..artifacts import MANIFEST, _artifact_in
+    from ..artifacts import _artifact_in, read_manifest
 
     out = []
     for m in spec.inputs:
         path = Path(m.model).expanduser()
         found = _artifact_in(path) if path.is_dir() else None
-        manifest = json.loads((found / MANIFEST).read_text()) if found is not None else None
+        manifest = read_manifest(found) if found is not None else None
         if manifest is not None:
             if manifest.get("method") not in COMBINABLE:
                 raise ConfigError(f"lora_combine: {m.label} ({m.model}) is a '{manifest.get('method')}' run; "

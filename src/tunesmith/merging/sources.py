@@ -150,7 +150,7 @@ def _merged_adapter(label: str, origin: str, found: Path, manifest: dict | None,
 
 def resolve(label: str, origin: str, echo: Callable[[str], None] = print) -> TensorSource:
     """The input named `origin` as a TensorSource, without reading any tensor."""
-    from ..artifacts import MANIFEST, _artifact_in
+    from ..artifacts import _artifact_in, read_manifest
     from ..config import ModelConfig
     from ..exporting.merged import check_foldable
     from ..models import materialize
@@ -161,7 +161,7 @@ def resolve(label: str, origin: str, echo: Callable[[str], None] = print) -> Ten
     if path.is_dir():
         found = _artifact_in(path)
         if found is not None:
-            manifest = json.loads((found / MANIFEST).read_text())
+            manifest = read_manifest(found)
             if manifest.get("artifact") == "model":
                 return _from_folder(label, origin, found, manifest)
             check_foldable(path, label)

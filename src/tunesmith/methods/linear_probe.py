@@ -27,6 +27,11 @@ WEIGHTS = "probe_head.safetensors"
 SPEC = "probe_head.json"
 
 
+def read_saved_probe(artifact: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved probe's spec and its head's weights."""
+    return json.loads((artifact / SPEC).read_text()), load_file(artifact / WEIGHTS)
+
+
 def is_decoder_only(config) -> bool:
     """A causal decoder (its last token has seen the whole text) rather than a bidirectional encoder."""
     from transformers.models.auto.modeling_auto import (
@@ -158,6 +163,7 @@ class LinearProbe(Method):
         (out / SPEC).write_text(json.dumps(model.spec, indent=1))
 
     def load(self, base: nn.Module, artifact: Path, cfg: MethodSection, ctx: MethodContext) -> nn.Module:
-        probed = ProbedModel(base, json.loads((artifact / SPEC).read_text()))
-        load_partial(probed.head, load_file(artifact / WEIGHTS), artifact / WEIGHTS)
+        spec, weights = read_saved_probe(artifact)
+        probed = ProbedModel(base, spec)
+        load_partial(probed.head, weights, artifact / WEIGHTS)
         return probed

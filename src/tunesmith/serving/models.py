@@ -65,14 +65,14 @@ def parse_adapters(items: list[str]) -> dict[str, Path]:
 
 def describe_adapter(name: str, path: Path) -> AdapterSpec:
     """Read an adapter's peft config (a run folder, its adapter/ folder, or a peft folder)."""
-    from ..artifacts import MANIFEST, _artifact_in
+    from ..artifacts import _artifact_in, read_manifest
 
     if not path.exists():
         raise ConfigError(f"--adapter {name}: not found: {path}")
     found = _artifact_in(path) if path.is_dir() else None
     folder = found or path
     if not (folder / "adapter_config.json").is_file():
-        method = json.loads((found / MANIFEST).read_text()).get("method") if found else None
+        method = read_manifest(found).get("method") if found else None
         raise ConfigError(f"--adapter {name}: {path} is not a peft adapter"
                           + (f" (a '{method}' run: serve it as the base model instead, "
                              f"`tunesmith serve {path}`)" if method else ""))
@@ -81,7 +81,7 @@ def describe_adapter(name: str, path: Path) -> AdapterSpec:
     if peft_type not in ("LORA", "IA3"):
         raise ConfigError(f"--adapter {name}: a {peft_type} adapter cannot share a base with others; serve it as "
                           f"the base model instead (`tunesmith serve {path}`)")
-    base = json.loads((found / MANIFEST).read_text()).get("base_model") if found else None
+    base = read_manifest(found).get("base_model") if found else None
     return AdapterSpec(name, folder, peft_type, bool(config.get("use_dora")),
                        base or config.get("base_model_name_or_path"))
 
@@ -91,7 +91,7 @@ def load_served(source: str, adapters: dict[str, Path] | None = None, *, dtype: 
     """Check `source` and `adapters`, then load the base (a run folded into its base) and the adapters."""
     import torch
 
-    from ..artifacts import MANIFEST, _artifact_in, load_trained
+    from ..artifacts import _artifact_in, read_manifest, load_trained
     from ..quiet import held_load_report, no_progress_bars
 
     if dtype not in DTYPES:
@@ -99,7 +99,7 @@ def load_served(source: str, adapters: dict[str, Path] | None = None, *, dtype: 
     specs = {n: describe_adapter(n, p) for n, p in (adapters or {}).items()}
     path = Path(source).expanduser()
     found = _artifact_in(path) if path.is_dir() else None
-    manifest = json.loads((found / MANIFEST).read_text()) if found else {}
+    manifest = read_manifest(found) if found else {}
     if manifest and not manifest.get("generative", True):
         raise ConfigError(f"serve: {source} is a '{manifest.get('objective')}' run; only text generators are served")
     identity = str(source)
