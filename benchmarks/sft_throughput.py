@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,19 +195,13 @@ def launch(tool: str, extra: list[str], common: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def combine(repeats: list[dict]) -> dict:
     """One run's repeats as one result: median tokens/s and train time, the largest peak RSS,
     the held-out loss of the first repeat (training is seeded, so the repeats train the same model)."""
     out = dict(repeats[0])
     out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in repeats]
-    out["tokens_per_s"] = median(out["tokens_per_s_runs"])
-    out["train_runtime_s"] = median([r["train_runtime_s"] for r in repeats])
+    out["tokens_per_s"] = statistics.median(out["tokens_per_s_runs"])
+    out["train_runtime_s"] = statistics.median(r["train_runtime_s"] for r in repeats)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in repeats)
     return out
 

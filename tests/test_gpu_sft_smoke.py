@@ -17,17 +17,16 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sft.py"
 
 
-def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 # Five processes (model build, then LoRA and full for each tool), each importing torch +
 # transformers + peft: 35-50 s on a shared 2-core machine, so it carries the slow mark.
 @pytest.mark.slow
 def test_smoke_run_reports_every_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--tools", "tunesmith", "trl"],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = _run("--smoke", "--tools", "tunesmith", "trl", timeout=180, env={**os.environ, "OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
 
