@@ -95,6 +95,29 @@ def test_cache_key_separates_shapes_and_methods(llama_config):
     assert len(calls) > 2 * n  # both measured afresh
 
 
+def test_a_kernel_isa_cap_is_measured_apart_from_the_uncapped_machine(llama_config, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS (and ATEN_CPU_CAPABILITY, through the ISA torch
+    reports) change kernel speeds: a capped run must not reuse the uncapped machine's choice."""
+    costs = {"fp32": 0.0, "bf16": 0.01, "bf16-weights": 0.01}
+    calls = []
+
+    def choose():
+        n = len(calls)
+        precision.choose("auto", model_config=llama_config, method=METHODS["lora"], build_proxy=fake_proxy(costs, calls))
+        return len(calls) > n  # measured afresh
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    assert choose() and not choose()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert choose() and not choose()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert choose()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert choose()
+    assert "kernels=DEFAULT" in precision._cpu_identity()
+
+
 def test_explicit_precision_is_kept_without_measuring(llama_config):
     calls = []
     choice = precision.choose("fp32", model_config=llama_config, method=METHODS["lora"],

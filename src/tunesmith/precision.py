@@ -12,15 +12,16 @@ on one of the run's own rows (the longest that fits PROXY_MAX_TOKENS, collated a
   which saves autocast's per-step weight casts and half the weight memory.
 
 The fastest wins; bf16 frozen weights also win when within 5 % of the fastest (the same speed
-within noise, half the base's memory). Results are cached per machine (CPU model, flags, thread count, torch
-version) and model shape in the tunesmith cache dir, so only the first run of a shape pays the
-few seconds. CUDA uses bf16 where the GPU supports it (fp32 otherwise), with bf16 frozen weights.
+within noise, half the base's memory). Results are cached per machine (CPU model, flags, the kernel ISA
+torch dispatches to and any oneDNN / MKL ISA cap, thread count, torch version) and model shape in the
+tunesmith cache dir, so only the first run of a shape pays the few seconds. CUDA uses bf16 where the GPU supports it (fp32 otherwise), with bf16 frozen weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ TIMING_VERSION = 3
 TIE_MARGIN = 0.05  # step times this close are within run-to-run noise on a shared 2-core machine
 # Candidate -> (dtype of the frozen weights, bf16 autocast on); bf16-weights needs a frozen base.
 CANDIDATES = {"fp32": (torch.float32, False), "bf16": (torch.float32, True), "bf16-weights": (torch.bfloat16, True)}
+KERNEL_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 
 
@@ -67,7 +69,12 @@ def _cpu_identity() -> str:
                 break
     except OSError:
         pass
-    return f"{model}|{flags}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    # The kernels torch, oneDNN and MKL actually dispatch to: a run capped to AVX2 on an AVX512
+    # CPU (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) has other speeds
+    # than the same CPU uncapped, so it must not reuse the uncapped choice.
+    caps = ",".join(f"{name}={os.environ[name]}" for name in KERNEL_CAPS if os.environ.get(name))
+    return (f"{model}|{flags}|kernels={torch.backends.cpu.get_cpu_capability()}{'|' + caps if caps else ''}"
+            f"|threads={torch.get_num_threads()}|torch={torch.__version__}")
 
 
 def _shape_key(model_config, method_type: str, frozen_base: bool, auto_class: str, tokens: int) -> str:
