@@ -3,6 +3,7 @@ against a tiny model with two LoRA adapters; and `tunesmith chat`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import threading
@@ -154,6 +155,32 @@ def test_seeded_sampling_repeats(server):
     assert runs[0] == runs[1]
     many = client.chat.completions.create(model="alpha", messages=PROMPT, max_tokens=12, temperature=1.0, n=3, seed=1)
     assert [c.index for c in many.choices] == [0, 1, 2]
+    one = client.chat.completions.create(model="alpha", messages=PROMPT, max_tokens=2)
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once (as OpenAI does)
+    two = client.completions.create(model="alpha", prompt=["the sky", "the sea is"], max_tokens=2, n=2)
+    singles = [client.completions.create(model="alpha", prompt=p, max_tokens=2).usage.prompt_tokens
+               for p in ("the sky", "the sea is")]
+    assert len(two.choices) == 4 and two.usage.prompt_tokens == sum(singles)
+
+
+def test_without_max_tokens_the_answer_gets_what_the_context_leaves(server, base_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+
+    def length(n):
+        text = tok.apply_chat_template([{"role": "user", "content": "word " * n}], tokenize=False,
+                                       add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    n = max(k for k in range(1, 300) if length(k) <= 250)  # the test server's context is 256 tokens
+    messages = [{"role": "user", "content": "word " * n}]
+    r = server.client().chat.completions.create(model="base", messages=messages, temperature=0)
+    assert r.usage.prompt_tokens == length(n) and 1 <= r.usage.completion_tokens <= 256 - length(n)
+    full = next(k for k in range(n, 400) if length(k) >= 256)
+    refused = _post(server, "/v1/chat/completions",
+                    json.dumps({"model": "base", "messages": [{"role": "user", "content": "word " * full}]}), raw=True)
+    assert refused.status_code == 400 and "leaves no room for an answer" in refused.json()["error"]["message"]
 
 
 class Reply:
@@ -314,6 +341,12 @@ def test_text_stream_holds_partial_stops_and_characters(tiny_tokenizer):
         if stream.stopped:
             break
     assert stream.stopped and out == "the sky is "
+    # one token completing two stops: the earlier in the text wins, whatever the order of the list
+    for stops in (["sea", "sky"], ["sky", "sea"]):
+        stream = TextStream(tiny_tokenizer, stops)
+        stream.ids = ids[:-1]
+        stream.sent = 0
+        assert stream.push(ids[-1]) == "the " and stream.stopped
     whole = TextStream(tiny_tokenizer, [])
     text = "".join(whole.push(i) for i in ids) + whole.flush()
     assert text == "the sky is blue and the sea"
@@ -413,3 +446,44 @@ def test_server_answers_while_it_generates(server):
         assert time.perf_counter() - t < 2.0 and health["status"] == "ok"
     finally:
         worker.join(60)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_a_qlora_run_answers_with_its_adapter(run_config):
+    """A QLoRA run stays a peft model on its 4-bit base (nothing to merge into): its own adapter must
+    answer for the served name, not peft's 'no adapter' (which is the plain base model)."""
+    import tunesmith
+
+    cfg = run_config(method={"type": "qlora", "bits": 4, "compute_dtype": "fp32", "r": 4, "alpha": 32},
+                     training={"max_steps": 4, "learning_rate": 5e-2})
+    run = tunesmith.train(cfg, echo=lambda m: None).run_dir
+    app = build_app(str(run), name="tuned")
+    model, tok = app.state.served.model, app.state.served.tokenizer
+    ids = tok("what is the capital of france", return_tensors="pt")["input_ids"]
+
+    def greedy():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    with torch.no_grad():
+        tuned = greedy()
+        with model.disable_adapter():
+            base = greedy()
+    assert tuned != base  # the adapter changes the answer, so the check below tells them apart
+    running = Running(app)
+    try:
+        got = running.client().completions.create(model="tuned", prompt="what is the capital of france",
+                                                  max_tokens=8, temperature=0)
+        assert got.choices[0].text == tuned
+    finally:
+        running.stop()
+
+
+def test_a_prompt_tuning_run_is_refused_with_the_reason(run_config):
+    import tunesmith
+    from tunesmith.serving.models import load_served
+
+    run = tunesmith.train(run_config(method={"type": "prompt_tuning"}, training={"max_steps": 1}),
+                          echo=lambda m: None).run_dir
+    with pytest.raises(ConfigError, match="PROMPT_TUNING run .*virtual tokens"):
+        load_served(str(run))

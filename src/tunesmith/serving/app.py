@@ -103,18 +103,21 @@ def create_app(served: Served, *, api_key: str | None = None, limits: Limits | N
         if req.model not in served.names:
             raise ApiError(404, f"model '{req.model}' does not exist; this server has {', '.join(served.names)}",
                            type="not_found_error", param="model", code="model_not_found")
-        max_tokens = asked or min(limits.default_max_tokens, limits.max_tokens)
+        longest = max(len(p) for p in prompts)
+        # Without a max_tokens the default only goes as far as the context leaves room for.
+        max_tokens = asked or min(limits.default_max_tokens, limits.max_tokens,
+                                  max(served.context_length - longest, 1))
         if max_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {limits.max_tokens}",
                            param="max_tokens")
-        longest = max(len(p) for p in prompts)
         if longest + max_tokens > served.context_length:
+            asks = f"max_tokens asks for {max_tokens}" if asked else "that leaves no room for an answer"
             raise ApiError(400, f"this model's context is {served.context_length} tokens; the prompt has {longest} "
-                                f"and max_tokens asks for {max_tokens}", param="messages" if chat else "prompt",
+                                f"and {asks}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        adapter = BASE if req.model == served.base_name else req.model
+        adapter = (served.own_adapter or BASE) if req.model == served.base_name else req.model
         jobs = []
         for i, p in enumerate(prompts):
             def emit(ev: Event, i=i):
@@ -128,7 +131,8 @@ def create_app(served: Served, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error",
                            code="queue_full") from exc
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+        # prompts holds each prompt n times in a row; OpenAI counts a prompt once however many choices it gets.
+        usage = {"prompt_tokens": sum(len(p) for p in prompts[::req.n])}
         if req.stream:
             stream = _stream(req, jobs, events, ident, usage, chat)
             return StreamingResponse(stream, media_type="text/event-stream",

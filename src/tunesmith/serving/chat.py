@@ -59,7 +59,7 @@ def chat_loop(served, *, max_tokens: int = 256, temperature: float = 0.7, top_p:
                 write("(the conversation no longer fits the model's context; /reset to start again)\n")
                 continue
             events: queue.Queue[Event] = queue.Queue()
-            engine.submit([Job(ids, min(max_tokens, room), events.put, adapter=adapter or BASE,
+            engine.submit([Job(ids, min(max_tokens, room), events.put, adapter=adapter or served.own_adapter or BASE,
                                   temperature=temperature, top_p=top_p)])
             reply = ""
             while True:

@@ -339,5 +339,7 @@ def _choose(logits: torch.Tensor, jobs: list[Job], generators: list[torch.Genera
             cut = sorted_p.cumsum(0) - sorted_p > job.top_p  # keep the smallest head reaching top_p
             sorted_p[cut] = 0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        # The generators live on the CPU (a seeded request samples the same tokens on any device), so
+        # the probabilities go there: multinomial refuses a generator on another device than its input.
+        out[i] = torch.multinomial(probs.float().cpu(), 1, generator=generators[i])[0]
     return out

@@ -30,6 +30,9 @@ class Served:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     context_length: int = 2048
+    # The peft adapter the base name answers with: None for a plain (or merged) base; a QLoRA run's
+    # own adapter, which stays unmerged on its 4-bit base.
+    own_adapter: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -113,13 +116,26 @@ def load_served(source: str, adapters: dict[str, Path] | None = None, *, dtype: 
     with no_progress_bars(), held_load_report():
         loaded = load_trained(source, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     model = loaded.model
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        # peft prepends the virtual tokens (or prefix states) at every forward, which the server's
+        # step-by-step decoding with its own KV cache cannot carry.
+        raise ConfigError(f"serve: {source} is a {peft_config.peft_type.value} run (virtual tokens); the server "
+                          "and chat decode with their own cache, which prompt-learning methods do not support; "
+                          "use `tunesmith evaluate` to generate with it, or train a LoRA")
+    own = None
     if hasattr(model, "merge_and_unload") and manifest.get("method") != "qlora":
         model = model.merge_and_unload()  # a run served as the base runs at the speed of a plain model
+    elif peft_config is not None:  # QLoRA: a 4-bit base is not merged into; its adapter answers for the base name
+        own = model.active_adapter
+        if own in specs:
+            raise ConfigError(f"--adapter: '{own}' is the served run's own adapter; choose another adapter name")
     if getattr(model.config, "is_encoder_decoder", False) or "CausalLM" not in type(model).__name__:
         raise ConfigError(f"serve: {source} is a {type(model).__name__}; the server runs decoder-only text "
                           "generators")
     served = Served(model.eval(), loaded.tokenizer, base_name, specs,
-                    context_length=int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+                    context_length=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+                    own_adapter=own)
     if not lazy:
         for n in specs:
             served.ensure_loaded(n)

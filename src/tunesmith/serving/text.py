@@ -19,13 +19,13 @@ class TextStream:
         text = self._text()
         if text.endswith("\ufffd"):
             return ""
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                self.stopped = True
-                cut = text[:at]
-                delta, self.sent = cut[self.sent:], max(self.sent, len(cut))
-                return delta
+        # The earliest match wins, whichever stop it is: one token can complete two of them.
+        found = [at for at in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if at != -1]
+        if found:
+            self.stopped = True
+            cut = text[:min(found)]
+            delta, self.sent = cut[self.sent:], max(self.sent, len(cut))
+            return delta
         safe = len(text) - self._held(text)
         delta = text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
