@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,14 @@ def test_export_refusals_leave_everything_as_it_was(lora_run, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         tunesmith.export(str(tmp_path / "missing"), output=tmp_path / "y", echo=lambda m: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # --overwrite onto the run itself, a folder above it, or the run's base model: refused, all intact
+    base = Path(json.loads((lora_run / "adapter" / "tunesmith.json").read_text())["base_model"])
+    kept = {p: sorted(q.name for q in p.iterdir()) for p in (lora_run, base)}
+    for target in (lora_run, lora_run.parent, base):
+        for fmt in ("merged", "gguf"):
+            with pytest.raises(ConfigError, match="holds the input"):
+                tunesmith.export(lora_run, output=target, format=fmt, overwrite=True, echo=lambda m: None)
+    assert {p: sorted(q.name for q in p.iterdir()) for p in kept} == kept
 
 
 def test_export_refuses_when_the_disk_is_too_small(lora_run, tmp_path, monkeypatch):

@@ -6,7 +6,21 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+
+def refuse_output_over_inputs(output: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output folder that is one of the inputs or holds one: the output is replaced whole
+    once written, which would delete what it was made from (a run exported into its own folder, a
+    merge written over a source model, `--output runs` for a run inside it)."""
+    from .errors import ConfigError
+
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        src = Path(str(item)).expanduser()
+        if src.exists() and (src.resolve() == out or out in src.resolve().parents):
+            raise ConfigError(f"output: {out} holds the input {item}; writing there would destroy it "
+                              "(nothing was written)")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

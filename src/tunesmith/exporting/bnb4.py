@@ -21,7 +21,7 @@ def export_bnb4(source: str | Path, output: Path, *, overwrite: bool = False,
 
         raise ConfigError("--format bnb-4bit needs bitsandbytes (pip install 'tunesmith[qlora]')") from exc
     found = check_foldable(source)
-    check_output(output, overwrite)
+    check_output(output, overwrite, source, found)
     _check_disk(source, found, output, "fp32")  # the fp32 fold is written first, then the 4-bit copy
     with staged_folder(output) as tmp:
         merged, manifest = fold_fp32(source, tmp, echo)

@@ -35,7 +35,7 @@ def export_gguf(source: str | Path, output: Path, *, types: tuple[str, ...] = ("
     if len(set(types)) != len(types):
         raise ConfigError(f"--type: {', '.join(types)} names a type twice")
     found = check_foldable(source)
-    check_output(output, overwrite)
+    check_output(output, overwrite, source, found)
     described = source_folder(source, found)
     pre = _base_pre(found)
     if described is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from ..files import staged_folder
+from ..files import refuse_output_over_inputs, staged_folder
 
 # Methods whose trained weights become the base's own tensors; the others add modules
 # (bottleneck adapters, virtual tokens, a probe head) the architecture has no place for.
@@ -85,7 +85,7 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     import torch
 
     found = check_foldable(source)
-    check_output(output, overwrite)
+    check_output(output, overwrite, source, found)
     _check_disk(source, found, output, dtype)
     dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     with staged_folder(output) as tmp:
@@ -96,7 +96,12 @@ def export_merged(source: str | Path, output: Path, *, dtype: str = "auto", over
     return output
 
 
-def check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path, overwrite: bool, source: str | Path, found: Path | None) -> None:
+    """Refuse an output that exists (without overwrite) or that holds the source or the run's base model."""
+    from ..artifacts import read_manifest
+
+    base = read_manifest(found).get("base_model") if found is not None else None
+    refuse_output_over_inputs(output, [source, *([base] if base else [])])
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ConfigError(f"output: {output} already exists and is not empty; choose another folder or pass "
                           "--overwrite (nothing was written)")

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from ..files import refuse_output_over_inputs
 from .card import render_merge_card, write_search_report
 from .registry import MERGE_METHODS
 from .sources import resolve, tokenizer_files
-from .spec import Candidate, MergeInput, MergeSpec, candidate_name
+from .spec import Candidate, MergeSpec, candidate_name
 from .streaming import Plan, make_plan, merge_tensors, tensor_arguments
 
 CACHE_VERSION = 1
@@ -167,10 +168,8 @@ def run_merge(spec: MergeSpec, *, echo: Callable[[str], None] = print, use_cache
 
     start = time.perf_counter()
     out = Path(spec.output).expanduser().resolve()
-    for m in [*spec.models, *([] if spec.base_model is None else [MergeInput(model=spec.base_model)])]:
-        src = Path(m.model).expanduser()
-        if src.exists() and (src.resolve() == out or out in src.resolve().parents):
-            raise ConfigError(f"output: {out} holds the input {m.model}; writing there would destroy it")
+    refuse_output_over_inputs(out, [m.model for m in spec.models]
+                              + ([] if spec.base_model is None else [spec.base_model]))
     _check_device(spec.device)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} is a file, not a folder")
