@@ -91,6 +91,24 @@ def test_labelled_nll_of_a_model_matches_full_logits(tiny_model_dir):
     torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_labelled_token_still_backpropagates(tiny_model_dir, monkeypatch, fused):
+    """A micro-batch whose completions are all masked (GRPO's mask_truncated_completions) scores no
+    token; the empty result must stay on the graph on both paths, or backward fails for want of a grad_fn."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith import scoring
+
+    if not fused:  # what DDP wrappers, logit soft-capping or prompt tuning take
+        monkeypatch.setattr(scoring, "head_and_backbone", lambda model: None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(4, model.config.vocab_size, (2, 6))
+    nll, ent, _ = scoring.labelled_scores(model, {"input_ids": ids}, torch.full_like(ids, IGNORE), entropy=True)
+    assert nll.shape == ent.shape == (0,) and nll.requires_grad
+    (nll.sum() * 2).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_temperature_and_entropy_match_on_the_fused_and_plain_paths(tiny_model_dir, monkeypatch):
     """Online RL scores tokens under softmax(logits / T): both paths give the same log-probs, gradients and
     entropies, and they equal a direct computation from the full logits."""

@@ -212,8 +212,9 @@ def labelled_scores(model: nn.Module, inputs: dict[str, torch.Tensor], labels: t
         states = out.hidden_states[-1][:, -width:][:, :-1][mask] if hidden else None
     states = states if hidden else None
     if not len(picked):
-        empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty, empty, states
+        # No labelled token (every completion of a micro-batch masked): an empty result that stays on the
+        # graph, so the loss built from it backpropagates zeros instead of failing for want of a grad_fn.
+        return logits[:, 0].float(), logits.new_zeros(0, dtype=torch.float32), states
     nll, ent = [], []
     for rows in _chunks(len(picked), logits.shape[-1], logits.device):
         logp = torch.log_softmax(logits[rows].float() / temperature, dim=-1)
