@@ -81,6 +81,23 @@ def test_full_fine_tuning_keeps_a_frozen_copy_and_precompute_gives_the_same_firs
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_log_probs_are_in_the_step_precision(run_config, pairs_file, method):
+    """Precomputed reference log-probs come from the precision the loss runs in (bf16 autocast here):
+    at step 1 the policy is the reference, so every reward is 0 with or without precompute."""
+    import tunesmith
+
+    cfg = dpo_config(run_config, pairs_file, precompute_ref_logps=True)
+    cfg["method"] = {"type": method} if method == "full" else cfg["method"]
+    cfg["training"].update(max_steps=1, precision="bf16")
+    step1 = metric_records(tunesmith.train(cfg, echo=lambda m: None).run_dir)[0]
+    # Precomputed in fp32 against a bf16-autocast policy, full fine-tuning's rewards were ~2e-5 here, and
+    # that offset stays for the whole run.
+    assert step1["rewards/chosen"] == pytest.approx(0.0, abs=1e-7)
+    assert step1["rewards/rejected"] == pytest.approx(0.0, abs=1e-7)
+    assert step1["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
 def test_eval_reports_reward_accuracy_and_margins(run_config, pairs_file):
     import tunesmith
 

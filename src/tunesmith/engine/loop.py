@@ -315,7 +315,10 @@ def fit(
     if resume_from is not None:
         state |= ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
                                       objective)
-    objective.setup(ctx, train_rows, val_rows)
+    # Under the step's autocast: what setup computes for the loss (DPO's precomputed reference log-probs)
+    # must come from the precision the loss runs in, or it is off by the precision's rounding all run long.
+    with accelerator.autocast():
+        objective.setup(ctx, train_rows, val_rows)
     if not objective.needs_reference:
         ctx.reference = None  # e.g. reference log-probs precomputed in setup: the copy can go
     # On resume, TensorBoard hides what the interrupted run logged after the checkpoint
