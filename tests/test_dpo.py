@@ -149,3 +149,23 @@ def test_precision_auto_times_a_real_pair_for_preference_objectives(run_config, 
     chosen = [m for m in said if m.startswith("precision auto:")]
     assert chosen and "measured now" in chosen[0], said
     assert not [m for m in said if "could not time" in m]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("disable", [True, False])
+def test_offline_preference_objectives_turn_dropout_off_as_trl_does(tiny_model_dir, tiny_tokenizer, kind, disable):
+    """TRL's DPO/KTO/ORPO/CPO trainers default to disable_dropout=True: log-probs compared across forwards
+    (policy vs reference, chosen vs rejected) must not differ by dropout noise. LoRA's dropout included."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.objective_config import objective_config
+    from tunesmith.objectives import StepContext, build_objective
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    objective = build_objective(objective_config(type=kind, disable_dropout=disable))
+    objective.setup(StepContext(policy=model, tokenizer=tiny_tokenizer), [], [])
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if disable else {0.3})

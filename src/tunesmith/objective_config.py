@@ -75,7 +75,14 @@ class TokenClassificationSection(_Labelled):
     type: Literal["token_classification"] = "token_classification"
 
 
-class DPOSection(ObjectiveSection):
+class _DropoutOff(ObjectiveSection):
+    disable_dropout: bool = Field(
+        True, description="Set every dropout of the model (LoRA's too) to 0 before training, as TRL's DPO, KTO, "
+                          "ORPO and CPO trainers do by default: log-probs compared across two forwards (policy and "
+                          "reference, chosen and rejected) then differ by the weights, not by dropout noise.")
+
+
+class DPOSection(_DropoutOff):
     """Direct preference optimisation against a frozen reference (TRL 1.16 definitions)."""
 
     type: Literal["dpo"] = "dpo"
@@ -98,7 +105,7 @@ class RewardSection(ObjectiveSection):
     )
 
 
-class KTOSection(ObjectiveSection):
+class KTOSection(_DropoutOff):
     """KTO on unpaired desirable / undesirable answers (TRL 1.16 definitions)."""
 
     type: Literal["kto"] = "kto"
@@ -116,14 +123,14 @@ class KTOSection(ObjectiveSection):
         return []
 
 
-class ORPOSection(ObjectiveSection):
+class ORPOSection(_DropoutOff):
     """ORPO: NLL of the chosen answer plus an odds-ratio term; no reference model."""
 
     type: Literal["orpo"] = "orpo"
     beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (the paper's lambda).")
 
 
-class SimPOSection(ObjectiveSection):
+class SimPOSection(_DropoutOff):
     """SimPO: length-averaged log-probs with a target margin; no reference model."""
 
     type: Literal["simpo"] = "simpo"

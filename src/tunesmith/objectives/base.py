@@ -25,6 +25,14 @@ from ..objective_config import ObjectiveSection, objective_config
 from ..data.templates import IGNORE
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout module of `model` (the base's and LoRA's) at p = 0, as TRL's preference and PPO
+    trainers do: log-probs compared with a reference's or with old ones then carry no dropout noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor

@@ -42,7 +42,7 @@ from ..config import DataConfig
 from ..data.preference import answer_labels, collate_unpaired, encode_unpaired, truncation_rule
 from ..errors import ConfigError
 from ..scoring import sequence_logps
-from .base import LossOutput, Objective, StepContext, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo, disable_dropout
 from .losses import kto_kl_estimate, kto_loss
 
 
@@ -121,6 +121,8 @@ class KTO(Objective):
             return self._logps(reference, batch), self._logps(reference, batch, "kl_")
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
+        if self.cfg.disable_dropout:
+            disable_dropout(ctx.policy)
         # The scoring itself waits for the first window, which tells the batch size (see the module doc).
         self._rows = (train_rows, val_rows)
 

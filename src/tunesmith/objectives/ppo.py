@@ -51,7 +51,7 @@ from torch import nn
 from ..data.preference import answer_labels, pad_completions
 from ..data.templates import IGNORE
 from ..scoring import labelled_scores
-from .base import LossOutput, StepContext
+from .base import LossOutput, StepContext, disable_dropout
 from .grpo import GRPO, _pad_id
 from .policy_gradient import gae, kl_penalised_rewards, whiten
 
@@ -130,9 +130,7 @@ class PPO(GRPO):
         return [group]
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
-        for module in ctx.policy.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        disable_dropout(ctx.policy)
 
     def state_dict(self) -> dict:
         state = {"kl_coef": self.kl_coef, "buffer": self._buffer, "uses": self._uses,

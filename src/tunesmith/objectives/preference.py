@@ -15,7 +15,7 @@ import torch
 from ..config import DataConfig
 from ..data.preference import answer_labels, collate_pairs, encode_pair, truncation_rule
 from ..scoring import sequence_logps
-from .base import LossOutput, Objective, StepContext, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo, disable_dropout
 from .losses import dpo_loss
 
 PRECOMPUTE_BATCH = 8
@@ -76,6 +76,8 @@ class DPO(Objective):
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """With precompute_ref_logps, score every pair with the reference once (then no reference is kept)."""
+        if self.cfg.disable_dropout:
+            disable_dropout(ctx.policy)
         if not self.cfg.precompute_ref_logps or self._precomputed:
             return
         pad_id = ctx.tokenizer.pad_token_id

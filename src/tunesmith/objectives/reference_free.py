@@ -39,7 +39,7 @@ from ..config import DataConfig
 from ..data.preference import collate_pairs
 from ..data.templates import IGNORE
 from ..scoring import labelled_nll, sum_by_row
-from .base import LossOutput, Objective, StepContext, TaskInfo
+from .base import LossOutput, Objective, StepContext, TaskInfo, disable_dropout
 from .losses import orpo_loss, simpo_loss
 from .preference import encode_preference_row
 
@@ -75,6 +75,10 @@ class _ReferenceFree(Objective):
     formats = ("preference",)
     generative = True
     needs_reference = False
+
+    def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
+        if self.cfg.disable_dropout:
+            disable_dropout(ctx.policy)
 
     def encode(self, tokenizer, record: dict, data: DataConfig, task: TaskInfo) -> tuple[dict | None, bool]:
         return encode_preference_row(tokenizer, record, data)
