@@ -248,6 +248,13 @@ def test_orpo_log1mexp_stable_near_zero_in_fp32():
     losses, _, _ = orpo_loss(x, t([-2.0, -0.01]), 0.0, beta=0.1)
     losses.sum().backward()
     assert torch.isfinite(x.grad).all()
+    # An average log-prob that rounds to 0 (every token certain), or just below it in fp32: finite loss and
+    # gradients on both sides (log 0 and the discarded branch's inf gave inf and NaN).
+    for value in (0.0, -1e-9, -5e-8):
+        c, r = t([value], grad=True), t([value], grad=True)
+        losses, _, _ = orpo_loss(c, r, 0.0, beta=0.1)
+        (losses.sum()).backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
 
 
 # --------------------------------------------------------------------------- SimPO

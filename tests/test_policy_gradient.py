@@ -131,6 +131,10 @@ def test_whiten_over_the_mask():
     out = whiten(x, mask)
     assert out[0, :3].tolist() == pytest.approx([-1, 0, 1], abs=1e-4)  # mean 2, unbiased std 1
     assert whiten(x, mask, shift_mean=False)[0, :3].tolist() == pytest.approx([1, 2, 3], abs=1e-4)
+    # One counted entry (a one-token completion in a batch of one): no spread, a 0 advantage, not NaN.
+    one = whiten(torch.tensor([[4.0, 7.0]]), torch.tensor([[1, 0]]))
+    assert torch.isfinite(one).all() and one[0, 0].item() == 0.0
+    assert whiten(torch.tensor([[4.0]]), torch.tensor([[1]]), shift_mean=False).item() == pytest.approx(4.0)
 
 
 def test_value_loss_is_clipped_around_the_old_values():

@@ -225,7 +225,12 @@ def kto_loss(
 def _log1mexp(x: Tensor) -> Tensor:
     # log(1 − e^x) for x < 0, TRL's `log1mexp` (orpo_trainer.py:87): branch at −ln 2 where each
     # form avoids cancellation (Mächler 2012).
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    # Each branch gets inputs on its own side only, so the branch torch.where discards stays finite
+    # (its inf would turn the zero gradient it receives into NaN), and x is kept below 0: an average
+    # log-prob that rounds to 0 (every token certain) would otherwise give log 0.
+    x = x.clamp(max=-1e-7)
+    cut = -math.log(2)
+    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))), torch.log(-torch.expm1(x.clamp(min=cut))))
 
 
 def orpo_loss(

@@ -156,8 +156,9 @@ def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
     `shift_mean=False` rescales but keeps the mean (how PPO whitens rewards)."""
     mean = masked_mean(x, mask)
     centred = x - mean
-    n = mask.sum()
-    variance = masked_mean(centred**2, mask) * (n / (n - 1)).clamp(min=1.0)
+    n = mask.sum().to(x.dtype)
+    # Unbiased over n > 1 entries; one entry has no spread (its whitened value is 0, not 0 * inf = NaN).
+    variance = masked_mean(centred**2, mask) * (n / (n - 1).clamp(min=1.0)).clamp(min=1.0)
     out = centred * torch.rsqrt(variance + 1e-8)
     return out if shift_mean else out + mean
 
