@@ -60,6 +60,19 @@ def test_linear_merge_loads_in_plain_transformers_and_records_the_recipe(folders
     assert loaded.model(ids).logits.shape[-1] == loaded.model.config.vocab_size
 
 
+def test_linear_weights_summing_to_zero_are_refused_before_any_tensor_is_written(folders, tmp_path):
+    models = [{"model": str(folders["a"]), "parameters": {"weight": 1.0}},
+              {"model": str(folders["b"]), "parameters": {"weight": -1.0}}]
+    with pytest.raises(ConfigError, match=r"weights sum to 0 for tensor .*set normalize: false"):
+        tunesmith.merge(models=models, method="linear", output=str(tmp_path / "zero"), echo=_quiet)
+    assert not (tmp_path / "zero").exists()
+    out = tmp_path / "difference"  # without normalize the difference of the models is what was asked for
+    tunesmith.merge(models=models, method="linear", parameters={"normalize": False}, output=str(out), echo=_quiet)
+    a, b, merged = _weights(folders["a"]), _weights(folders["b"]), _weights(out)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(merged[name], a[name] - b[name], atol=1e-6)
+
+
 def test_slerp_gradient_runs_from_the_base_at_the_first_layer_to_the_model_at_the_last(folders, tmp_path):
     out = tmp_path / "slerp"
     tunesmith.merge(models=[{"model": str(folders["a"])}], base_model=str(folders["base"]), method="slerp",
