@@ -284,6 +284,38 @@ def test_engine_refuses_past_its_queue_and_survives_a_failing_batch(base_dir):
         engine.close()
 
 
+def test_an_adapter_that_fails_to_load_fails_only_its_own_requests(base_dir):
+    """--lazy: an adapter that cannot be attached fails the requests for it, not the base-model request
+    that shares its batch (nor one that joins a running batch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+    def load(name):
+        if name == "broken":
+            raise ValueError("adapter 'broken' does not fit this model")
+        return model
+    engine = Engine(model, tok, load_adapter=load)
+    events, done = {}, threading.Event()
+
+    def job(name, adapter):
+        def emit(ev):
+            if ev.kind != "text":
+                events[name] = ev
+                if len(events) == 3:
+                    done.set()
+        return Job(tok("the sky")["input_ids"], 4, emit, adapter=adapter, temperature=0)
+    try:
+        engine.submit([job("base", "__base__"), job("broken", "broken"), job("again", "broken")])
+        assert done.wait(60)
+        assert events["base"].kind == "done"
+        assert events["broken"].kind == events["again"].kind == "error"
+        assert "does not fit this model" in events["broken"].text
+    finally:
+        engine.close()
+
+
 def test_a_request_joins_a_running_batch_and_answers_as_alone(base_dir):
     """Step-level batching: a request arriving mid-generation joins the running batch at the next step
     (one batch, two rows), finishes long before the first, and both answer as they do alone."""

@@ -131,19 +131,17 @@ class Engine:
 
     @torch.no_grad()
     def _run(self, jobs: list[Job], live: "_Live") -> None:
+        jobs = self._with_adapters(jobs)
         if not jobs:
             return
-        for name in {j.adapter for j in jobs} - {BASE}:
-            self._ensure_adapter(name)
         self.batches += 1
         with self._adapter_context(jobs[0].adapter) as extra:
             live.join(*self._prefill(jobs, extra))
             while True:
                 joining = self._admit(live, jobs[0].adapter)
+                joining = self._with_adapters(joining)  # between two steps: the batch's cache stays valid
                 if joining:
                     try:
-                        for name in {j.adapter for j in joining} - {BASE}:
-                            self._ensure_adapter(name)  # between two steps: the batch's cache stays valid
                         prefilled = self._prefill(joining, extra)
                     except Exception as exc:  # only the newcomers fail; the running rows go on
                         for job in joining:
@@ -163,9 +161,21 @@ class Engine:
                                  **extra([live.jobs[r] for r in live.rows]))
                 live.cache, live.logits, live.next_pos = out.past_key_values, out.logits[:, -1].float(), live.next_pos + 1
 
-    def _ensure_adapter(self, name: str) -> None:
-        if self._load_adapter is not None:
-            self.model = self._load_adapter(name)  # a deferred adapter may wrap the model
+    def _with_adapters(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose adapters are loaded (a deferred one is loaded now, and may wrap the model); a job
+        whose adapter fails to load gets the error alone, and the others of its batch go on."""
+        failed = {}
+        for name in {j.adapter for j in jobs} - {BASE}:
+            if self._load_adapter is None:
+                continue
+            try:
+                self.model = self._load_adapter(name)
+            except Exception as exc:
+                failed[name] = exc
+        for job in jobs:
+            if job.adapter in failed:
+                job.emit(_failed(failed[job.adapter]))
+        return [j for j in jobs if j.adapter not in failed]
 
     def _prefill(self, jobs: list[Job], extra) -> tuple:
         """One forward over the jobs' left-padded prompts: (jobs, cache, mask, next positions, last logits)."""
