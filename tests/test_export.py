@@ -75,6 +75,23 @@ def test_export_refuses_when_the_disk_is_too_small(lora_run, tmp_path, monkeypat
     assert not (tmp_path / "z").exists()
 
 
+def test_export_disk_check_counts_the_saved_dtype_not_the_stored_one(tmp_path, monkeypatch):
+    """A bf16 base folds in fp32 and is saved so with --dtype auto: twice its size on disk."""
+    from safetensors.torch import save_file
+
+    from tunesmith.exporting import merged
+
+    base = tmp_path / "bf16-base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1000, 1000, dtype=torch.bfloat16)}, str(base / "model.safetensors"))
+    monkeypatch.setattr(merged, "free_space", lambda out: (out, 3_000_000))  # 2 MB stored, 4 MB in fp32
+    merged._check_disk(base, None, tmp_path / "out", "bf16")
+    for dtype in ("auto", "fp32"):
+        with pytest.raises(ConfigError, match="need about 0.00 GiB"):
+            merged._check_disk(base, None, tmp_path / "out", dtype)
+
+
 def test_cli_export(lora_run, tmp_path):
     from tunesmith.cli import app
 

@@ -234,6 +234,8 @@ def test_bad_chat_requests_get_openai_shaped_4xx(server, body, status, words):
 def test_bad_requests_leave_the_server_serving(server):
     assert _post(server, "/v1/completions", {"model": "base", "prompt": "x", "echo": True}).status_code == 400
     assert _post(server, "/v1/completions", {"model": "base", "prompt": []}).status_code == 400
+    empty = _post(server, "/v1/completions", {"model": "base", "prompt": ""})  # no BOS in this tokenizer
+    assert empty.status_code == 400 and "empty prompt" in empty.json()["error"]["message"]
     missing = _http(server.url + "/v1/nothing-here")
     assert missing.status_code == 404 and "error" in missing.json()
     assert _http(server.url + "/health").json()["status"] == "ok"

@@ -97,6 +97,9 @@ def create_app(served: Served, *, api_key: str | None = None, limits: Limits | N
         if not prompts or len(prompts) * req.n > 16:
             raise ApiError(400, "prompt: between 1 and 16 completions per request (prompts x n)", param="prompt")
         ids = [served.tokenizer(p)["input_ids"] for p in prompts for _ in range(req.n)]
+        if not all(ids):
+            raise ApiError(400, "prompt: an empty prompt gives no token to continue from (this tokenizer adds no "
+                                "beginning-of-text token)", param="prompt")
         return await _respond(req, ids, req.max_tokens, chat=False)
 
     async def _respond(req, prompts: list[list[int]], asked: int | None, *, chat: bool):
