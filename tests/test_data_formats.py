@@ -87,6 +87,14 @@ def test_detection_prefers_the_most_specific_format():
     # A text column next to alpaca columns is extra metadata, not the training text.
     assert detect_format({"instruction", "output", "text"}) == "alpaca"
     assert detect_format({"messages", "text"}) == "chat"
+    # ... also with an objective's preferences: SFT reads instruction data as such (prompts masked);
+    # continued pretraining learns the text column.
+    from tunesmith.objectives import OBJECTIVES
+
+    assert detect_format({"instruction", "input", "output", "text"}, {}, OBJECTIVES["sft"].formats) == "alpaca"
+    assert detect_format({"messages", "text"}, {}, OBJECTIVES["sft"].formats) == "chat"
+    assert detect_format({"text"}, {}, OBJECTIVES["sft"].formats) == "text"
+    assert detect_format({"instruction", "input", "output", "text"}, {}, OBJECTIVES["causal_lm"].formats) == "text"
 
 
 def test_explicit_format_overrides_detection(tmp_path):

@@ -48,3 +48,7 @@ class SFT(CausalLM):
     """Instruction tuning: the data pipeline masks prompts, the loss is the same."""
 
     name = "sft"
+    # Conversation shapes before plain text: a dataset with instruction/output (or messages) columns and
+    # a rendered `text` column too (tatsu-lab/alpaca) is instruction data, read so that prompts are masked.
+    # Continued pretraining (causal_lm) keeps text first: there the text column is what it learns.
+    formats = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
