@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tunesmith.data.templates import (
@@ -79,6 +81,26 @@ def test_multi_turn_masks_every_user_and_system_turn(tok):
     )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert sum(1 for t, lab in zip(enc.input_ids, enc.labels) if t == im_end and lab != IGNORE) == 2
+
+
+def test_a_template_that_renders_the_last_answer_differently_still_masks_by_turn(tok):
+    """Qwen3-style: only the final answer gets an (empty) think block, so earlier answers are located in the
+    text; the search starts after the turns before them (the user's 'yes' is not the answer 'yes') and
+    learns the turn's end marker too."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+        "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    rec = {"messages": [{"role": "user", "content": "is the sky blue yes or no"},
+                        {"role": "assistant", "content": "yes"},
+                        {"role": "user", "content": "and the sea"},
+                        {"role": "assistant", "content": "blue"}]}
+    enc = encode_record(tok, rec)
+    first, last = learned_spans(tok, enc)
+    assert first == "yes" + END  # was the user's 'yes', without the end marker
+    assert last.endswith("blue" + END) and "sky" not in last + first  # the final turn as the template renders it
 
 
 def test_train_on_prompt_learns_every_token(tok):

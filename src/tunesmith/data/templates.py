@@ -56,13 +56,28 @@ def _generation_prompt(tokenizer) -> str:
     return opened[len(plain):] if opened.startswith(plain) else ""
 
 
+_PROBE = "tunesmith-closing-probe"
+
+
+def _closing(tokenizer) -> str:
+    """The text the template writes after an assistant turn's content (ChatML: '<|im_end|>\n')."""
+    text = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}])
+    at = text.rfind(_PROBE)
+    return text[at + len(_PROBE):] if at >= 0 else ""
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of every assistant turn."""
     full = _render(tokenizer, messages)
     spans = []
     cursor = 0
+    closing = None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
+            # Past this turn's text: an answer is never looked for inside an earlier turn (the fallback below).
+            at = full.find(message["content"], cursor) if message["content"] else -1
+            if at >= 0:
+                cursor = at + len(message["content"])
             continue
         upto = _render(tokenizer, messages[: i + 1])
         if i:
@@ -76,11 +91,16 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if full.startswith(upto) and upto.startswith(prefix):
             start, end = len(prefix), len(upto)
         else:
-            # Templates that rewrite earlier turns (e.g. strip reasoning): locate the content.
+            # Templates that render a turn differently once later turns follow it (an empty think block on
+            # the last answer only, a system prompt moved to the last user turn): locate the content after
+            # the turns before it, and learn the turn's closing (its end-of-turn marker) with it.
             start = full.find(message["content"], cursor)
             if start < 0:
                 continue
             end = start + len(message["content"])
+            closing = _closing(tokenizer) if closing is None else closing
+            if closing and full.startswith(closing, end):
+                end += len(closing)
         spans.append((start, end))
         cursor = end
     return full, spans
