@@ -154,3 +154,30 @@ def test_a_streamed_hub_dataset_fills_the_store_row_by_row(run_config, tiny_toke
     assert len(streamed.train) == 200 and list(streamed.train) == list(from_file.train)
     again = build_data(cfg.data, tiny_tokenizer, seed=1, packing=False, objective=objective)
     assert len(opened) == 1 and list(again.train) == list(streamed.train)
+
+
+def test_a_validation_file_reads_in_the_training_format_and_counts_its_skipped_rows(run_config, tiny_tokenizer,
+                                                                                   tmp_path, cache):
+    """Continued pretraining on rows with both a text column and alpaca columns learns the text; the
+    validation file must be read the same way in both stores (the Arrow store detected it afresh, as
+    alpaca), and a row it skips under skip_invalid is counted."""
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import build_data
+    from tunesmith.objectives import build_objective
+
+    rows = [{"instruction": f"name color {i}", "input": "", "output": "blue",
+             "text": f"instruction name color {i} response blue"} for i in range(6)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", rows[:2])
+    with open(val, "a") as f:
+        f.write("not json\n")
+    cfg = load_config(run_config(data={"train": str(train), "packing": False, "skip_invalid": True,
+                                       "split": {"validation_file": str(val)}},
+                                 objective={"type": "causal_lm"}))
+    objective = build_objective(cfg.objective)
+    for store in ("memory", "arrow"):
+        built = build_data(cfg.data.model_copy(update={"store": store}), tiny_tokenizer, seed=1, packing=False,
+                           objective=objective)
+        assert built.stats.format == "text" and built.stats.rows_skipped == 1, store
+        for row in list(built.val):
+            assert all(label != -100 for label in row["labels"]), store  # text: every token learned

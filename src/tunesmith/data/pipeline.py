@@ -79,14 +79,19 @@ def add_system_prompt(records: list[dict], prompt: str | None) -> None:
             turns.insert(0, {"role": "system", "content": prompt})
 
 
-def split_records(records: list[dict], cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+def split_records(records: list[dict], cfg: DataConfig, seed: int,
+                  stats: DataStats | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the validation file's records, or a seeded share of `records`; rows the
+    validation file skips (skip_invalid) count in `stats`."""
     records = list(records)
     if cfg.shuffle:
         random.Random(seed).shuffle(records)
     if cfg.max_samples:
         records = records[: cfg.max_samples]
     if cfg.split.validation_file:
-        val, _, _, _ = load_records(cfg, cfg.split.validation_file)
+        val, _, _, skipped = load_records(cfg, cfg.split.validation_file)
+        if stats is not None:
+            stats.rows_skipped += skipped
         return records, val
     n_val = int(round(len(records) * cfg.split.validation_ratio))
     if cfg.split.validation_ratio > 0 and n_val == 0:
@@ -155,7 +160,7 @@ def build_data(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objectiv
     check_format(stats.format, objective, cfg.train)
     stats.used_fallback_template = ensure_chat_template(tokenizer)
     # A validation file reads in the training data's format, however that was found.
-    train_recs, val_recs = split_records(records, cfg.model_copy(update={"format": stats.format}), seed)
+    train_recs, val_recs = split_records(records, cfg.model_copy(update={"format": stats.format}), seed, stats)
     # Labels come from the training split only: a label seen only in validation is a data error.
     task = objective.prepare(train_recs, objective_cfg)
     _check_validation_labels(train_recs, val_recs, task)

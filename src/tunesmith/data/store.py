@@ -233,7 +233,10 @@ def build_store(cfg: DataConfig, tokenizer, *, seed: int, packing: bool, objecti
         train_out.write(pack(pending, cfg.max_length) if packing else unpacked_rows(pending))
         stats.rows_skipped += unreadable[0]
         if cfg.split.validation_file:
-            val_records, _, _, _ = load_records(cfg, cfg.split.validation_file)
+            # In the training data's format, however that was found (as the in-memory path reads it).
+            val_records, _, _, skipped = load_records(cfg.model_copy(update={"format": stats.format}),
+                                                      cfg.split.validation_file)
+            stats.rows_skipped += skipped
             val = encode_all(val_records, tokenizer, cfg, stats, objective, task)
             stats.val_examples += len(val)
             val_out.write(pack(val, cfg.max_length) if packing else unpacked_rows(val))
