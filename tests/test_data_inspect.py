@@ -138,6 +138,27 @@ def test_empty_or_missing_file(tmp_path):
         inspect_data(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("rows, fmt", [
+    ([{"prompt": "what is the capital of france", "chosen": "paris", "rejected": "rome is the capital"}],
+     "preference"),
+    ([{"prompt": "what is the capital of france", "completion": "paris", "label": True}], "unpaired_preference"),
+    ([{"prompt": "what is the capital of france"}], "prompt"),
+])
+def test_token_stats_of_preference_and_prompt_data(tmp_path, tiny_model_dir, rows, fmt):
+    """Preference rows count the prompt with the longer answer, unpaired ones prompt + completion, online-RL
+    prompts alone (the inspect report crashed on all three with --model)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answer = {"preference": "rome is the capital", "unpaired_preference": "paris", "prompt": None}[fmt]
+    text = f"<|im_start|>user\nwhat is the capital of france{END}" + (
+        f"<|im_start|>assistant\n{answer}{END}" if answer else "")
+    report = inspect_data(str(path), model=str(tiny_model_dir), max_length=512, format=fmt)
+    assert report["tokens"]["max"] == len(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def test_render_report_prints_every_section(data_file, tiny_model_dir):
     from rich.console import Console
 

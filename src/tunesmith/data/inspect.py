@@ -115,9 +115,18 @@ def _distribution(labels) -> dict[str, dict[str, float]]:
 
 
 def _as_text(record: dict) -> dict:
-    """Records that are not text or conversations, as the running text an encoder reads."""
+    """Records that are not text or conversations, as what a model reads: the running text of an encoder's
+    rows; for preference data the conversation a length limit applies to (prompt + the longer answer of a
+    pair, prompt + completion of an unpaired row, the prompt alone of an online-RL row)."""
     if "tokens" in record:
         return {"text": " ".join(record["tokens"])}
+    if "chosen" in record:
+        longer = max(record["chosen"], record["rejected"], key=lambda m: sum(len(t["content"]) for t in m))
+        return {"messages": record["prompt"] + longer}
+    if "completion" in record:
+        return {"messages": record["prompt"] + record["completion"]}
+    if "prompt" in record:
+        return {"messages": record["prompt"]}
     if "label" in record:
         return {"text": record["text"] + (" " + record["text_pair"] if "text_pair" in record else "")}
     return record
