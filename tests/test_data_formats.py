@@ -97,6 +97,18 @@ def test_detection_prefers_the_most_specific_format():
     assert detect_format({"instruction", "input", "output", "text"}, {}, OBJECTIVES["causal_lm"].formats) == "text"
 
 
+@pytest.mark.parametrize("name, body", [
+    ("excel.csv", "instruction,input,output\nname a color,,blue\n"),
+    ("notepad.jsonl", '{"instruction": "name a color", "input": "", "output": "blue"}\n'),
+    ("notepad.json", '[{"instruction": "name a color", "input": "", "output": "blue"}]'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    records, fmt, _, _ = load(path)
+    assert fmt == "alpaca" and records[0]["messages"][0]["content"] == "name a color"
+
+
 def test_explicit_format_overrides_detection(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c", "text": "t"}])
     assert load(path)[1] == "prompt_completion"

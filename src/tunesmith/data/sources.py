@@ -114,7 +114,8 @@ def _invalid(message: str, skip_invalid: bool, errors: list[str] | None) -> None
 
 
 def _iter_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> Iterator[Row | None]:
-    with path.open(encoding="utf-8") as fh:
+    # utf-8-sig: a byte-order mark (Excel and Notepad write one) is not part of the first key or column.
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -131,7 +132,7 @@ def _iter_jsonl(path: Path, skip_invalid: bool, errors: list[str] | None = None)
 
 def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) -> tuple[list[Row], int]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
     except ValueError as exc:
         # Many "JSON" files are really JSON Lines.
         try:
@@ -157,7 +158,7 @@ def _read_json(path: Path, skip_invalid: bool, errors: list[str] | None = None) 
 
 def _iter_csv(path: Path, delimiter: str, column_names: list[str] | None = None, skip_invalid: bool = False,
               errors: list[str] | None = None) -> Iterator[Row | None]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         if not column_names:
             reader = csv.DictReader(fh, delimiter=delimiter)
             if not reader.fieldnames:
