@@ -155,6 +155,30 @@ def test_sigint_and_sigterm_checkpoint_and_say_how_to_resume(zygote, run_config,
     assert resumed.get("exit") == 0 and "resumed from" in log.read_text()
 
 
+def test_a_full_disk_under_torch_save_is_reported_like_any_write_error(run_config, tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as a RuntimeError of its zip writer, not an OSError."""
+    import tunesmith
+    from tunesmith.errors import TrainingError
+
+    cfg = run_config(training={"max_steps": 4, "save_every": 2}, output={"dir": str(tmp_path / "run")})
+    real = ckpt.torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 2 saves optimizer, scheduler, rng; step 4's optimizer fails
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1364")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint of step 4 .*unexpected pos.*"
+                                            r"step-0000002 is intact"):
+        tunesmith.train(cfg, echo=lambda m: None)
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [ckpt.step_of(c) for c in kept] == [2]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
+
+
 def test_unwritable_output_names_the_path_and_keeps_the_last_checkpoint(run_config, tmp_path, monkeypatch):
     import tunesmith
     from tunesmith.errors import TrainingError

@@ -344,6 +344,15 @@ def test_a_time_budget_stops_after_the_step_that_spends_it(run_config):
     assert [r["step"] for r in records if "lr" in r] == [1]
     assert any(r.get("final") for r in records)  # the run still ends with its evaluation and saved model
     assert (result.run_dir / "adapter").is_dir()
+    # It leaves a checkpoint of its last step, and a resume with a new budget finishes the run.
+    from tunesmith.engine import checkpoint as ckpt
+
+    assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(result.run_dir / "checkpoints")] == [1]
+    cfg["training"]["max_minutes"] = None
+    cfg["training"]["max_steps"] = 3
+    resumed = tunesmith.train(cfg, resume=True, echo=lines.append)
+    assert resumed.steps == 3
+    assert [r["step"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "lr" in r] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------- tracking

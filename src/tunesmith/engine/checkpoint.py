@@ -63,12 +63,14 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
         if objective_state:
             torch.save(objective_state, tmp / "objective.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError of its writer
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(folder)
+        why = getattr(exc, "strerror", None) or str(exc)
+        where = getattr(exc, "filename", None)
         raise TrainingError(
-            f"could not write the checkpoint of step {step} to {folder}: {exc.strerror or exc}"
-            f"{f' ({exc.filename})' if exc.filename else ''}; "
+            f"could not write the checkpoint of step {step} to {folder}: {why}"
+            f"{f' ({where})' if where else ''}; "
             + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
             + " (free space or fix permissions, then --resume latest)") from exc
     if target.exists():  # the same step saved again (a resumed run): keep the old one until the new is in place

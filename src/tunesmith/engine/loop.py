@@ -496,8 +496,11 @@ def fit(
                     # Every process stops at the same step (their clocks differ): one collective decides.
                     if reduce_sum([float(spent)], accelerator)[0] > 0:
                         echo(f"time budget spent: stopping after step {step} of {total_steps} "
-                             f"(training.max_minutes {t.max_minutes:g})")
+                             f"(training.max_minutes {t.max_minutes:g}); --resume latest continues it")
                         stop = result.out_of_time = True
+                        if not saved_now and accelerator.is_main_process:
+                            checkpoint()  # what a resumed run (with a new budget) continues from
+                            saved_now = True
                 if stop or epoch_done:
                     # A new epoch needs its own shuffled order: leave this epoch's batch list
                     # (resetting `micro` alone would replay it, and a resumed run, which draws
