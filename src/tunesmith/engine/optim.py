@@ -7,6 +7,9 @@ from torch import nn
 
 from ..config import TrainingConfig
 
+# Parameter-name parts of multiplicative scales kept out of weight decay (peft's IA3 and DoRA names).
+SCALE_NAMES = {"ia3_l", "lora_magnitude_vector"}
+
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters. On CUDA its fused kernel: one launch per step and no
@@ -16,11 +19,14 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, device_type: str = "c
 
     head = ({id(p) for _, m in task_heads(model) for p in m.parameters()}
             if cfg.head_learning_rate is not None else set())
-    # (is a head weight, decays) -> params. Biases and norm scales are not regularised (standard AdamW practice).
+    # (is a head weight, decays) -> params. Biases and scales are not regularised (standard AdamW practice):
+    # norm weights and, by name, the learned scales stored as matrices (IA3's vectors, DoRA's magnitudes),
+    # which start at 1 and which decay would pull toward 0.
     split: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            split.setdefault((id(p) in head, p.ndim >= 2), []).append(p)
+            scale = any(part in SCALE_NAMES for part in name.split("."))
+            split.setdefault((id(p) in head, p.ndim >= 2 and not scale), []).append(p)
     if not split:
         raise ValueError("no trainable parameters: the method froze everything")
     # The body's decayed group comes first even when empty, as in checkpoints saved before heads had a group.
