@@ -401,13 +401,16 @@ def fit(
                 grad_norm = None
                 if t.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-                    if not math.isfinite(grad_norm):
+                    # Under fp16's loss scaler an overflow is routine: the scaler skips that update and
+                    # lowers its scale (below); only without one is a non-finite norm a diverged run.
+                    if not math.isfinite(grad_norm) and getattr(accelerator, "scaler", None) is None:
                         raise TrainingError(
                             f"gradient norm became {grad_norm} at step {state['step'] + 1}; training stopped "
                             f"and {last_good()}. Try a lower training.learning_rate."
                         )
                 optimizer.step()
-                scheduler.step()
+                if not getattr(accelerator, "optimizer_step_was_skipped", False):
+                    scheduler.step()  # a step the loss scaler skipped does not advance the schedule
                 optimizer.zero_grad(set_to_none=True)
                 heap.after_step()
                 window_seconds += time.perf_counter() - step_start
