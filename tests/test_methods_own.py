@@ -137,6 +137,29 @@ def capture_before_save(monkeypatch, method_cls, batch) -> dict:
     return captured
 
 
+@pytest.mark.parametrize("method, options", [
+    ("lora", {}), ("ia3", {}), ("freeze", {"train_last_n_layers": 1}), ("prompt_tuning", {"num_virtual_tokens": 4}),
+    ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 32}), ("prefix_tuning", {"num_virtual_tokens": 4}),
+])
+def test_the_fresh_pooler_learns_with_the_head_whatever_the_method(tiny_bert_wide_dir, method, options):
+    """An MLM checkpoint has no pooler: the classifier reads a freshly drawn one, which must learn (and be
+    saved) with the head for every method, and take head_learning_rate with it (found under peft too)."""
+    from tunesmith.engine.optim import build_optimizer
+    from tunesmith.methods.base import task_heads
+
+    model = METHODS[method].apply(bert_classifier(tiny_bert_wide_dir), MethodConfig(type=method, **options),
+                                  ctx("classification"))
+    pooler = {n for n, p in model.named_parameters() if "pooler" in n and "original_module" not in n}
+    assert pooler and all(p.requires_grad for n, p in model.named_parameters() if n in pooler), method
+    heads = {id(p) for name, module in task_heads(model) if name == "pooler" for p in module.parameters()
+             if p.requires_grad}
+    assert heads, method
+    from tunesmith.config import TrainingConfig
+
+    groups = build_optimizer(model, TrainingConfig(learning_rate=1e-4, head_learning_rate=0.5)).param_groups
+    assert heads <= {id(p) for g in groups if g["lr"] == 0.5 for p in g["params"]}, method
+
+
 # --- BitFit -------------------------------------------------------------------------------------
 
 def test_bitfit_bert_classification_trains_only_biases_and_head(tiny_bert_wide_dir, tmp_path):

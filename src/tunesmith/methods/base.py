@@ -227,7 +227,15 @@ def task_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
     encoders never trained it for classification. It learns and is saved with the head.
     """
     heads = head_modules(model)
-    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
+    # On the transformers model, also under a peft wrapper (whose own base_model is peft's tuner).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pooler = getattr(getattr(base, "base_model", None), "pooler", None)
     if heads and isinstance(pooler, nn.Module):
         heads.append(("pooler", pooler))
     return heads
+
+
+def backbone_heads(model: nn.Module) -> list[str] | None:
+    """What of the task head lives in the backbone (a BERT pooler), for a peft config's modules_to_save:
+    peft saves the classifier of a sequence-classification model itself, not the pooler feeding it."""
+    return [n for n, _ in task_heads(model) if n not in HEAD_NAMES] or None

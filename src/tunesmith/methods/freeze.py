@@ -6,7 +6,7 @@ from torch import nn
 
 from ..method_config import MethodSection
 from ..errors import ConfigError
-from .base import Method, MethodContext, decoder_layers, head_modules
+from .base import Method, MethodContext, decoder_layers, task_heads
 
 
 class Freeze(Method):
@@ -37,8 +37,8 @@ class Freeze(Method):
                 raise ConfigError(f"method.trainable_modules: no module matches '{pattern}'")
             for m in hits:
                 m.requires_grad_(True)
-        for _, head in head_modules(model):
-            head.requires_grad_(True)  # a fresh task head always learns
+        for _, head in task_heads(model):
+            head.requires_grad_(True)  # a fresh task head (and the pooler feeding it) always learns
         # train_last_n_layers=0 with no trainable_modules passes validation but trains
         # nothing; say so here, before a run folder exists, rather than fail in the optimizer.
         if not any(p.requires_grad for p in model.parameters()):

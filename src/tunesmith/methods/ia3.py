@@ -19,7 +19,7 @@ from torch import nn
 
 from ..method_config import MethodSection
 from ..errors import ConfigError
-from .base import MethodContext, PeftMethod
+from .base import MethodContext, PeftMethod, backbone_heads
 from .lora import block_linears, check_layers, is_attention, modules_regex, preset_modules, resolve_targets
 
 
@@ -86,6 +86,7 @@ class IA3(PeftMethod):
             target_modules=targets,
             feedforward_modules=feedforward,
             task_type=ctx.objective.peft_task_type,
+            modules_to_save=backbone_heads(model),
         )
         try:
             return get_peft_model(model, config)

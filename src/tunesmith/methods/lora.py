@@ -15,7 +15,7 @@ from torch import nn
 
 from ..method_config import MethodSection
 from ..errors import ConfigError
-from .base import HEAD_NAMES, MethodContext, PeftMethod, task_heads
+from .base import MethodContext, PeftMethod, backbone_heads
 
 if TYPE_CHECKING:
     from ..config import TrainingConfig
@@ -130,8 +130,7 @@ class Lora(PeftMethod):
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
             task_type=ctx.objective.peft_task_type,
-            # peft saves the classifier for SEQ_CLS itself; a BERT-style pooler feeding it learns too.
-            modules_to_save=[n for n, _ in task_heads(model) if n not in HEAD_NAMES] or None,
+            modules_to_save=backbone_heads(model),
         )
         if self.fused:
             from .fused_lora import FusedLoraLinear

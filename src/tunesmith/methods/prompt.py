@@ -19,7 +19,7 @@ from torch import nn
 
 from ..method_config import NO_MASKED_LM, MethodSection
 from ..errors import ConfigError
-from .base import MethodContext, PeftMethod
+from .base import MethodContext, PeftMethod, backbone_heads
 
 
 def _takes_past_key_values(model: nn.Module) -> bool:
@@ -46,7 +46,9 @@ class PromptMethod(PeftMethod):
                 "peft passes soft prompts as embeddings, so the head cannot find each row's last token; "
                 "use prefix_tuning, lora or ia3"
             )
-        return get_peft_model(model, self.peft_config(cfg, ctx))
+        config = self.peft_config(cfg, ctx)
+        config.modules_to_save = backbone_heads(model)
+        return get_peft_model(model, config)
 
 
 class PrefixTuning(PromptMethod):
