@@ -92,6 +92,35 @@ def test_median_pruner_stops_a_trial_from_the_loop_evaluations(base_file, tmp_pa
     assert " (at pruning) | 2 |" in (tmp_path / "sweeps" / "sw" / "report.md").read_text()
 
 
+def test_ctrl_c_in_a_trial_stops_the_sweep_and_the_trial_runs_again_on_resume(base_file, tmp_path, monkeypatch):
+    """Interrupted is a TrainingError: it must not be taken for a failed trial (optuna's catch) that the
+    sweep steps over; it stops the sweep, and the resumed sweep runs that trial's values first."""
+    from tunesmith import api
+    from tunesmith.engine.loop import Interrupted
+    from tunesmith.sweeping import sweep
+
+    path = write_sweep(tmp_path, space={"training.learning_rate": [1e-2, 2e-2, 3e-2]}, sampler="random",
+                       pruner="none", trials=3)
+    real, calls = api.train, []
+
+    def train(cfg, **kwargs):
+        calls.append(cfg["training"]["learning_rate"])
+        if len(calls) == 2:
+            raise Interrupted("SIGINT", 1, None)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(api, "train", train)
+    with pytest.raises(Interrupted):
+        sweep(path, echo=lambda m: None)
+    assert len(calls) == 2  # the sweep stopped at the interrupted trial
+    stopped_at = calls[1]
+    lines: list[str] = []
+    result = sweep(path, echo=lines.append)
+    assert calls[2] == stopped_at  # queued again with the same values, first
+    assert any("was interrupted: queued again" in line for line in lines), lines
+    assert sum(t["state"] == "complete" for t in result.trials) == 3
+
+
 def test_a_killed_sweep_resumes_and_reruns_the_interrupted_trial(base_file, tmp_path):
     from tunesmith.sweeping import STUDY_DB, sweep
 
