@@ -122,12 +122,16 @@ def test_second_compare_hits_the_cache_and_changes_miss(tiny_model_dir, lora_run
     # No cache at all when asked.
     fifth = compare(models=base, tasks=[task(qa_file)], output=tmp_path / "e", use_cache=False, **kw)
     assert fifth.evaluated == 2 and fifth.cache_hits == 0
+    # Another dtype scores differently: recomputed, task and reference set.
+    sixth = compare({"dtype": "bf16"}, models=base, tasks=[task(qa_file)], output=tmp_path / "f", **kw)
+    assert sixth.evaluated == 2 and sixth.cache_hits == 0
 
 
 def test_retrained_adapter_changes_the_fingerprint(lora_run):
     from tunesmith.evaluation.cache import model_fingerprint
 
     before = model_fingerprint(str(lora_run))
+    adapter = model_fingerprint("base", str(lora_run))  # the run folder given as --adapter
     weights = lora_run / "adapter" / "adapter_model.safetensors"
     (lora_run / "eval-notes.txt").write_text("outputs next to a run do not count")
     assert model_fingerprint(str(lora_run)) == before
@@ -135,6 +139,7 @@ def test_retrained_adapter_changes_the_fingerprint(lora_run):
     weights.write_bytes(data[:-4] + bytes(4))  # same size, other content: small files hash content
     try:
         assert model_fingerprint(str(lora_run)) != before
+        assert model_fingerprint("base", str(lora_run)) != adapter
     finally:
         weights.write_bytes(data)
 

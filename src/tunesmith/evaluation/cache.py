@@ -106,12 +106,17 @@ def source_fingerprint(source: str, _depth: int = 0) -> str:
     return f"hub:{source}@{_hub_revision(source)}"
 
 
-def model_fingerprint(model: str, adapter: str | None = None, task: str | None = None) -> str:
+def model_fingerprint(model: str, adapter: str | None = None, task: str | None = None,
+                      dtype: str | None = None) -> str:
+    """What decides a model's scores: its weights, the adapter's files (a run folder's adapter artifact,
+    as it is loaded), the task head, and the dtype it runs in (given when not the fp32 default)."""
     fp = source_fingerprint(model)
     if adapter:
-        fp += "|adapter:" + folder_fingerprint(Path(adapter))
+        fp += "|adapter:" + folder_fingerprint(artifact_in(Path(adapter).expanduser()))
     if task:
         fp += "|task:" + task
+    if dtype not in (None, "auto", "fp32"):  # auto evaluates in fp32; keys of fp32 runs stay as they were
+        fp += "|dtype:" + dtype
     return _sha(fp)
 
 

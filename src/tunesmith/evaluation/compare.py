@@ -125,7 +125,7 @@ def run_compare(
     job_fps = {j.name: records_fingerprint(j.records) for j in jobs}
     for m in spec.models:
         label = m.label
-        fp = model_fingerprint(m.model, m.adapter, m.task)
+        fp = model_fingerprint(m.model, m.adapter, m.task, spec.dtype)
         result.fingerprints[label] = fp
         todo: list[tuple[str, object, str]] = []  # (kind, task or job, cache key)
         per_task: dict[str, EvalResult] = {}
