@@ -76,6 +76,19 @@ def test_measure_reference_is_windowed_perplexity_and_restores_mode(tiny_lm, tin
     assert again["ref/wiki/perplexity"] == pytest.approx(got["ref/wiki/perplexity"], rel=1e-5)  # deterministic
 
 
+def test_reference_perplexity_of_chat_records_with_a_tokenizer_without_a_template(tiny_lm, tiny_model_dir, tmp_path):
+    """Chat records render through a chat template: a tokenizer without one gets the fallback first (it
+    raised transformers' 'chat_template is not set' unless an earlier task had set it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    path = write_jsonl(tmp_path / "ref.jsonl", [{"messages": [{"role": "user", "content": "the sky"},
+                                                              {"role": "assistant", "content": "is blue"}]}] * 3)
+    got = measure_reference(tiny_lm, tok, [ReferenceSet(path=str(path), kind="perplexity")])
+    assert math.isfinite(got["ref/ref/perplexity"])
+
+
 def test_measure_reference_on_a_peft_model_and_a_task_set(tiny_lm, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 

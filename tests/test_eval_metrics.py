@@ -100,6 +100,9 @@ def test_boxed_extraction_takes_the_last_box_with_nested_braces():
 
 def test_regex_and_first_line_extraction():
     assert extract_answer("Label: positive\nbecause", "regex", r"Label:\s*(\w+)") == "positive"
+    # Alternatives: the group that matched, not group 1 (None when the other alternative matched).
+    assert extract_answer("just 42", "regex", r"answer is (\d+)|(\d+)$") == "42"
+    assert extract_answer("the answer is 7", "regex", r"answer is (\d+)|(\d+)$") == "7"
     assert extract_answer("\n positive \n more", "first_line") == "positive"
     with pytest.raises(ConfigError, match="needs a pattern"):
         check_extraction("regex")

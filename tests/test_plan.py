@@ -151,3 +151,17 @@ def test_plan_of_a_multi_task_run_counts_every_tasks_adapter(tiny_bert_wide_dir,
     planned = plan(cfg)
     assert not (tmp_path / "run").exists()
     assert planned.trainable_params == tunesmith.train(cfg, echo=lambda _m: None).trainable_params
+
+
+def test_gpu_estimate_counts_an_8_bit_base_at_one_byte_per_weight(tiny_model_dir, alpaca_file, tmp_path):
+    """The card estimate and the memory split use one rule for a QLoRA base: 8-bit is 1 byte a weight, NF4
+    about half (the estimate took NF4 for both)."""
+    from tunesmith.config import load_config
+    from tunesmith.planning import NF4_BYTES, _gpu_estimate
+
+    total, trainable = 7_000_000_000, 20_000_000
+    need = {}
+    for bits in (4, 8):
+        cfg = load_config(_config(tiny_model_dir, alpaca_file, tmp_path / "run", type="qlora", bits=bits))
+        need[bits] = _gpu_estimate("T4", cfg, total, trainable, {"activations": 0}, "bf16")["estimate"]
+    assert need[8] - need[4] == pytest.approx((total - trainable) * (1 - NF4_BYTES), rel=1e-6)

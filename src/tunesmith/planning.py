@@ -184,14 +184,18 @@ def _meta_param_count(config_obj, cfg: RunConfig) -> int:
     return total
 
 
+def _quantized_bytes(cfg: RunConfig) -> float | None:
+    """Bytes per frozen weight of a QLoRA base (8-bit: one; 4-bit: NF4 with its scales); None otherwise."""
+    if cfg.method.type != "qlora":
+        return None
+    return 1 if getattr(cfg.method, "bits", 4) == 8 else NF4_BYTES
+
+
 def _split(cfg: RunConfig, proxy: dict, total: int, trainable: int, peak: int) -> dict[str, int]:
     """Peak memory by kind: weights, gradients and optimizer states from the counts; runtime as the proxy
     measured it; activations and step temporaries the rest of the estimated peak."""
     frozen = total - trainable
-    if cfg.method.type == "qlora":
-        frozen_bytes = frozen * (1 if getattr(cfg.method, "bits", 4) == 8 else NF4_BYTES)
-    else:
-        frozen_bytes = frozen * proxy["weight_bytes"]
+    frozen_bytes = frozen * (_quantized_bytes(cfg) or proxy["weight_bytes"])
     weights = int(frozen_bytes + trainable * 4)
     grads, optim = trainable * 4, trainable * 8  # fp32 gradients; AdamW's two fp32 moments
     runtime, second = proxy["runtime"], proxy.get("second_model", 0)
@@ -205,7 +209,7 @@ def _split(cfg: RunConfig, proxy: dict, total: int, trainable: int, peak: int) -
 def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_memory: dict, precision: str) -> dict:
     """What the run needs on a named card, computed: CUDA trains in bf16 with bf16 frozen weights."""
     frozen = total - trainable
-    frozen_bytes = frozen * (NF4_BYTES if cfg.method.type == "qlora" else 2)
+    frozen_bytes = frozen * (_quantized_bytes(cfg) or 2)
     weights = frozen_bytes + trainable * 4
     act = cpu_memory["activations"] * (0.5 if precision.startswith("fp32") else 1.0)
     # A teacher or reward model computes in the compute dtype: bf16 on the card.

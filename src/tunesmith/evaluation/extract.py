@@ -98,7 +98,8 @@ def extract_answer(text: str, mode: str = "none", pattern: str | None = None) ->
         if not matches:
             return ""
         m = matches[-1]
-        return (m.group(1) if m.groups() else m.group(0)).strip()
+        # The first group that took part in the match (alternatives leave the others None), else the whole match.
+        return next((g for g in m.groups() if g is not None), m.group(0)).strip()
     raise ConfigError(f"extract: unknown mode '{mode}' (known: {', '.join(EXTRACTORS)})")
 
 

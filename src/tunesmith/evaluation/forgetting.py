@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import DataConfig, ReferenceSet
+from ..data.templates import ensure_chat_template
 from ..errors import ConfigError, DataError
 from .evaluator import check_model, check_records, evaluate_records, loss_rows, sequence_nll
 from .generate import is_encoder_decoder
@@ -107,6 +108,7 @@ def run_job(model, tokenizer, job: ReferenceJob) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
+        ensure_chat_template(tokenizer)  # chat records render through it, as perplexity() does
         rows = loss_rows(tokenizer, job.records, job.settings.max_length)
         if job.max_samples:
             rows = rows[: job.max_samples]  # windows, in order: the same text prefix every time
