@@ -50,6 +50,20 @@ def test_rouge_known_pair():
     assert M.compute("rouge2", pred, ref) == pytest.approx(3 / 5)  # the cat, on the, the mat
 
 
+
+def test_rouge_scores_any_script_and_english_as_rouge_score_does():
+    # rouge-score's tokenizer keeps [a-z0-9] only: these scored 0.
+    assert M.compute("rougeL", ["Москва столица России"], ["Столица России Москва"]) == pytest.approx(2 / 3)
+    assert M.compute("rouge1", ["今天天气很好"], ["今天天气不好"]) == pytest.approx(5 / 6)  # one character each
+    from rouge_score import rouge_scorer
+
+    pairs = [("The runners didn't stop running, did they?", "the runner did not stop"), ("a b_c 42", "A B C 42")]
+    for pred, ref in pairs:
+        for kind in ("rouge1", "rouge2", "rougeL"):
+            want = rouge_scorer.RougeScorer([kind], use_stemmer=True).score(ref, pred)[kind].fmeasure
+            assert M.compute(kind, [pred], [ref]) == pytest.approx(want)
+
+
 def test_unknown_metric_names_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown metric 'exact_mach' — did you mean 'exact_match'.*known: "):
         M.check_metrics(["exact_mach"])

@@ -8,6 +8,7 @@ that needs the model's losses instead of generated text; the evaluator computes 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,11 +54,30 @@ def _chrf(predictions: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_chrf(predictions, [references]).score)
 
 
+# Letters and digits of any script; CJK and kana / hangul syllables one token per character (no spaces
+# to split on). rouge-score's own tokenizer keeps [a-z0-9] only: every non-Latin text scored 0.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class _UnicodeTokenizer:
+    """rouge-score's tokenization (lowercase, Porter stems of ASCII words over 3 letters) for any script."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = _TOKEN.findall(text.lower())
+        return [self.stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+
+
 def _rouge(kind: str) -> Callable[[list[str], list[str]], float]:
     def score(predictions: list[str], references: list[str]) -> float:
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer([kind], use_stemmer=True)
+        scorer = rouge_scorer.RougeScorer([kind], tokenizer=_UnicodeTokenizer())
         values = [scorer.score(r, p)[kind].fmeasure for p, r in zip(predictions, references)]
         return float(sum(values) / max(len(values), 1))
 
