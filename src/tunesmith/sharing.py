@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 from .errors import ConfigError, TunesmithError
 
 SKIP = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -51,9 +53,11 @@ def plan_push(source: str | Path, repo_id: str) -> Plan:
     files: dict[str, Path] = {}
     notes: list[str] = []
     if found is not None:
-        for f in sorted(found.iterdir()):
-            if f.is_file() and f.name not in SKIP:
-                files[f.name] = f
+        # Recursively: a multi-task run keeps per-task heads and adapters in sub-folders its manifest names.
+        for f in sorted(found.rglob("*")):
+            rel = f.relative_to(found)
+            if f.is_file() and f.name not in SKIP and not any(part.startswith(".") for part in rel.parts):
+                files[str(rel)] = f
         run = found.parent if found.parent != found and (found.parent / "config.yaml").is_file() else None
         if run is not None:
             if (run / "README.md").is_file():
@@ -75,6 +79,9 @@ def plan_push(source: str | Path, repo_id: str) -> Plan:
         hub = card.get("base_model")
         if not hub:
             notes.append("the card names no base_model")
+        elif not _HUB_ID.fullmatch(hub) or Path(hub).expanduser().exists():
+            notes.append(f"the card's base_model {hub} is not a Hub id, so adapter_config.json keeps "
+                         f"{base or 'no base'}; set output.card_base_model to the base's Hub id and push again")
         elif base != hub and (base.startswith(("/", ".", "~")) or Path(base).exists()):
             plan.adapter_base = hub
             notes.append(f"adapter_config.json: base_model_name_or_path {base} -> {hub} (a local path means "
@@ -120,6 +127,9 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, dry_run: bo
                                      commit_message=commit_message or f"Upload {Path(str(source)).name} with tunesmith")
         except HfHubHTTPError as exc:
             raise TunesmithError(f"push: the Hub refused the upload to {repo_id}: {exc}") from exc
+        except Exception as exc:  # the HTTP client's own errors (connection refused, timeouts, TLS): no traceback
+            raise TunesmithError(f"push: could not reach the Hub ({api.endpoint}) to upload to {repo_id}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
     echo(f"pushed: {getattr(info, 'commit_url', None) or repo_id}")
     return plan
 
