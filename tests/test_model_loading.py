@@ -62,3 +62,15 @@ def test_untied_state_keeps_every_tensor_once_and_tolerates_models_without_embed
 
     state = untied_state(Custom())
     assert list(state) == ["emb.weight"]  # the shared tensor once, first name kept
+
+
+def test_a_home_relative_model_path_is_expanded(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from tunesmith.models import resolve_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny")
+    assert resolve_source(ModelConfig(name_or_path="~/tiny")) == (str(tmp_path / "tiny"), None)
+    with pytest.raises(ConfigError, match=f"folder not found: {tmp_path}/gone"):
+        resolve_source(ModelConfig(name_or_path="~/gone"))

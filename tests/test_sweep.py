@@ -110,8 +110,13 @@ def test_ctrl_c_in_a_trial_stops_the_sweep_and_the_trial_runs_again_on_resume(ba
         return real(cfg, **kwargs)
 
     monkeypatch.setattr(api, "train", train)
-    with pytest.raises(Interrupted):
-        sweep(path, echo=lambda m: None)
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    stopped = CliRunner().invoke(app, ["sweep", str(path)])
+    assert stopped.exit_code == 130, stopped.output  # as train does on Ctrl-C
+    assert "stopped:" in stopped.output and f"resume: tunesmith sweep {path}" in " ".join(stopped.output.split())
     assert len(calls) == 2  # the sweep stopped at the interrupted trial
     stopped_at = calls[1]
     lines: list[str] = []

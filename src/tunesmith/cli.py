@@ -85,10 +85,16 @@ def sweep(
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials to finish (overrides the file's)."),
 ) -> None:
     """Search hyperparameters with Optuna; each trial is a run. Run again to resume a killed sweep."""
+    from .engine.loop import Interrupted
     from .sweeping import sweep as run_sweep
 
     try:
         run_sweep(spec, trials=trials, echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except Interrupted as exc:  # the sweep stops with its trial; running it again resumes both
+        console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False)
+        console.print(f"resume: tunesmith sweep {spec}" + (f" --trials {trials}" if trials else ""),
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(130 if exc.signal_name == "SIGINT" else 143)
     except TunesmithError as exc:
         _fail(exc)
 

