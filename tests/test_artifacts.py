@@ -108,6 +108,25 @@ def test_lora_adapter_loads_with_plain_peft(run_config, monkeypatch, tiny_model_
     assert "AutoPeftModelForCausalLM" in body
 
 
+def test_card_usage_names_a_class_peft_has_and_the_batch_counts_processes(run_config):
+    """peft has no AutoPeftModelForMaskedLM: a masked-LM adapter's card loads with AutoPeftModel; the
+    effective batch of a run on several processes is batch x accumulation x processes."""
+    import peft
+
+    from tunesmith.card import render_card
+    from tunesmith.config import load_config
+
+    cfg = load_config(run_config(training={"batch_size": 4, "grad_accum": 2}))
+    kw = dict(artifact="adapter", metrics={}, trainable=1, total=2, data_stats={}, steps=1, library="peft")
+    masked = load_config(run_config(objective={"type": "masked_lm"}))
+    body = render_card(masked, **kw)
+    used = next(line.split()[-1] for line in body.splitlines() if line.startswith("from peft import"))
+    assert hasattr(peft, used), used
+    assert "| effective_batch_size | 8 |" in render_card(cfg, **kw)
+    four = render_card(cfg, **kw, processes=4)
+    assert "| effective_batch_size | 32 |" in four and "| processes | 4 |" in four
+
+
 def test_full_model_loads_with_plain_transformers(run_config, monkeypatch, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

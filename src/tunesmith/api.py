@@ -319,7 +319,7 @@ def train(
             card = render_card(cfg, artifact=method.artifact, metrics=fitted.metrics, trainable=trainable,
                                total=total, data_stats=dataclasses.asdict(st), steps=fitted.step,
                                library=_library_of(result.artifact_dir, method.artifact),
-                               forgetting=forgetting)
+                               forgetting=forgetting, processes=accelerator.num_processes)
             (run_dir / "README.md").write_text(card)
             if result.artifact_dir is not None:
                 (result.artifact_dir / "README.md").write_text(card)

@@ -29,7 +29,11 @@ PIPELINE_TAGS = {
 
 def _usage(cfg: RunConfig, library: str, auto_class: str) -> list[str]:
     if library == "peft":
+        import peft
+
         peft_class = auto_class.replace("AutoModelFor", "AutoPeftModelFor")
+        if not hasattr(peft, peft_class):  # peft has no class for every head (masked LM): the generic one
+            peft_class = "AutoPeftModel"
         return [f"from peft import {peft_class}", f"model = {peft_class}.from_pretrained('path/to/this/folder')"]
     if library == "transformers":
         return [f"from transformers import {auto_class}", f"model = {auto_class}.from_pretrained('path/to/this/folder')"]
@@ -40,7 +44,7 @@ def _usage(cfg: RunConfig, library: str, auto_class: str) -> list[str]:
 
 def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int, total: int,
                 data_stats: dict, steps: int, library: str | None = None,
-                forgetting: dict | None = None) -> str:
+                forgetting: dict | None = None, processes: int = 1) -> str:
     """The card; `library` is 'peft', 'transformers' or 'tunesmith' (what loads the artifact)."""
     from .objectives import run_objective
 
@@ -70,7 +74,8 @@ def render_card(cfg: RunConfig, *, artifact: str, metrics: dict, trainable: int,
         "optimizer_steps": steps,
         "batch_size": t.batch_size,
         "gradient_accumulation": t.grad_accum,
-        "effective_batch_size": t.batch_size * t.grad_accum,
+        **({"processes": processes} if processes > 1 else {}),
+        "effective_batch_size": t.batch_size * t.grad_accum * processes,
         "max_length": cfg.data.max_length,
         "packing": cfg.packing_enabled,
         "precision": t.precision,
