@@ -127,6 +127,19 @@ def test_card_usage_names_a_class_peft_has_and_the_batch_counts_processes(run_co
     assert "| effective_batch_size | 32 |" in four and "| processes | 4 |" in four
 
 
+def test_a_pinned_base_revision_is_what_the_run_reloads_on(run_config, tmp_path):
+    """A run trained on model.revision X must reload (eval, export, serve) on X, not on the hub's latest."""
+    from tunesmith.artifacts import _base_config, read_manifest, write_manifest
+    from tunesmith.config import load_config
+
+    cfg = load_config(run_config())
+    pinned = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": "org/base",
+                                                                          "revision": "abc123"})})
+    write_manifest(tmp_path, pinned, base_source="org/base", labels=[])
+    base = _base_config(read_manifest(tmp_path))
+    assert (base.name_or_path, base.revision, base.trust_remote_code) == ("org/base", "abc123", False)
+
+
 def test_full_model_loads_with_plain_transformers(run_config, monkeypatch, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -46,6 +46,9 @@ def write_manifest(out: Path, cfg: RunConfig, *, base_source: str, labels: list[
         "base_model": cfg.model.name_or_path,
         "base_gguf_file": cfg.model.gguf_file,
         "base_source": base_source,
+        # What else names the exact base: a hub revision (a run pinned to one must reload on it, not on main).
+        "base_revision": cfg.model.revision,
+        "base_trust_remote_code": cfg.model.trust_remote_code,
         "labels": labels,
         "init_seed": cfg.training.seed,
         "method_config": cfg.method.model_dump(mode="json"),
@@ -103,9 +106,11 @@ def _task_model(model, tokenizer, found: Path, manifest: dict, task: str, dtype:
 def _base_config(manifest: dict) -> ModelConfig:
     source = manifest["base_source"]
     # The materialized source (a GGUF cache folder, say) may be gone; fall back to what the user named.
+    pinned = {"revision": manifest.get("base_revision"),
+              "trust_remote_code": bool(manifest.get("base_trust_remote_code", False))}
     if not Path(source).exists() and source.startswith(("/", ".", "~")):
-        return ModelConfig(name_or_path=manifest["base_model"], gguf_file=manifest.get("base_gguf_file"))
-    return ModelConfig(name_or_path=source)
+        return ModelConfig(name_or_path=manifest["base_model"], gguf_file=manifest.get("base_gguf_file"), **pinned)
+    return ModelConfig(name_or_path=source, **pinned)
 
 
 def load_trained(source: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
