@@ -396,3 +396,15 @@ def test_training_without_a_teacher_is_refused(tiny_model_dir, tmp_path):
             fit(cfg, model, objective, rows, [], lambda r: {}, tmp_path / "run", Accelerator(cpu=True), echo=quiet)
     finally:
         AcceleratorState._reset_state()  # leave no process-wide accelerate settings to later tests
+
+
+def test_a_teacher_without_the_task_head_is_refused(tiny_model_dir):
+    """A plain LM asked to teach classification would get a random classifier: distilling from noise."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.teacher import load_teacher
+
+    with pytest.raises(ConfigError, match=r"objective.teacher: .* has no trained AutoModelForSequenceClassification "
+                                          r"head \(the checkpoint lacks score.weight\)"):
+        load_teacher(str(tiny_model_dir), auto_class="AutoModelForSequenceClassification", dtype=torch.float32)
+    model, _ = load_teacher(str(tiny_model_dir), auto_class="AutoModelForCausalLM", dtype=torch.float32)
+    assert not model.training  # a causal LM teacher has its head (tied embeddings)

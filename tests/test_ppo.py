@@ -174,8 +174,20 @@ def test_ppo_settings_refused_at_validation(run_config, prompts, tiny_model_dir,
     refused({"rewards": [{"function": EVEN}], "num_iterations": 2}, "ppo_epochs x num_mini_batches")
     refused({"rewards": [{"function": EVEN}], "kl_estimator": "k2"}, "kl_estimator")
     refused({"rewards": [{"function": EVEN}], "dynamic_sampling": True}, "objective.dynamic_sampling: ppo")
-    # A model without one output per sequence is refused when it loads, before the policy does.
+    # A plain LM has no trained score head: refused when it loads, before the policy does (a random head
+    # would reward noise).
     cfg = ppo(run_config, prompts, tmp_path, {"reward_model": str(tiny_model_dir)})
+    with pytest.raises(ConfigError, match="objective.reward_model: .* has no trained AutoModelForSequence"
+                                          "Classification head .*score.weight"):
+        tunesmith.train(cfg, echo=lambda m: None)
+    # A trained classifier with two outputs is no reward model either.
+    from transformers import AutoModelForSequenceClassification
+
+    two = tmp_path / "two-labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).save_pretrained(two)
+    for f in tiny_model_dir.glob("*token*"):
+        (two / f.name).write_bytes(f.read_bytes())
+    cfg = ppo(run_config, prompts, tmp_path, {"reward_model": str(two)})
     with pytest.raises(ConfigError, match="objective.reward_model: .* has 2 outputs per sequence; a reward model "
                                           "has one"):
         tunesmith.train(cfg, echo=lambda m: None)

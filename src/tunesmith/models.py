@@ -160,7 +160,7 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, *,
                auto_class: str = "AutoModelForCausalLM", tokenizer=None, init_seed: int = 0,
-               echo: Callable[[str], None] | None = None, **kwargs):
+               echo: Callable[[str], None] | None = None, loading_info: dict | None = None, **kwargs):
     """The base model with the head an objective needs (`auto_class` names a transformers Auto class).
 
     Weights the checkpoint lacks (a fresh classification head, a pooler a masked-LM checkpoint
@@ -212,6 +212,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, 
         from .attention import use_segment_attention
 
         use_segment_attention(model)  # packed rows without a dense block mask
+    if loading_info is not None:  # what the checkpoint lacked, for callers that must refuse a fresh head
+        loading_info.update(info)
     notice = new_weights_notice(model, info, init_seed)
     if notice:
         (echo or logger.info)(notice)

@@ -85,10 +85,22 @@ def load_teacher(source: str, *, auto_class: str, dtype: torch.dtype, field: str
         from .config import ModelConfig
         from .models import load_model, load_tokenizer, materialize
 
+        from .methods.base import HEAD_NAMES
+
         model_cfg = ModelConfig(name_or_path=source)
         folder = materialize(model_cfg)
         tokenizer = load_tokenizer(model_cfg, folder)
-        model = load_model(model_cfg, dtype, folder, auto_class=auto_class, tokenizer=tokenizer, **(kwargs or {}))
+        info: dict = {}
+        model = load_model(model_cfg, dtype, folder, auto_class=auto_class, tokenizer=tokenizer, loading_info=info,
+                           **(kwargs or {}))
+        # A checkpoint without this head gets a random one: distilling from it (or rewarding by it) teaches noise.
+        fresh = sorted(k for k in (info.get("missing_keys") or ())
+                       if set(k.split(".")) & {*HEAD_NAMES, "pooler"})
+        if fresh:
+            raise ConfigError(
+                f"{field}: {source} has no trained {auto_class} head (the checkpoint lacks "
+                f"{', '.join(fresh[:3])}{' ...' if len(fresh) > 3 else ''}), so it would be drawn at random; "
+                f"give a model trained for this task (a tunesmith run of it, or a checkpoint with that head)")
     model.eval().requires_grad_(False)
     return model, tokenizer
 
