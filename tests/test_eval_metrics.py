@@ -245,3 +245,8 @@ def test_seq2seq_model_generates_without_template_and_scores_answers(tiny_tokeni
     assert result.metrics["scored_tokens"] == n
     assert result.metrics["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
     assert len(result.examples) == 2 and all(isinstance(e["prediction"], str) for e in result.examples)
+    # Plain text has no answer to score given a prompt: a DataError naming the record, not a KeyError.
+    from tunesmith.evaluation.evaluator import perplexity
+
+    with pytest.raises(DataError, match="record 1 is plain text: perplexity of an encoder-decoder"):
+        perplexity(model, tok, [records[0], {"text": "plain text"}])

@@ -121,6 +121,11 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int = 1024,
     model.eval()
     try:
         if is_encoder_decoder(model):
+            plain = next((i for i, r in enumerate(records) if "messages" not in r), None)
+            if plain is not None:  # an encoder-decoder scores an answer given its prompt
+                raise DataError(f"record {plain} is plain text: perplexity of an encoder-decoder "
+                                f"({type(model).__name__}) needs prompt/answer records (chat, alpaca or "
+                                "prompt_completion data)")
             total, count = seq2seq_nll(model, tokenizer, records, max_length, batch_size)
         else:
             ensure_chat_template(tokenizer)
