@@ -103,6 +103,26 @@ def test_a_template_that_renders_the_last_answer_differently_still_masks_by_turn
     assert last.endswith("blue" + END) and "sky" not in last + first  # the final turn as the template renders it
 
 
+def test_a_template_that_moves_the_system_prompt_to_the_last_user_turn_still_learns_every_answer(tok):
+    """Mistral v0.3 style: the system prompt is written into the last user turn, after the earlier answers;
+    an answer is still found after the user turn before it."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + (sys + ' ' if loop.index0 == ns.last and sys else '') + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}")
+    rec = {"messages": [{"role": "system", "content": "you answer with one word"},
+                        {"role": "user", "content": "what color is the sky"},
+                        {"role": "assistant", "content": "blue"},
+                        {"role": "user", "content": "and the sea"},
+                        {"role": "assistant", "content": "green"}]}
+    enc = encode_record(tok, rec)
+    assert learned_spans(tok, enc) == ["blue" + END, "green" + END]
+
+
 def test_train_on_prompt_learns_every_token(tok):
     rec = {"messages": [{"role": "user", "content": "what color is the sky"},
                         {"role": "assistant", "content": "blue"}]}

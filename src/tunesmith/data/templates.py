@@ -60,8 +60,12 @@ _PROBE = "tunesmith-closing-probe"
 
 
 def _closing(tokenizer) -> str:
-    """The text the template writes after an assistant turn's content (ChatML: '<|im_end|>\n')."""
-    text = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}])
+    """The text the template writes after an assistant turn's content (ChatML: '<|im_end|>\n'); empty
+    when the template will not render the probe."""
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}])
+    except Exception:  # a template with rules of its own (roles, markers) refusing the probe: no closing to add
+        return ""
     at = text.rfind(_PROBE)
     return text[at + len(_PROBE):] if at >= 0 else ""
 
@@ -75,7 +79,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             # Past this turn's text: an answer is never looked for inside an earlier turn (the fallback below).
-            at = full.find(message["content"], cursor) if message["content"] else -1
+            # Not past a system prompt: some templates move it into the last user turn (Mistral v0.3).
+            at = full.find(message["content"], cursor) if message["content"] and message["role"] != "system" else -1
             if at >= 0:
                 cursor = at + len(message["content"])
             continue
