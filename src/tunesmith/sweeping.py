@@ -90,14 +90,6 @@ class SweepResult:
     trials: list[dict] = field(default_factory=list)  # number, state, params, value, run folder
 
 
-class _SweepInterrupted(Exception):
-    """Carries a trial's Interrupted out of optuna, which would count the TrainingError it is as a failed trial."""
-
-    def __init__(self, interrupted: Interrupted):
-        super().__init__(str(interrupted))
-        self.interrupted = interrupted
-
-
 class _Pruned(Exception):
     def __init__(self, step: int):
         super().__init__(f"pruned at step {step}")
@@ -243,13 +235,12 @@ def sweep(path: str | Path, *, trials: int | None = None, echo: Callable[[str], 
             trial.set_user_attr("steps", exc.step)
             echo(f"trial {trial.number}: pruned at step {exc.step}")
             raise optuna.TrialPruned(str(exc)) from None
-        except Interrupted as exc:  # before TrainingError, its base class
-            trial.set_user_attr("interrupted", True)  # run again first when the sweep resumes
-            # Not a TrainingError on its way out: optimize's catch= would swallow it and run the next trial.
-            raise _SweepInterrupted(exc) from exc
         except TrainingError as exc:  # a diverging learning rate is a result of the search, not its end
             trial.set_user_attr("error", str(exc))
             echo(f"trial {trial.number}: failed: {exc}")
+            raise
+        except Interrupted:  # not caught by optimize: the sweep stops here
+            trial.set_user_attr("interrupted", True)  # run again first when the sweep resumes
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
@@ -262,11 +253,8 @@ def sweep(path: str | Path, *, trials: int | None = None, echo: Callable[[str], 
         return float(value)
 
     if done < budget:
-        try:
-            study.optimize(objective, n_trials=budget - done, catch=(TrainingError,), gc_after_trial=True,
-                           callbacks=[lambda st, _t: write_reports(st, spec, base, metric, out)])
-        except _SweepInterrupted as stop:
-            raise stop.interrupted from None
+        study.optimize(objective, n_trials=budget - done, catch=(TrainingError,), gc_after_trial=True,
+                       callbacks=[lambda st, _t: write_reports(st, spec, base, metric, out)])
     result = write_reports(study, spec, base, metric, out)
     if result.best_params is not None:
         echo(f"best: trial {result.best_run} {metric} {result.best_value:.4f} with "

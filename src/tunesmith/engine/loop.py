@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..errors import TrainingError
+from ..errors import TrainingError, TunesmithError
 from ..faults import reach
 from ..generation import generate_ids
 from ..hardware import HeapGuard
@@ -184,8 +184,11 @@ def _label_names(model) -> list[str] | None:
     return [id2label[i] for i in sorted(id2label, key=int)]
 
 
-class Interrupted(TrainingError):
-    """SIGINT or SIGTERM stopped the run after a whole step (and, unless disabled, a checkpoint)."""
+class Interrupted(TunesmithError):
+    """SIGINT or SIGTERM stopped the run after a whole step (and, unless disabled, a checkpoint).
+
+    Not a TrainingError: training could go on, someone asked it to stop (a sweep counts TrainingErrors
+    as failed trials and goes on; a stop must end it)."""
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
