@@ -59,6 +59,9 @@ class MergeMethod:
     random: bool = False  # draws masks from the seeded RNG: parity with mergekit is statistical
     pair_without_base: bool = False  # two models interpolate between themselves; one needs the base
     low_rank: bool = False  # combines LoRA adapters as adapters (low_rank.py), not tensors
+    # (tensor name, its resolved arguments) -> why they cannot be merged, or None; every tensor is checked
+    # before any is read.
+    check_arguments: Callable[[str, dict], str | None] | None = None
 
     def uses_base(self, n_inputs: int) -> bool:
         return self.needs_base or (self.pair_without_base and n_inputs == 1)
@@ -85,9 +88,17 @@ LORA_COMBINATIONS = ("cat", "svd", "linear", "ties", "ties_svd", "dare_linear", 
 NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
                  "magnitude_prune_svd")
 
+def _weights_sum_to_zero(tensor: str, arguments: dict) -> str | None:
+    """linear divides by the weights' sum when it normalizes: a sum of 0 would write inf / NaN weights."""
+    if arguments.get("normalize", True) and abs(sum(arguments["weight"])) < 1e-8:
+        return (f"the models' weights sum to 0 for tensor {tensor} ({arguments['weight']}), and normalize divides "
+                "by that sum; change the weights or set normalize: false")
+    return None
+
+
 MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", "weighted average of the models (no base)", needs_base=False,
-                per_model={"weight": WEIGHT}, globals={"normalize": FLAG_ON}),
+                per_model={"weight": WEIGHT}, globals={"normalize": FLAG_ON}, check_arguments=_weights_sum_to_zero),
     MergeMethod("task_arithmetic", "base + lambda x weighted sum of task vectors", needs_base=True,
                 per_model={"weight": WEIGHT}, globals=TASK_VECTOR),
     MergeMethod("ties", "task vectors trimmed to the top density by magnitude, sign election, disjoint mean",

@@ -244,11 +244,10 @@ def merge_tensors(plan: Plan, candidate: Candidate, spec: MergeSpec, folder: Pat
 
     method = MERGE_METHODS[candidate.method]
     arguments = tensor_arguments(plan, candidate, spec)
-    if candidate.method == "linear":  # before any tensor is read: Σw = 0 would divide every weight by 0
-        for name, kwargs in arguments.items():
-            if kwargs.get("normalize", True) and abs(sum(kwargs["weight"])) < 1e-8:
-                raise ConfigError(f"linear: the models' weights sum to 0 for tensor {name} ({kwargs['weight']}), "
-                                  "and normalize divides by that sum; change the weights or set normalize: false")
+    for name, kwargs in arguments.items() if method.check_arguments else ():  # before any tensor is read
+        problem = method.check_arguments(name, kwargs)
+        if problem:
+            raise ConfigError(f"{candidate.method}: {problem}")
     entries = [(n, plan.reference.tensors[n][1], plan.out_dtype if n in arguments else plan.reference.tensors[n][2])
                for n in plan.names]
     aliases = {k: v for k, v in plan.reference.aliases.items() if v in plan.reference.tensors}
