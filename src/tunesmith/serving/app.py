@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine import BASE, Engine, Event, Job, QueueFull
+from .engine import Engine, Event, Job, QueueFull
 from .models import Served
 from .protocol import ApiError, ChatRequest, CompletionRequest, Limits, refuse_unsupported
 
@@ -120,7 +120,7 @@ def create_app(served: Served, *, api_key: str | None = None, limits: Limits | N
                            code="context_length_exceeded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        adapter = (served.own_adapter or BASE) if req.model == served.base_name else req.model
+        adapter = served.adapter_for(req.model)
         jobs = []
         for i, p in enumerate(prompts):
             def emit(ev: Event, i=i):

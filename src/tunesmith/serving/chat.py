@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 from typing import Callable
 
-from .engine import BASE, Engine, Event, Job
+from .engine import Engine, Event, Job
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) leaves"
 
@@ -59,7 +59,7 @@ def chat_loop(served, *, max_tokens: int = 256, temperature: float = 0.7, top_p:
                 write("(the conversation no longer fits the model's context; /reset to start again)\n")
                 continue
             events: queue.Queue[Event] = queue.Queue()
-            engine.submit([Job(ids, min(max_tokens, room), events.put, adapter=adapter or served.own_adapter or BASE,
+            engine.submit([Job(ids, min(max_tokens, room), events.put, adapter=served.adapter_for(adapter),
                                   temperature=temperature, top_p=top_p)])
             reply = ""
             while True:

@@ -44,6 +44,13 @@ class Served:
         """Whether every adapter can share a batch with the others (peft LoRA without DoRA)."""
         return all(a.peft_type == "LORA" and not a.dora for a in self.adapters.values())
 
+    def adapter_for(self, name: str | None) -> str:
+        """The engine's adapter for a requested model name (None or the base name: the base, which is the
+        run's own unmerged adapter when there is one)."""
+        from .engine import BASE
+
+        return (self.own_adapter or BASE) if name in (None, self.base_name) else name
+
     def ensure_loaded(self, name: str):
         """Load an adapter named at start but deferred (`lazy`); returns the model (now maybe peft-wrapped)."""
         with self._lock:
