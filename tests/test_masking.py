@@ -83,22 +83,24 @@ def test_multi_turn_masks_every_user_and_system_turn(tok):
     assert sum(1 for t, lab in zip(enc.input_ids, enc.labels) if t == im_end and lab != IGNORE) == 2
 
 
+def learned_under(tok, template: str, *turns: tuple[str, str]) -> list[str]:
+    """The learned spans of a conversation of (role, content) turns under another chat template."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    return learned_spans(tok, encode_record(tok, {"messages": [{"role": r, "content": c} for r, c in turns]}))
+
+
 def test_a_template_that_renders_the_last_answer_differently_still_masks_by_turn(tok):
     """Qwen3-style: only the final answer gets an (empty) think block, so earlier answers are located in the
     text; the search starts after the turns before them (the user's 'yes' is not the answer 'yes') and
     learns the turn's end marker too."""
-    tok = copy.deepcopy(tok)
-    tok.chat_template = (
+    template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
         "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
         "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    rec = {"messages": [{"role": "user", "content": "is the sky blue yes or no"},
-                        {"role": "assistant", "content": "yes"},
-                        {"role": "user", "content": "and the sea"},
-                        {"role": "assistant", "content": "blue"}]}
-    enc = encode_record(tok, rec)
-    first, last = learned_spans(tok, enc)
+    first, last = learned_under(tok, template, ("user", "is the sky blue yes or no"), ("assistant", "yes"),
+                                ("user", "and the sea"), ("assistant", "blue"))
     assert first == "yes" + END  # was the user's 'yes', without the end marker
     assert last.endswith("blue" + END) and "sky" not in last + first  # the final turn as the template renders it
 
@@ -106,21 +108,16 @@ def test_a_template_that_renders_the_last_answer_differently_still_masks_by_turn
 def test_a_template_that_moves_the_system_prompt_to_the_last_user_turn_still_learns_every_answer(tok):
     """Mistral v0.3 style: the system prompt is written into the last user turn, after the earlier answers;
     an answer is still found after the user turn before it."""
-    tok = copy.deepcopy(tok)
-    tok.chat_template = (
+    template = (
         "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
         "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
         "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
         "{% for m in messages %}{% if m['role'] == 'user' %}"
         "{{ '[INST] ' + (sys + ' ' if loop.index0 == ns.last and sys else '') + m['content'] + ' [/INST]' }}"
         "{% elif m['role'] == 'assistant' %}{{ m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}")
-    rec = {"messages": [{"role": "system", "content": "you answer with one word"},
-                        {"role": "user", "content": "what color is the sky"},
-                        {"role": "assistant", "content": "blue"},
-                        {"role": "user", "content": "and the sea"},
-                        {"role": "assistant", "content": "green"}]}
-    enc = encode_record(tok, rec)
-    assert learned_spans(tok, enc) == ["blue" + END, "green" + END]
+    assert learned_under(tok, template, ("system", "you answer with one word"), ("user", "what color is the sky"),
+                         ("assistant", "blue"), ("user", "and the sea"), ("assistant", "green")) == ["blue" + END,
+                                                                                                  "green" + END]
 
 
 def test_train_on_prompt_learns_every_token(tok):

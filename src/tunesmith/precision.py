@@ -14,7 +14,8 @@ on one of the run's own rows (the longest that fits PROXY_MAX_TOKENS, collated a
 The fastest wins; bf16 frozen weights also win when within 5 % of the fastest (the same speed
 within noise, half the base's memory). Results are cached per machine (CPU model, flags, the kernel ISA
 torch dispatches to and any oneDNN / MKL ISA cap, thread count, torch version) and model shape in the
-tunesmith cache dir, so only the first run of a shape pays the few seconds. CUDA uses bf16 where the GPU supports it (fp32 otherwise), with bf16 frozen weights.
+tunesmith cache dir, so only the first run of a shape pays the few seconds. CUDA uses bf16 where the
+GPU supports it (fp32 otherwise), with bf16 frozen weights.
 """
 
 from __future__ import annotations
