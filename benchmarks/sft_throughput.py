@@ -46,6 +46,10 @@ TRL_VARIANTS = {
     "tuned-fp32": {"packing": True, "gradient_checkpointing": False, "batch_size": 1, "bf16": False},
     "tuned-unpacked": {"packing": False, "gradient_checkpointing": False, "batch_size": 1, "bf16": True},
 }
+# tunesmith runs -> worker flags. packed-int8: training.precision int8 (the frozen base's matmuls in
+# int8 while training, methods/int8_base.py), for CPUs where bf16 is slow.
+OUR_VARIANTS = {"packed": ["--packing"], "unpacked": [], "packed-int8": ["--packing", "--precision", "int8"]}
+
 
 def split_data(path: Path, rows: int, holdout: int, out: Path) -> tuple[Path, Path]:
     data = json.loads(path.read_text())
@@ -91,7 +95,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool, measure_loss: bool = True) -> dict:
+def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool, measure_loss: bool = True,
+                  precision: str = "auto") -> dict:
     import tunesmith
 
     cfg = {
@@ -103,7 +108,7 @@ def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool, measure
                    "target_modules": "all-linear"},
         "training": {"epochs": 1, "batch_size": 1, "grad_accum": HP["effective_batch"],
                      "learning_rate": HP["lr"], "scheduler": "cosine", "seed": HP["seed"], "log_every": 5,
-                     "progress": False, "precision": "auto"},
+                     "progress": False, "precision": precision},
         # TRL measures no forgetting; the reference perplexities would add work to one side only.
         "eval": {"at_end": False, "forgetting": False},
         "output": {"dir": str(work / "tunesmith"), "overwrite": True, "model_card": False},
@@ -121,7 +126,7 @@ def run_tunesmith(train: Path, heldout: Path, work: Path, packing: bool, measure
         "train_runtime_s": result.throughput["train_runtime_s"],
         "heldout_loss": heldout_loss(model, tok, heldout) if measure_loss else None,
         "peak_rss_mb": train_peak,
-        "settings": f"packing={packing}, batch 1 x accum 8, precision auto = {result.precision}",
+        "settings": f"packing={packing}, batch 1 x accum 8, precision {precision} = {result.precision}",
     }
 
 
@@ -176,7 +181,7 @@ def worker(args) -> None:
     train, heldout = Path(args.train), Path(args.heldout)
     start = time.perf_counter()
     if args.worker == "tunesmith":
-        res = run_tunesmith(train, heldout, work, args.packing, not args.skip_heldout)
+        res = run_tunesmith(train, heldout, work, args.packing, not args.skip_heldout, args.precision)
     else:
         res = run_trl(train, heldout, work, args.variant, not args.skip_heldout)
     res["tokens_per_s"] = res["train_tokens"] / res["train_runtime_s"]
@@ -213,8 +218,8 @@ def main() -> None:
     p.add_argument("--holdout", type=int, default=40)
     p.add_argument("--trl", nargs="+", choices=list(TRL_VARIANTS), default=list(TRL_VARIANTS),
                    help="TRL settings to run; ratios are against the fastest of them.")
-    p.add_argument("--ours", nargs="+", choices=["packed", "unpacked"], default=["packed", "unpacked"],
-                   help="tunesmith layouts to run")
+    p.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=["packed", "unpacked"],
+                   help="tunesmith runs: layout, and packed-int8 = packed with training.precision int8")
     p.add_argument("--repeats", type=int, default=1,
                    help="run everything N times, alternating the tools; tokens/s is each run's median")
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
@@ -224,6 +229,7 @@ def main() -> None:
     p.add_argument("--heldout", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=list(TRL_VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -236,7 +242,7 @@ def main() -> None:
     train, heldout = split_data(args.data, args.rows, args.holdout, work)
     model_folder()  # convert the GGUF once, outside both timings
     common = ["--work", str(work), "--train", str(train), "--heldout", str(heldout)]
-    plan = ([("tunesmith", name, ["--packing"] if name == "packed" else []) for name in args.ours]
+    plan = ([("tunesmith", name, OUR_VARIANTS[name]) for name in args.ours]
             + [("trl", v, ["--variant", v]) for v in args.trl])
     repeats: dict[tuple[str, str], list[dict]] = {(tool, name): [] for tool, name, _ in plan}
     for round_ in range(args.repeats):
@@ -276,8 +282,8 @@ def main() -> None:
                 "tokens_per_s_ratio": our_runs[a]["tokens_per_s"] / trl_runs[b]["tokens_per_s"],
                 "peak_rss_ratio": our_runs[a]["peak_rss_mb"] / trl_runs[b]["peak_rss_mb"],
                 "heldout_loss_ratio": our_runs[a]["heldout_loss"] / trl_runs[b]["heldout_loss"]}
-            for a, b in (("packed", "tuned"), ("packed", "tuned-fp32"), ("unpacked", "tuned-unpacked"),
-                         ("unpacked", "defaults"))
+            for a, b in (("packed", "tuned"), ("packed", "tuned-fp32"), ("packed-int8", "tuned"),
+                         ("packed-int8", "tuned-fp32"), ("unpacked", "tuned-unpacked"), ("unpacked", "defaults"))
             if a in our_runs and b in trl_runs},
     }
     print(json.dumps(summary))

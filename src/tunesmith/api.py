@@ -145,6 +145,9 @@ def train(
         run_dir = resume_from.parent.parent
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
+    if cfg.training.precision == "int8" and device_type() != "cpu":
+        raise ConfigError(f"training.precision: int8 is for CPUs without fast bf16; on {device_type()} use bf16 "
+                          "or auto")
     method, objective = METHODS[cfg.method.type], run_objective(cfg)
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
@@ -245,12 +248,23 @@ def train(
     model = method.apply(model, cfg.method, MethodContext(objective, tokenizer, source))
     if cfg.tasks:
         objective.attach_tasks(model, method, tokenizer, cfg.training.seed, echo)
+    precision_label = precision
+    if cfg.training.precision == "int8":
+        from .methods.int8_base import use_int8_base
+
+        # Before the run folder: a model whose adapted layers are not plain linear ones (GPT-2's
+        # Conv1D, say) gets no int8 layers, and that is a config problem, not a slow run.
+        layers = use_int8_base(model)
+        if not layers:
+            raise ConfigError("training.precision: int8 found no LoRA layer on a plain linear base layer in this "
+                              f"model (method.target_modules {cfg.method.target_modules!r}); use auto or fp32")
+        precision_label = f"int8 ({layers} frozen base layers as int8 matmuls in training, fp32 otherwise)"
     trainable, total = trainable_summary(model)
     if cfg.tasks:  # the extra heads train too
         heads = sum(p.numel() for p in objective.head_parameters(model))
         trainable, total = trainable + heads, total + heads
     echo(f"method {method.name}: {trainable:,} trainable of {total:,} parameters "
-         f"({100 * trainable / total:.3f}%); precision {precision}, weights {str(dtype).split('.')[-1]}; "
+         f"({100 * trainable / total:.3f}%); precision {precision_label}, weights {str(dtype).split('.')[-1]}; "
          f"{threads if device_type() == 'cpu' else device_type()}")
     # The run folder is created (or replaced, with output.overwrite) only now that the method
     # applied: a config the method rejects (a module pattern that matches nothing, say) must
@@ -285,6 +299,8 @@ def train(
                  resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
                  extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
                  trackers=trackers, on_eval=on_eval)
+    if cfg.training.precision == "int8":
+        use_int8_base(model, on=False)  # the model answers in fp32 from here, without the int8 copies
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)
@@ -301,7 +317,7 @@ def train(
                      f"{value:+.2f}% vs the base model")
 
     result = RunResult(run_dir, None, fitted.metrics, fitted.step, trainable, total, fitted.stopped_early,
-                       fitted.throughput, forgetting, f"{precision}, {str(dtype).split('.')[-1]} weights", dtype,
+                       fitted.throughput, forgetting, f"{precision_label}, {str(dtype).split('.')[-1]} weights", dtype,
                        sum(_tensor_bytes(m) for m in (teacher, reward_model) if m is not None))
     if accelerator.is_main_process:
         if cfg.tasks:  # each task's final metrics, and their mean

@@ -34,6 +34,8 @@ class MethodSection(BaseModel):
     # it can), and why it cannot give each task its own set of weights (multitask.shared: false; None: it can).
     no_multitask: ClassVar[str | None] = None
     no_task_adapters: ClassVar[str | None] = "it adds no adapter (its weights are the model's own)"
+    # Whether training.precision int8 applies: the method puts fused LoRA layers on a frozen fp32 base.
+    int8_base: ClassVar[bool] = False
 
     def check(self, run: "RunConfig") -> list[str]:
         """Run settings this method refuses (engine features it cannot work with)."""
@@ -110,10 +112,12 @@ class LoraSection(_Targeted):
         None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16)."
     )
     family: ClassVar[str] = "the LoRA family"
+    int8_base: ClassVar[bool] = True
 
 
 class DoraSection(LoraSection):
     type: Literal["dora"] = "dora"
+    int8_base: ClassVar[bool] = False  # peft's DoRA layer, not the fused one
 
 
 class RsLoraSection(LoraSection):
@@ -138,6 +142,7 @@ class QLoraSection(LoraSection):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    int8_base: ClassVar[bool] = False  # the base is already quantized, by bitsandbytes
 
     def check(self, run: "RunConfig") -> list[str]:
         if self.bits == 8 and ({"quant_type", "double_quant"} & self.model_fields_set):

@@ -117,6 +117,8 @@ def choose(requested: str, *, model_config=None, method=None, method_cfg=None, b
     one training step of the proxy; without it (or when it fails) the matmul race decides.
     """
     frozen = bool(method is not None and method.frozen_base)
+    if requested == "int8":  # fp32 throughout; the run switches its fused LoRA layers to int8 base matmuls
+        return PrecisionChoice("fp32", "fp32", "asked for int8 base matmuls")
     if requested != "auto":
         return PrecisionChoice(requested, requested if frozen else "fp32", "asked for")
     dev = device_type()

@@ -38,6 +38,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from ..hardware import matmul_dtype
+from .int8_base import Int8Weight
 
 _INT64_MIN = -(1 << 63)  # random_(min, None) draws all 64 bits
 
@@ -122,13 +123,19 @@ class _LoraLinear(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T, with the base weight frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype,
+                base_q: Int8Weight | None = None):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             w = weight.to(dtype)
             a = lora_a.to(dtype)
             bs = (lora_b * scaling).to(dtype)
-            out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+            if base_q is None:
+                out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+            else:  # training.precision int8 (methods/int8_base.py): fp32 in and out
+                out = base_q.linear(xc.reshape(-1, xc.shape[-1])).view(*xc.shape[:-1], -1)
+                if bias is not None:
+                    out += bias.to(dtype)
             drop, inv = None, 1.0
             if p > 0:
                 xd, drop = _draw_drop(xc, p)
@@ -143,6 +150,7 @@ class _LoraLinear(torch.autograd.Function):
         # up) and rebuilding the copy costs one memcpy and one index_fill, where keeping a copy per layer
         # costs (tokens x in) per LoRA module of a step's activation memory.
         ctx.save_for_backward(xc, _compact(drop, xc.numel()), h, w, a, bs)
+        ctx.base_q = base_q
         ctx.inv, ctx.scaling, ctx.bias_grad = inv, scaling, bias is not None and bias.requires_grad
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
         ctx.x_dtype = x.dtype
@@ -161,7 +169,8 @@ class _LoraLinear(torch.autograd.Function):
             gxd = gh @ a  # a carries the dropout rescale
             if drop is not None:
                 gxd = _zero_dropped(gxd, drop)
-            grad_x = torch.addmm(gxd, g, w).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+            grad_x = torch.addmm(gxd, g, w) if ctx.base_q is None else gxd.add_(ctx.base_q.input_grad(g))
+            grad_x = grad_x.view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
         grad_a = None
         if ctx.needs_input_grad[3]:
             flat_x = xc.reshape(-1, xc.shape[-1])
@@ -171,7 +180,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = (grad_a.mul_(ctx.inv) if drop is not None else grad_a).to(a_dtype)
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[4] else None
         grad_bias = g.sum(0).to(bias_dtype) if ctx.bias_grad else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -196,8 +205,16 @@ class FusedLoraLinear(PeftLoraLinear):
             return self._merged_forward(x, name, base)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        dtype = matmul_dtype(x, base.weight)
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]), p, matmul_dtype(x, base.weight))
+                                 float(self.scaling[name]), p, dtype, self._int8_for(base, dtype))
+
+    def _int8_for(self, base: nn.Linear, dtype: torch.dtype) -> Int8Weight | None:
+        """The base weight's int8 copy (`int8_base.use_int8_base`), for fp32 training forwards."""
+        int8 = getattr(self, "_int8_weight", None)
+        if int8 is None or not torch.is_grad_enabled() or dtype != torch.float32 or base.weight.requires_grad:
+            return None
+        return int8
 
     def _merged_forward(self, x: torch.Tensor, name: str, base: nn.Linear) -> torch.Tensor:
         # One matmul against W + s B A, built on first use inside `merged_for_inference` and in the
