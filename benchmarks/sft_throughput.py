@@ -11,7 +11,12 @@ template, loss on the assistant turn only). Held-out loss is measured for both b
 function (token-weighted cross-entropy on the assistant tokens of the 40 held-out rows), so
 the number means the same thing for both.
 
+tunesmith runs: packed (its defaults, `precision: auto`), unpacked (`data.packing: false`) and
+packed-int8 (`training.precision: int8`: the frozen base layers' matmuls in int8 while training,
+for CPUs where bf16 is slow); the headline takes each tool's fastest run.
+
 Usage:  python benchmarks/sft_throughput.py [--rows 160] [--data PATH] [--repeats N]
+        [--ours packed unpacked packed-int8] [--trl tuned tuned-fp32 tuned-unpacked defaults]
 With --repeats N every run is made N times, the tools alternating round by round, and each
 run's tokens/s is the median of its N (all N are printed): on a shared 2-core VM one
 invocation's ratio moved by 10-15 % from hour to hour (docs/benchmarks.md).
@@ -218,7 +223,7 @@ def main() -> None:
     p.add_argument("--holdout", type=int, default=40)
     p.add_argument("--trl", nargs="+", choices=list(TRL_VARIANTS), default=list(TRL_VARIANTS),
                    help="TRL settings to run; ratios are against the fastest of them.")
-    p.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=["packed", "unpacked"],
+    p.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=list(OUR_VARIANTS),
                    help="tunesmith runs: layout, and packed-int8 = packed with training.precision int8")
     p.add_argument("--repeats", type=int, default=1,
                    help="run everything N times, alternating the tools; tokens/s is each run's median")

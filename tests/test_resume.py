@@ -87,6 +87,12 @@ CASES = {
         sections=dict(method={"dropout": 0.1}, training={"epochs": 3, "save_every": 2}),
         crash=dict(step=6), resume_from=4, steps=9,
     ),
+    # The same with the base layers' matmuls in int8 (training.precision int8): the int8 copies are
+    # rebuilt from the base weights on resume and must give the same steps.
+    "lora-int8-dropout": dict(
+        sections=dict(method={"dropout": 0.1}, training={"epochs": 3, "save_every": 2, "precision": "int8"}),
+        crash=dict(step=6), resume_from=4, steps=9,
+    ),
     # Full fine-tuning with accumulation and periodic evaluation: 9 packed rows / batch 2 =
     # 5 micro-batches = 3 steps (2+2+1) per epoch. The checkpoint at step 3 ends epoch 1;
     # the run dies on the second micro-batch of step 5, with step 4 already logged.

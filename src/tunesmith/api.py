@@ -149,6 +149,14 @@ def train(
         raise ConfigError(f"training.precision: int8 is for CPUs without fast bf16; on {device_type()} use bf16 "
                           "or auto")
     method, objective = METHODS[cfg.method.type], run_objective(cfg)
+    if cfg.training.precision == "int8" and (objective.needs_reference or objective.online):
+        # Forwards without gradient (the reference's, the sampling policy's) stay fp32, so the int8
+        # policy's log-probs would differ from them by the quantization error, not by learning.
+        compared = "a frozen reference's" if objective.needs_reference else "the sampling policy's"
+        raise ConfigError(f"training.precision: int8 with objective.type {cfg.objective.type}: the policy's int8 "
+                          f"log-probs would be compared with {compared} fp32 ones, biasing the loss by the "
+                          "quantization error; use auto or fp32 (int8 works with objectives without a reference, "
+                          "e.g. sft, orpo, simpo, reward, distill)")
     resuming = resume_from is not None
     _check_run_dir(run_dir, cfg, resuming)
     from .engine.trackers import check_available

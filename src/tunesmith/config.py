@@ -116,7 +116,8 @@ class TrainingConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = Field(
         "auto", description="auto: bf16 or fp32, whichever trains fastest here (timed, cached). int8 (CPU, LoRA, "
-                            "rsLoRA, LoRA-FA): fp32, with the frozen base layers' matmuls in int8 while training.")
+                            "rsLoRA, LoRA-FA; objectives without a reference or sampling): fp32, with the frozen base "
+                            "layers' matmuls in int8 while training.")
     gradient_checkpointing: bool = False
     seed: int = 42
     log_every: int = Field(10, gt=0)
