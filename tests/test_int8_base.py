@@ -131,7 +131,7 @@ def test_an_int8_run_follows_the_fp32_run_and_saves_a_plain_adapter(run_config, 
 
 @pytest.mark.parametrize("method, message", [
     ({"type": "dora"}, "int8 works with lora, rslora and lora_fa"),
-    ({"type": "ia3"}, "method.type 'ia3' has no such layers"),
+    ({"type": "ia3"}, "method.type 'ia3' trains without that layer"),
 ])
 def test_int8_refuses_methods_without_fused_lora_layers(run_config, method, message):
     from tunesmith.config import load_config
@@ -149,14 +149,18 @@ def test_int8_refuses_a_non_fp32_model_dtype(run_config):
         load_config(run_config(model={"dtype": "bf16"}, training={"precision": "int8"}))
 
 
-def test_int8_on_a_model_without_plain_linear_layers_fails_before_the_run_folder(run_config, monkeypatch):
+def test_int8_on_gpt2s_conv1d_layers_fails_before_the_run_folder(run_config, tmp_path):
     import tunesmith
-    from tunesmith.errors import ConfigError
-    from tunesmith.methods import int8_base
+    from conftest import build_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    monkeypatch.setattr(int8_base, "use_int8_base", lambda model, on=True: 0)
-    cfg = run_config(training={"precision": "int8"})
-    with pytest.raises(ConfigError, match="int8 found no LoRA layer"):
+    from tunesmith.errors import ConfigError
+
+    folder = tmp_path / "gpt2"
+    tok = build_tokenizer(folder)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(folder)
+    cfg = run_config(model={"name_or_path": str(folder)}, training={"precision": "int8"})
+    with pytest.raises(ConfigError, match="int8 needs LoRA on plain torch Linear layers; .* put LoRA on Conv1D"):
         tunesmith.train(cfg, echo=lambda m: None)
     assert not Path(cfg["output"]["dir"]).exists()
 
@@ -183,3 +187,27 @@ def test_int8_refuses_objectives_that_compare_with_fp32_forwards(run_config, tmp
     with pytest.raises(ConfigError, match=f"int8 with objective.type {objective}: .*{compared}"):
         tunesmith.train(cfg, echo=lambda m: None)
     assert not Path(cfg["output"]["dir"]).exists()
+
+
+def test_a_run_that_fails_in_training_drops_the_int8_copies_and_scratch(run_config, monkeypatch):
+    import tunesmith
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from tunesmith.methods import int8_base
+
+    seen = []
+    real = int8_base.use_int8_base
+    monkeypatch.setattr(int8_base, "use_int8_base", lambda model, on=True: seen.append(model) or real(model, on))
+
+    def fail(*_args):
+        raise RuntimeError("simulated failure mid-training")
+
+    handle = register_optimizer_step_post_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            tunesmith.train(run_config(training={"precision": "int8"}), echo=lambda m: None)
+    finally:
+        handle.remove()
+    layers = [m for m in seen[0].modules() if hasattr(m, "_int8_weight")]
+    assert layers and all(m._int8_weight is None for m in layers)
+    assert "buffers" not in int8_base._SCRATCH.__dict__

@@ -264,8 +264,11 @@ def train(
         # Conv1D, say) gets no int8 layers, and that is a config problem, not a slow run.
         layers = use_int8_base(model)
         if not layers:
-            raise ConfigError("training.precision: int8 found no LoRA layer on a plain linear base layer in this "
-                              f"model (method.target_modules {cfg.method.target_modules!r}); use auto or fp32")
+            wrapped = sorted({type(m.get_base_layer()).__name__ for m in model.modules()
+                              if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")})
+            raise ConfigError("training.precision: int8 needs LoRA on plain torch Linear layers; in this model "
+                              f"method.target_modules {cfg.method.target_modules!r} put LoRA on "
+                              f"{', '.join(wrapped) or 'no layer'}; use auto or fp32")
         precision_label = f"int8 ({layers} frozen base layers as int8 matmuls in training, fp32 otherwise)"
     trainable, total = trainable_summary(model)
     if cfg.tasks:  # the extra heads train too
@@ -303,12 +306,16 @@ def train(
 
     trackers = (Trackers.open(cfg, run_dir, cfg.run_name, yaml_config(cfg), resuming) if dist.is_main_process
                 else Trackers({}))
-    fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
-                 resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
-                 extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
-                 trackers=trackers, on_eval=on_eval)
-    if cfg.training.precision == "int8":
-        use_int8_base(model, on=False)  # the model answers in fp32 from here, without the int8 copies
+    try:
+        fitted = fit(cfg, model, objective, data.train, data.val, collate, run_dir, accelerator,
+                     resume_from=resume_from, echo=echo, eval_collate=eval_collate, method=method,
+                     extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
+                     trackers=trackers, on_eval=on_eval)
+    finally:
+        if cfg.training.precision == "int8":
+            # The model answers in fp32 from here, and a failed or pruned run (a sweep goes on to its
+            # next trial) does not keep the int8 copies and scratch buffers.
+            use_int8_base(model, on=False)
     forgetting = {}
     if reference_before is not None:
         after = _measure_reference(cfg, accelerator.unwrap_model(model), tokenizer)

@@ -315,9 +315,9 @@ class RunConfig(Section):
             )
         if self.training.precision == "int8" and not self.method.int8_base:
             raise ValueError(
-                f"training.precision: int8 runs the frozen base layers under LoRA adapters as int8 matmuls; "
-                f"method.type '{self.method.type}' has no such layers (int8 works with lora, rslora and lora_fa); "
-                "use auto, bf16 or fp32"
+                f"training.precision: int8 runs the frozen fp32 base layers under tunesmith's fused LoRA layer as "
+                f"int8 matmuls; method.type '{self.method.type}' trains without that layer (int8 works with lora, "
+                "rslora and lora_fa); use auto, bf16 or fp32"
             )
         if self.training.precision == "int8" and self.model.dtype not in ("auto", "fp32"):
             raise ValueError(

@@ -211,14 +211,18 @@ def _gpu_estimate(name: str, cfg: RunConfig, total: int, trainable: int, cpu_mem
     frozen = total - trainable
     frozen_bytes = frozen * (_quantized_bytes(cfg) or 2)
     weights = frozen_bytes + trainable * 4
-    act = cpu_memory["activations"] * (0.5 if precision.startswith("fp32") else 1.0)
+    # int8 (CPU only) trains the proxy's activations in fp32 too; on the card the run would be bf16.
+    to_bf16 = 0.5 if precision.startswith(("fp32", "int8")) else 1.0
+    act = cpu_memory["activations"] * to_bf16
     # A teacher or reward model computes in the compute dtype: bf16 on the card.
-    second = cpu_memory.get("second_model", 0) * (0.5 if precision.startswith("fp32") else 1.0)
+    second = cpu_memory.get("second_model", 0) * to_bf16
     need = int(weights + trainable * 12 + act + second + CUDA_CONTEXT)
     card = GPUS[name] * GB
     return {"name": name, "memory": card, "estimate": need, "fits": need <= card * 0.95,
             "how": "calculated: bf16 compute and frozen weights, activations from the CPU proxy scaled to bf16, "
-                   f"{CUDA_CONTEXT // MB} MB CUDA context"}
+                   f"{CUDA_CONTEXT // MB} MB CUDA context"
+                   + ("; training.precision int8 is CPU-only, so this assumes bf16 there" if precision.startswith("int8")
+                      else "")}
 
 
 def _child_config(cfg: RunConfig, out: Path, model_dir: Path | None) -> dict:

@@ -133,7 +133,7 @@ class _LoraLinear(torch.autograd.Function):
             if base_q is None:
                 out = F.linear(xc, w, None if bias is None else bias.to(dtype))
             else:  # training.precision int8 (methods/int8_base.py): fp32 in and out
-                out = base_q.linear(xc.reshape(-1, xc.shape[-1])).view(*xc.shape[:-1], -1)
+                out = base_q.linear(xc.reshape(-1, xc.shape[-1])).view(*xc.shape[:-1], base_q.values.shape[0])
                 if bias is not None:
                     out += bias.to(dtype)
             drop, inv = None, 1.0
