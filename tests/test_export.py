@@ -295,3 +295,23 @@ def test_gguf_runs_in_llama_cpp_itself(tmp_path):
     for name, r in files.items():
         assert r["tokenizer_ids_equal"] and r["chat_template_in_file"], name
         assert r["logits_max_rel_diff"] < 1e-2 and r["argmax_agreement"] == 1.0, (name, r)
+
+
+def test_ollama_modelfile_renders_chatml_turns_without_a_blank_line(tmp_path):
+    from conftest import build_tokenizer
+
+    from tunesmith.data.templates import FALLBACK_CHAT_TEMPLATE
+    from tunesmith.exporting.gguf_export import modelfile
+
+    tok = build_tokenizer(tmp_path)
+    assert "<|im_start|>" in FALLBACK_CHAT_TEMPLATE
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    text = modelfile("model.gguf", tmp_path)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    # What Ollama renders for one user turn: Go-template whitespace trimming by hand ({{- eats what precedes).
+    rendered = (template.replace("\n{{- ", "{{- ").replace("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}", "")
+                .replace("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}",
+                         "<|im_start|>user\nhi<|im_end|>\n"))
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", rendered
+    assert 'PARAMETER stop "<|im_end|>"' in text

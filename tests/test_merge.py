@@ -406,3 +406,43 @@ def test_a_sharded_input_is_read_through_its_index(folders, tmp_path):
     tunesmith.merge(models=[{"model": str(sharded)}, {"model": str(folders["a"])}], output=str(out), echo=_quiet)
     a, merged = _weights(folders["a"]), _weights(out)
     assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in merged)
+
+
+def test_listed_search_candidates_start_from_the_recipe_parameters():
+    from tunesmith.merging.spec import load_merge_spec
+
+    spec = load_merge_spec({
+        "models": [{"model": "a"}, {"model": "b"}], "base_model": "base", "method": "ties",
+        "parameters": {"density": 0.3, "lambda": 0.5},
+        "evaluate": [{"name": "qa", "data": "qa.jsonl"}],
+        "search": {"candidates": [{"method": "ties"}, {"method": "ties", "parameters": {"density": 0.7}}],
+                   "grid": {"method": ["ties"]}}})
+    listed, own, grid = spec.candidates()
+    assert listed.parameters == {"density": 0.3, "lambda": 0.5} == grid.parameters
+    assert own.parameters == {"density": 0.7, "lambda": 0.5}
+
+
+def test_the_base_listed_under_another_spelling_is_not_an_input(folders, tmp_path):
+    from tunesmith.merging.spec import load_merge_spec
+
+    base = folders["base"]
+    spec = load_merge_spec({"models": [{"model": f"{base}/"}, {"model": str(folders["a"])},
+                                       {"model": str(folders["b"])}],
+                            "base_model": str(base), "method": "task_arithmetic"})
+    assert [m.model for m in spec.inputs] == [str(folders["a"]), str(folders["b"])]
+    recipe = tmp_path / "merge.yaml"  # in a YAML, relative spellings resolve against its folder
+    (tmp_path / "models").symlink_to(base.parent)
+    recipe.write_text(f"models:\n  - model: ./models/{base.name}\n  - model: {folders['a']}\n  - model: {folders['b']}\n"
+                      f"base_model: models/{base.name}/\nmethod: task_arithmetic\n")
+    assert len(load_merge_spec(recipe).inputs) == 2
+
+
+def test_cli_overrides_apply_with_output_flag(folders, tmp_path):
+    from tunesmith.cli import app
+
+    recipe = tmp_path / "slerp.yaml"
+    recipe.write_text(f"models:\n  - model: {folders['a']}\nbase_model: {folders['base']}\nmethod: slerp\n")
+    out = tmp_path / "slerp-out"
+    result = CliRunner().invoke(app, ["merge", str(recipe), "--set", "parameters.t=0.5", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()

@@ -202,8 +202,9 @@ def modelfile(gguf_name: str, folder: Path) -> str:
     lines = [f"FROM ./{gguf_name}"]
     if tok.chat_template and "<|im_start|>" in tok.chat_template:
         lines += ['TEMPLATE """{{- if .System }}<|im_start|>system', "{{ .System }}<|im_end|>", "{{ end }}",
-                  "{{- range .Messages }}<|im_start|>{{ .Role }}", "{{ .Content }}<|im_end|>", "{{ end }}",
-                  '<|im_start|>assistant', '"""', 'PARAMETER stop "<|im_end|>"']
+                  "{{- range .Messages }}<|im_start|>{{ .Role }}", "{{ .Content }}<|im_end|>",
+                  # One line: a newline after this {{ end }} would put a blank line before the answer's turn.
+                  '{{ end }}<|im_start|>assistant', '"""', 'PARAMETER stop "<|im_end|>"']
     elif tok.eos_token:
         lines += ["# the chat template embedded in the GGUF file is used", f'PARAMETER stop "{tok.eos_token}"']
     return "\n".join(lines) + "\n"

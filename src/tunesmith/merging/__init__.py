@@ -25,7 +25,10 @@ def merge(recipe: str | Path | dict | MergeSpec | None = None, *, overrides: lis
                                      ("overwrite", overwrite)) if v is not None})
     if fields:
         if isinstance(recipe, (str, Path, MergeSpec)):  # a YAML's relative paths resolve before the update
-            recipe = load_merge_spec(recipe).model_dump(mode="json", exclude_unset=True)
+            # The overrides go in with the file (they may be what makes it valid, and their relative
+            # paths resolve against its folder too), once.
+            recipe = load_merge_spec(recipe, overrides).model_dump(mode="json", exclude_unset=True)
+            overrides = None
         recipe = {**(recipe or {}), **fields}
     return run_merge(load_merge_spec(recipe, overrides), echo=echo, use_cache=use_cache)
 

@@ -144,16 +144,27 @@ class MergeSpec(_Section):
     @property
     def inputs(self) -> list[MergeInput]:
         """The models merged: a model listed that is the base itself (mergekit style) is not an input."""
-        return [m for m in self.models if not (self.base_model and m.model == self.base_model)]
+        return [m for m in self.models if not (self.base_model and same_model(m.model, self.base_model))]
 
     def candidates(self) -> list[Candidate]:
         """The settings to build: the search's list and grid, or the recipe's one method."""
         if self.search is None:
             return [Candidate(method=self.method, parameters=self.parameters)]
-        out = list(self.search.candidates) + grid_candidates(self.search.grid, self)
+        # A listed candidate starts from the recipe's parameters, as the grid's do.
+        listed = [c.model_copy(update={"parameters": {**self.parameters, **c.parameters}})
+                  for c in self.search.candidates]
+        out = listed + grid_candidates(self.search.grid, self)
         if not out:
             raise ValueError("search: give candidates or a grid")
         return out
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two spellings name one model: equal, or one existing folder or file (`./base`, `base/`)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def model_levels(spec: MergeSpec, candidate: Candidate, label: str) -> list[dict[str, Setting]]:
@@ -313,7 +324,7 @@ def _resolve_paths(spec: MergeSpec, base: Path) -> None:
     from ..config import resolve_against
 
     for m in spec.models:
-        same_as_base = m.model == spec.base_model
+        same_as_base = spec.base_model is not None and same_model(m.model, spec.base_model)
         m.model = resolve_against(m.model, base)
         if same_as_base:
             spec.base_model = m.model
