@@ -169,3 +169,22 @@ def test_merged_adapters_give_the_same_greedy_completions(tiny_model_dir, tiny_t
     assert plain.completion_ids != base.completion_ids  # the adapter matters here
     assert merged.completion_ids == plain.completion_ids
     assert all(m._merged_weight is None for m in model.modules() if isinstance(m, FusedLoraLinear))
+
+
+def test_the_models_generation_config_does_not_reshape_the_distribution(tiny_model_dir, tiny_tokenizer):
+    """A config's repetition penalty, n-gram ban, suppressed tokens or beams must not change what is drawn:
+    completions are scored under softmax(logits / T) alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt = [tiny_tokenizer("the movie the movie the movie")["input_ids"]] * 2
+    plain = generate_ids(model, tiny_tokenizer, prompt, max_new_tokens=10)
+    torch.manual_seed(5)
+    sampled = generate_ids(model, tiny_tokenizer, prompt, max_new_tokens=10, do_sample=True, top_k=0)
+    first = plain.completion_ids[0]
+    model.generation_config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, num_beams=3,
+                                   suppress_tokens=[first[0]], min_new_tokens=10)
+    assert generate_ids(model, tiny_tokenizer, prompt, max_new_tokens=10).completion_ids == plain.completion_ids
+    torch.manual_seed(5)
+    again = generate_ids(model, tiny_tokenizer, prompt, max_new_tokens=10, do_sample=True, top_k=0)
+    assert again.completion_ids == sampled.completion_ids

@@ -174,6 +174,8 @@ def test_ppo_settings_refused_at_validation(run_config, prompts, tiny_model_dir,
     refused({"rewards": [{"function": EVEN}], "num_iterations": 2}, "ppo_epochs x num_mini_batches")
     refused({"rewards": [{"function": EVEN}], "kl_estimator": "k2"}, "kl_estimator")
     refused({"rewards": [{"function": EVEN}], "dynamic_sampling": True}, "objective.dynamic_sampling: ppo")
+    # Added to the score here, subtracted in TRL: a TRL config's positive 1.0 would reward truncation.
+    refused({"rewards": [{"function": EVEN}], "missing_eos_penalty": 1.0}, "objective.missing_eos_penalty")
     # A plain LM has no trained score head: refused when it loads, before the policy does (a random head
     # would reward noise).
     cfg = ppo(run_config, prompts, tmp_path, {"reward_model": str(tiny_model_dir)})

@@ -89,6 +89,15 @@ def user_module(tmp_path, monkeypatch):
         def wrong_length(prompts, completions, **kwargs):
             return [1.0]
 
+        def numpy_and_torch(prompts, completions, **kwargs):
+            import numpy as np
+            import torch
+            return [np.float32(0.5), np.int64(2), torch.tensor(1.5), None]
+
+        def a_bool(prompts, completions, **kwargs):
+            import numpy as np
+            return [np.bool_(True)] * len(completions)
+
         NOT_CALLABLE = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -113,6 +122,14 @@ def test_user_function_failures_name_the_function_and_the_completion(user_module
         load_reward(RewardSpec(function="my_rewards:NOT_CALLABLE"))
     with pytest.raises(ConfigError, match="cannot import module 'nowhere_to_be_found'"):
         load_reward(RewardSpec(function="nowhere_to_be_found:f"))
+
+
+def test_numpy_and_tensor_numbers_are_rewards_and_bools_are_not(user_module):
+    # TRL reward functions often return numpy or torch scalars.
+    got = run({"function": "my_rewards:numpy_and_torch"}, ["a", "b", "c", "d"])
+    assert got == [0.5, 2.0, 1.5, None] and all(type(v) is float for v in got[:3])
+    with pytest.raises(ConfigError, match="returned np.True_ for completion 0; rewards are floats or None"):
+        run({"function": "my_rewards:a_bool"}, ["a"])
 
 
 def test_a_missing_reference_column_is_named():

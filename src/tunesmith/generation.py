@@ -128,6 +128,15 @@ def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
     return cache
 
 
+NEUTRAL_GENERATION = {
+    "num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "guidance_scale": None,
+}
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -154,7 +163,10 @@ def generate_ids(
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
-    kwargs: dict = {"do_sample": False}
+    # generate() applies the model's generation config before any processor of ours (a repetition penalty
+    # from a Qwen config, banned or suppressed tokens, beams): completions would come from another
+    # distribution than the one their log-probs are scored under. Passed here, these neutral values win.
+    kwargs: dict = {"do_sample": False, **NEUTRAL_GENERATION}
     if do_sample:
         if top_k is None:  # the model's generation config decides (transformers' default is 50)
             top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 0

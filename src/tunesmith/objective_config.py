@@ -271,7 +271,8 @@ class PPOSection(_OnlineSection):
     cliprange_value: float = Field(0.2, gt=0)
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = Field(
-        None, description="Added to the score of a completion without an end token (e.g. -1.0).")
+        None, le=0, description="Added to the score of a completion without an end token, so 0 or negative "
+                                "(e.g. -1.0; TRL's positive value is subtracted: its 1.0 is -1.0 here).")
     value_head_lr: float | None = Field(
         None, gt=0, description="Learning rate of the value head (default training.learning_rate).")
 

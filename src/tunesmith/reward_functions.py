@@ -262,12 +262,24 @@ def call_rewards(functions: list[tuple[RewardSpec, RewardFn]], prompts: list, co
             size = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
             raise ConfigError(f"reward function '{spec.function}' returned {size} values for {len(completions)} "
                               "completions; it must return one float (or None) per completion")
+        values = []
         for i, value in enumerate(got):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            number = _real(value)
+            if value is not None and number is None:
                 raise ConfigError(f"reward function '{spec.function}' returned {value!r} for completion {i}; "
                                   "rewards are floats or None")
-        out.append([None if v is None else float(v) for v in got])
+            values.append(number)
+        out.append(values)
     return out
+
+
+def _real(value) -> float | None:
+    """A reward as a float: Python, numpy and 0-d tensor numbers (what TRL reward functions return), not bools."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars, 0-d arrays and tensors
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _failure(spec: RewardSpec, fn: RewardFn, prompts: list, completions: list, completion_ids: list,
