@@ -201,11 +201,26 @@ def test_different_tokenizers_need_a_tokenizer_source(folders, tmp_path):
     vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, different ids
     (other / "tokenizer.json").write_text(json.dumps(tok))
     models = [{"model": str(folders["a"])}, {"model": str(other), "name": "other"}]
+    # Two tokens swapped ids: their embedding rows would be averaged with each other's, so no
+    # tokenizer_source makes that right (tunesmith merges rows by id and does not re-align them).
+    for source in (None, "other"):
+        with pytest.raises(ConfigError, match=r"other's tokenizer gives 2 token\(s\) another id than a's .*"
+                                              "merged by id"):
+            tunesmith.merge(models=models, tokenizer_source=source, output=str(tmp_path / "o"), echo=_quiet)
+    assert not (tmp_path / "o").exists()
+    # A token only one tokenizer has (an added special token) moves nothing: tokenizer_source picks.
+    added = tmp_path / "added-tok"
+    shutil.copytree(folders["b"], added)
+    tok = json.loads((added / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": len(tok["model"]["vocab"]), "content": "<|tool|>", "single_word": False,
+                                "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (added / "tokenizer.json").write_text(json.dumps(tok))
+    models = [{"model": str(folders["a"])}, {"model": str(added), "name": "added"}]
     with pytest.raises(ConfigError, match="tokenizers differ .*set tokenizer_source"):
         tunesmith.merge(models=models, output=str(tmp_path / "o"), echo=_quiet)
     out = tmp_path / "picked"
-    tunesmith.merge(models=models, tokenizer_source="other", output=str(out), echo=_quiet)
-    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"][first] == vocab[first]
+    tunesmith.merge(models=models, tokenizer_source="added", output=str(out), echo=_quiet)
+    assert "<|tool|>" in (out / "tokenizer.json").read_text()
 
 
 def test_existing_output_is_refused_and_left_untouched(folders, tmp_path):

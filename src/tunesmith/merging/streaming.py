@@ -66,6 +66,14 @@ def _vocab(source: TensorSource) -> tuple[int | None, object]:
     return None, tuple(zlib.crc32(p.read_bytes()) for p in files)
 
 
+def _moved_tokens(a: object, b: object) -> list[tuple[str, int, int]]:
+    """Tokens both vocabularies (from tokenizer.json) have, at different ids: (token, id in a, id in b)."""
+    if not isinstance(a, frozenset) or not isinstance(b, frozenset) or a == b:
+        return []
+    ids = dict(a)
+    return sorted((t, ids[t], i) for t, i in b if t in ids and ids[t] != i)
+
+
 def _num_layers(config: dict, names: list[str]) -> int:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
@@ -114,6 +122,16 @@ def make_plan(spec: MergeSpec, inputs: list[TensorSource], base: TensorSource | 
                               f"({len(wrong)} tensor(s) differ): the models do not share one architecture")
     tokenizer = _tokenizer_source(spec, inputs, base)
     vocabs = {s.label: _vocab(s) for s in [reference, *others]}
+    ref_map = vocabs[reference.label][1]
+    for s in others:
+        moved = _moved_tokens(ref_map, vocabs[s.label][1])
+        if moved:
+            token, a, b = moved[0]
+            raise ConfigError(
+                f"{s.label}'s tokenizer gives {len(moved)} token(s) another id than {reference.label}'s (e.g. "
+                f"{token!r}: {b} vs {a}): embedding rows are merged by id, so they would mix different tokens, "
+                "and tokenizer_source only picks whose tokenizer files the merged model gets (it does not "
+                "re-align rows); merge models that share their token ids")
     if spec.tokenizer_source is None and len({v[1] for v in vocabs.values()}) > 1:
         sizes = ", ".join(f"{k}: {v[0] if v[0] is not None else '?'} tokens" for k, v in vocabs.items())
         raise ConfigError(f"the inputs' tokenizers differ ({sizes}); set tokenizer_source to the input (or 'base') "
