@@ -302,7 +302,7 @@ def export(
                                help="merged: a plain transformers model; gguf: llama.cpp/Ollama file(s) and a "
                                     "Modelfile; bnb-4bit: NF4 safetensors for GPU serving."),
     output: Optional[Path] = typer.Option(None, "--output", help="Output folder (default: SOURCE/export-FORMAT)."),
-    dtype: str = typer.Option("auto", "--dtype", help="merged: auto (as loaded), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="merged: auto (fp32: the fold computes in fp32, whatever the base's stored dtype), fp32, bf16 or fp16."),
     type_: list[str] = typer.Option(["f16"], "--type", help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
                                                             "(repeat for several files)."),
     verify: bool = typer.Option(True, "--verify/--no-verify",
