@@ -144,7 +144,7 @@ def test_gguf_export_of_a_lora_run_loads_back_as_the_same_model(lora_run, tmp_pa
         assert torch.allclose(model(ids).logits, trained.model(ids).logits, atol=1e-5)
 
 
-def _tiny_model(folder, cls="llama", hidden=64):
+def _tiny_model(folder, cls="llama", hidden=64, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from conftest import build_tokenizer
@@ -154,7 +154,7 @@ def _tiny_model(folder, cls="llama", hidden=64):
     Config, Model = (LlamaConfig, LlamaForCausalLM) if cls == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     model = Model(Config(vocab_size=len(tok) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=False))
+                         max_position_embeddings=128, tie_word_embeddings=False, **extra))
     model.save_pretrained(folder)
     return model
 
@@ -182,6 +182,20 @@ def test_gguf_qwen2_with_biases_round_trips(tmp_path):
     assert check["passed"] and check["logits_max_rel_diff"] <= 1e-4
     _, kinds, _ = _gguf_fields(out / "qwen-f32.gguf")
     assert "blk.0.attn_q.bias" in kinds
+
+
+def test_gguf_llama_with_attention_biases_round_trips(tmp_path):
+    """llama.cpp's converter permutes q/k biases like their weights; a bias left in HF order computes wrong."""
+    folder = tmp_path / "biased"
+    model = _tiny_model(folder, attention_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:  # fresh biases are zero, which no row order would show
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.bias.normal_(std=0.5)
+    model.save_pretrained(folder)
+    out = tunesmith.export(folder, format="gguf", types=("f32",), output=tmp_path / "g", echo=lambda m: None)
+    check = json.loads((out / "export.json").read_text())["files"]["biased-f32.gguf"]["check"]
+    assert check["passed"] and check["logits_max_rel_diff"] <= 1e-4
 
 
 def test_gguf_check_catches_a_wrong_file(tmp_path, monkeypatch):

@@ -126,7 +126,11 @@ def check_file(file: Path, reference: Path, type_name: str) -> dict:
         tok = AutoTokenizer.from_pretrained(reference)
         tok_g = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-        model_g = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+        # GGUF has no attention-bias flag: llama.cpp uses the bias tensors it finds, transformers' reader
+        # builds a llama without them unless told.
+        biased = {"attention_bias": True} if getattr(model.config, "attention_bias", False) else {}
+        model_g = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32,
+                                                       **biased).eval()
         expected = model if type_name == "f32" else _rounded_model(reference, type_name)
     texts = [CHECK_TEXT] + [_prompt(tok, p) for p in CHECK_PROMPTS]
     ids_equal = all(tok(t)["input_ids"] == tok_g(t)["input_ids"] for t in texts)

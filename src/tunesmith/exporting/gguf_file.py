@@ -249,9 +249,10 @@ def write_gguf(folder: Path, path: Path, type_name: str, *, pre: str | None = No
     counts: dict[str, int] = {}
     for hf_name, new, data in mapped_tensors(folder, p):
         stored = storage(new, data.shape, type_name)
-        if p.permute and hf_name.endswith("q_proj.weight"):
+        # Biases too (a llama with attention_bias), as llama.cpp's converter does.
+        if p.permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _permute(data, heads)
-        elif p.permute and hf_name.endswith("k_proj.weight"):
+        elif p.permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = _permute(data, kv_heads)
         array, raw = encode(data, stored)
         writer.add_tensor(new, array, raw_dtype=raw)
