@@ -132,6 +132,21 @@ def test_grpo_settings_refused_at_validation(run_config, prompts, tmp_path):
             "objective.dynamic_sampling: rloo")
 
 
+def test_a_reward_column_the_prompts_lack_is_refused_before_the_model_loads(run_config, prompts, tmp_path,
+                                                                             monkeypatch):
+    import tunesmith.models as models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    cfg = grpo(run_config, prompts, tmp_path, {"rewards": [{"function": "correctness", "args": {"column": "solution"}}]})
+    with pytest.raises(ConfigError, match="reward function 'correctness' reads column 'solution', which the prompt "
+                                          "rows do not have \\(they have: answer\\)"):
+        tunesmith.train(cfg, echo=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_rloo_learns_with_its_kl_penalty_in_the_reward(run_config, prompts, tmp_path):
     cfg = grpo(run_config, prompts, tmp_path, {"type": "rloo", "rewards": [{"function": EVEN}]},
                training={"max_steps": 16})

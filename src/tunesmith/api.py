@@ -190,6 +190,7 @@ def train(
     # and each reads only the rows of its own micro-batches.
     with dist.main_process_first() if cfg.data.store == "arrow" else contextlib.nullcontext():
         data = _build_run_data(cfg, tokenizer, objective)
+    objective.check_rows(data.train)
     st = data.stats
     echo(f"data: {st.format} format, {st.rows_read} rows read, {st.rows_skipped} skipped, "
          f"{st.train_examples} train"

@@ -68,6 +68,10 @@ class BuiltinReward:
     def score(self, text: str, ids: list[int], row: dict) -> float | None:
         raise NotImplementedError
 
+    def columns(self) -> list[str]:
+        """The prompt rows' columns this function reads (checked before training)."""
+        return []
+
     def __call__(self, prompts: list, completions: list, completion_ids: list, **columns: Any) -> list[float | None]:
         out = []
         for i, completion in enumerate(completions):
@@ -98,6 +102,9 @@ class Correctness(BuiltinReward):
 
         def model_post_init(self, _context: Any) -> None:
             check_extraction(self.extract, self.pattern)
+
+    def columns(self) -> list[str]:
+        return [self.args.column]
 
     def score(self, text: str, ids: list[int], row: dict) -> float | None:
         a = self.args
@@ -271,6 +278,20 @@ def call_rewards(functions: list[tuple[RewardSpec, RewardFn]], prompts: list, co
             values.append(number)
         out.append(values)
     return out
+
+
+COLUMN_CHECK_ROWS = 1000  # rows whose columns are looked at before training (all of them in most prompt sets)
+
+
+def check_reward_columns(functions: list[tuple[RewardSpec, RewardFn]], rows: list[dict]) -> None:
+    """Refuse, before any rollout, a built-in reward whose column no prompt row has."""
+    present = set().union(*rows) if rows else set()
+    for spec, fn in functions:
+        for column in getattr(fn, "columns", lambda: [])():
+            if column not in present:
+                raise ConfigError(f"reward function '{spec.function}' reads column '{column}', which the prompt rows "
+                                  f"do not have (they have: {', '.join(sorted(present)) or 'none'}); set its "
+                                  "args.column, or map the column with data.columns")
 
 
 def _real(value) -> float | None:

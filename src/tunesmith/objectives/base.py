@@ -109,6 +109,10 @@ class Objective(ABC):
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         """Once before the first step (and again on resume): e.g. score every row with the reference."""
 
+    def check_rows(self, rows: list[dict]) -> None:
+        """Refuse training rows this objective cannot learn from, naming what is missing; called when
+        the data is built, before the model loads (e.g. a reward function's reference column)."""
+
     @property
     def steps_per_window(self) -> int:
         """Optimizer steps each window of rows serves (GRPO's num_iterations reuses a rollout); the engine

@@ -49,7 +49,7 @@ from ..config import DataConfig, ObjectiveConfig
 from ..data.preference import answer_labels, chat_ids, pad_completions
 from ..data.templates import IGNORE
 from ..objective_config import GRPOSection, objective_config
-from ..reward_functions import RewardSpec, call_rewards, load_reward
+from ..reward_functions import COLUMN_CHECK_ROWS, RewardSpec, call_rewards, check_reward_columns, load_reward
 from ..scoring import labelled_nll_and_entropy
 from .base import LossOutput, Objective, StepContext, TaskInfo
 from .policy_gradient import clipped_policy_loss, group_advantages, groups_with_spread, grpo_loss_sum, nanstd
@@ -96,6 +96,9 @@ class GRPO(Objective):
 
     def load_state_dict(self, state: dict) -> None:
         self._buffer, self._uses = state.get("buffer", []), state.get("uses", 0)
+
+    def check_rows(self, rows: list[dict]) -> None:
+        check_reward_columns(self.functions, [r["columns"] for r in rows[:COLUMN_CHECK_ROWS]])
 
     # ---------------------------------------------------------------- prompts
 
