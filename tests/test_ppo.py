@@ -206,3 +206,29 @@ def test_plan_of_ppo_holds_the_reward_model_beside_the_policy(run_config, prompt
     rm_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in (*rm.parameters(), *rm.buffers())}.values())
     assert p.memory["second_model"] == rm_bytes
     assert p.peak == sum(p.memory.values()) and p.memory["activations"] > 0
+
+
+def test_reward_model_reads_rollouts_laid_out_as_its_training_pairs(tiny_tokenizer):
+    """A rollout that stopped at <|im_end|> is scored as `prompt + answer + <|im_end|>\\n`, the very tokens
+    reward training rendered for the same answer, so the head reads the same last token."""
+    import copy
+
+    from tunesmith.data.preference import chat_ids, encode_pair
+    from tunesmith.data.templates import FALLBACK_CHAT_TEMPLATE, turn_end_ids
+    from tunesmith.objectives.ppo import reward_model_sequences
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    end = turn_end_ids(tok)
+    assert end[0] == tok.convert_tokens_to_ids("<|im_end|>") and len(end) == 2
+    record = {"prompt": [{"role": "user", "content": "what color is the sky"}],
+              "chosen": [{"role": "assistant", "content": "blue"}],
+              "rejected": [{"role": "assistant", "content": "green"}]}
+    pair = encode_pair(tok, record, max_length=64)
+    trained = pair["prompt_ids"] + pair["chosen_ids"]
+    prompt = chat_ids(tok, record["prompt"], generation_prompt=True)
+    assert prompt == pair["prompt_ids"] and pair["chosen_ids"][-len(end):] == end
+    generated = pair["chosen_ids"][:-(len(end) - 1)]  # what sampling gives: the answer and the stop token
+    assert reward_model_sequences([prompt], [generated], [False], end) == [trained]
+    # Cut off before its end: scored as it is (missing_eos_penalty is the knob for those).
+    assert reward_model_sequences([prompt], [generated[:2]], [True], end) == [prompt + generated[:2]]

@@ -70,6 +70,13 @@ def _closing(tokenizer) -> str:
     return text[at + len(_PROBE):] if at >= 0 else ""
 
 
+def turn_end_ids(tokenizer) -> list[int]:
+    """The token ids the chat template writes after an assistant turn's content (ChatML: `<|im_end|>`,
+    then `\n`); empty when it writes none. A generated answer stops at the first of them."""
+    closing = _closing(tokenizer)
+    return tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of every assistant turn."""
     full = _render(tokenizer, messages)

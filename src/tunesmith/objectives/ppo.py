@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..data.preference import answer_labels, pad_completions
-from ..data.templates import IGNORE
+from ..data.templates import IGNORE, turn_end_ids
 from ..scoring import labelled_scores
 from .base import LossOutput, StepContext, disable_dropout
 from .grpo import GRPO, _pad_id
@@ -84,6 +84,19 @@ def reward_model_scores(reward_model: nn.Module, batch: dict[str, torch.Tensor],
     return torch.cat(scores).double()
 
 
+def reward_model_sequences(prompts: list[list[int]], completions: list[list[int]], truncated: list[bool],
+                           turn_end: list[int]) -> list[list[int]]:
+    """Prompt + completion as the reward model saw its training pairs: a completion that stopped at the
+    template's end-of-turn token gets the rest of the template's closing (ChatML's `\n` after
+    `<|im_end|>`). Its head reads the last non-pad token, which was that `\n` in training; without it the
+    read moves onto the end token, or, when pad == eos, back onto the last word of the answer."""
+    out = []
+    for p, c, cut in zip(prompts, completions, truncated):
+        ended = not cut and len(turn_end) > 1 and c and c[-1] == turn_end[0]
+        out.append(p + c + (turn_end[1:] if ended else []))
+    return out
+
+
 def adapted_kl_coef(kl_coef: float, kl: float, target: float, completions: int, horizon: int) -> float:
     """Ziegler et al.'s proportional controller: one update from a rollout's mean KL per completion."""
     error = max(-0.2, min(0.2, kl / target - 1.0))
@@ -100,6 +113,7 @@ class PPO(GRPO):
         self._minibatches: list[list[int]] = []  # rollout row indices of each of the rollout's steps
         self._micro = 1  # completions per micro-batch
         self._last_scores: torch.Tensor | None = None  # the reward model's scores of the last completions
+        self._turn_end: list[int] | None = None  # what the chat template writes after an answer
 
     def _wants_reference(self) -> bool:
         return self.cfg.kl_coef > 0
@@ -156,9 +170,10 @@ class PPO(GRPO):
             rewards = torch.nan_to_num(rewards, nan=0.0)  # a completion no function could score adds nothing
         self._last_scores = None
         if ctx.reward_model is not None:
-            pad = _pad_id(ctx.tokenizer)
-            sequences = [p + c for p, c in zip(out.prompt_ids, out.completion_ids)]
-            batch = pad_completions(sequences, [[1] * len(s) for s in sequences], pad)
+            if self._turn_end is None:
+                self._turn_end = turn_end_ids(ctx.tokenizer)
+            sequences = reward_model_sequences(out.prompt_ids, out.completion_ids, out.truncated, self._turn_end)
+            batch = pad_completions(sequences, [[1] * len(s) for s in sequences], _pad_id(ctx.tokenizer))
             self._last_scores = reward_model_scores(ctx.reward_model, batch, batch_size or len(sequences))
             rewards = rewards + self._last_scores
         if self.cfg.missing_eos_penalty is not None:
