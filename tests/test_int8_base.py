@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import metric_records
-from torch import nn
+from test_fused_lora import _grads, _pair
 
 from tunesmith.methods.int8_base import Int8Weight, quantize_rows, use_int8_base
 
@@ -45,35 +45,20 @@ def test_int8_matmuls_are_close_to_fp32_both_ways():
     assert q.linear(x[:0]).shape == (0, 48) and q.input_grad(g[:0]).shape == (0, 64)
 
 
-def _lora(seed: int = 0, dropout: float = 0.0):
-    from peft import LoraConfig, get_peft_model
-
-    from tunesmith.methods.fused_lora import FusedLoraLinear
-
-    torch.manual_seed(seed)
-    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False), nn.GELU(), nn.Linear(32, 8))
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"])
-    config._register_custom_module({nn.Linear: FusedLoraLinear})
-    model = get_peft_model(base, config)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.5)
-    return model
+def _lora(dropout: float = 0.0):
+    """test_fused_lora's fused model: two LoRA layers on fp32 Linear bases, B non-zero."""
+    return _pair(dropout)[1]
 
 
 def _step(model, x):
-    x = x.clone().requires_grad_()
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    for p in model.parameters():
-        p.grad = None
-    return out.detach(), x.grad, grads
+    """(output, input gradient, parameter gradients) of one fresh backward."""
+    model.zero_grad(set_to_none=True)
+    return _grads(model, x)
 
 
 def test_the_fused_layer_trains_through_int8_base_matmuls_close_to_fp32():
     model = _lora().train()
-    x = torch.randn(2, 21, 64)
+    x = torch.randn(2, 21, 24)
     out, gx, grads = _step(model, x)
     assert use_int8_base(model) == 2
     out8, gx8, grads8 = _step(model, x)
@@ -86,7 +71,7 @@ def test_the_fused_layer_trains_through_int8_base_matmuls_close_to_fp32():
 
 def test_forwards_without_gradients_and_switched_off_layers_compute_in_fp32():
     model = _lora().train()
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 24)
     with torch.no_grad():
         ref = model(x)
     use_int8_base(model)
@@ -105,7 +90,7 @@ def test_all_copies_share_one_block_and_dropout_still_applies():
     use_int8_base(model)
     a, b = (model.base_model.model[i]._int8_weight.values for i in (0, 2))
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    x = torch.randn(4, 64)
+    x = torch.randn(4, 24)
     torch.manual_seed(1)
     first = model(x)
     torch.manual_seed(2)
