@@ -145,11 +145,12 @@ def train(
         run_dir = resume_from.parent.parent
     if cfg.training.precision == "fp16" and device_type() != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 here")
-    if cfg.training.precision == "int8" and device_type() != "cpu":
+    int8 = cfg.training.precision == "int8"
+    if int8 and device_type() != "cpu":
         raise ConfigError(f"training.precision: int8 is for CPUs without fast bf16; on {device_type()} use bf16 "
                           "or auto")
     method, objective = METHODS[cfg.method.type], run_objective(cfg)
-    if cfg.training.precision == "int8" and (objective.needs_reference or objective.online):
+    if int8 and (objective.needs_reference or objective.online):
         # Forwards without gradient (the reference's, the sampling policy's) stay fp32, so the int8
         # policy's log-probs would differ from them by the quantization error, not by learning.
         compared = "a frozen reference's" if objective.needs_reference else "the sampling policy's"
@@ -258,7 +259,7 @@ def train(
     if cfg.tasks:
         objective.attach_tasks(model, method, tokenizer, cfg.training.seed, echo)
     precision_label = precision
-    if cfg.training.precision == "int8":
+    if int8:
         from .methods.int8_base import use_int8_base
 
         # Before the run folder: a model whose adapted layers are not plain linear ones (GPT-2's
@@ -313,7 +314,7 @@ def train(
                      extra_eval=extra_eval, tokenizer=tokenizer, teacher=teacher, reward_model=reward_model,
                      trackers=trackers, on_eval=on_eval)
     finally:
-        if cfg.training.precision == "int8":
+        if int8:
             # The model answers in fp32 from here, and a failed or pruned run (a sweep goes on to its
             # next trial) does not keep the int8 copies and scratch buffers.
             use_int8_base(model, on=False)

@@ -207,14 +207,13 @@ class FusedLoraLinear(PeftLoraLinear):
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         dtype = matmul_dtype(x, base.weight)
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]), p, dtype, self._int8_for(base, dtype))
+                                 float(self.scaling[name]), p, dtype, self._int8_for(dtype))
 
-    def _int8_for(self, base: nn.Linear, dtype: torch.dtype) -> Int8Weight | None:
-        """The base weight's int8 copy (`int8_base.use_int8_base`), for fp32 training forwards."""
+    def _int8_for(self, dtype: torch.dtype) -> Int8Weight | None:
+        """The base weight's int8 copy (`int8_base.use_int8_base`), for fp32 training forwards (the fused
+        path already excludes a base weight that learns)."""
         int8 = getattr(self, "_int8_weight", None)
-        if int8 is None or not torch.is_grad_enabled() or dtype != torch.float32 or base.weight.requires_grad:
-            return None
-        return int8
+        return int8 if int8 is not None and torch.is_grad_enabled() and dtype == torch.float32 else None
 
     def _merged_forward(self, x: torch.Tensor, name: str, base: nn.Linear) -> torch.Tensor:
         # One matmul against W + s B A, built on first use inside `merged_for_inference` and in the

@@ -113,7 +113,7 @@ class PPO(GRPO):
         self._minibatches: list[list[int]] = []  # rollout row indices of each of the rollout's steps
         self._micro = 1  # completions per micro-batch
         self._last_scores: torch.Tensor | None = None  # the reward model's scores of the last completions
-        self._turn_end: list[int] | None = None  # what the chat template writes after an answer
+        self._turn_end: list[int] = []  # what the chat template writes after an answer (read in setup)
 
     def _wants_reference(self) -> bool:
         return self.cfg.kl_coef > 0
@@ -145,6 +145,7 @@ class PPO(GRPO):
 
     def setup(self, ctx: StepContext, train_rows: list[dict], val_rows: list[dict]) -> None:
         disable_dropout(ctx.policy)
+        self._turn_end = turn_end_ids(ctx.tokenizer)
 
     def state_dict(self) -> dict:
         state = {"kl_coef": self.kl_coef, "buffer": self._buffer, "uses": self._uses,
@@ -170,8 +171,6 @@ class PPO(GRPO):
             rewards = torch.nan_to_num(rewards, nan=0.0)  # a completion no function could score adds nothing
         self._last_scores = None
         if ctx.reward_model is not None:
-            if self._turn_end is None:
-                self._turn_end = turn_end_ids(ctx.tokenizer)
             sequences = reward_model_sequences(out.prompt_ids, out.completion_ids, out.truncated, self._turn_end)
             batch = pad_completions(sequences, [[1] * len(s) for s in sequences], _pad_id(ctx.tokenizer))
             self._last_scores = reward_model_scores(ctx.reward_model, batch, batch_size or len(sequences))
